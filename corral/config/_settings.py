@@ -1,0 +1,260 @@
+"""Deployment settings read from environment variables (DESIGN §2)."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from corral._exceptions import ConfigError
+
+#: Modules connector code may import by default: pure, without side effects.
+DEFAULT_ALLOWED_IMPORTS: tuple[str, ...] = (
+    "base64",
+    "collections",
+    "datetime",
+    "decimal",
+    "functools",
+    "hashlib",
+    "hmac",
+    "itertools",
+    "json",
+    "math",
+    "re",
+    "string",
+    "time",
+    "urllib.parse",
+    "uuid",
+)
+
+#: Modules that reach the host (files, processes, the interpreter): never importable.
+FORBIDDEN_IMPORTS: frozenset[str] = frozenset(
+    {
+        "builtins", "codecs", "ctypes", "gc", "importlib", "inspect", "io", "marshal",
+        "multiprocessing", "os", "pickle", "posix", "pty", "resource", "shutil", "signal",
+        "socket", "subprocess", "sys", "threading", "_thread", "types",
+    }
+)  # fmt: skip
+
+
+class ExecutorKind(enum.StrEnum):
+    """The sandbox backends."""
+
+    PROCESS = "process"
+    WORKER = "worker"
+
+
+_EXECUTOR_ALIASES: dict[str, ExecutorKind] = {
+    "process": ExecutorKind.PROCESS,
+    "proc": ExecutorKind.PROCESS,
+    "child_process": ExecutorKind.PROCESS,
+    "processes": ExecutorKind.PROCESS,
+    "worker": ExecutorKind.WORKER,
+    "worker_thread": ExecutorKind.WORKER,
+    "worker-threads": ExecutorKind.WORKER,
+    "thread": ExecutorKind.WORKER,
+}
+
+
+def parse_executor(value: str) -> ExecutorKind:
+    """An executor name or alias (case-insensitive) as an ExecutorKind."""
+    kind = _EXECUTOR_ALIASES.get(value.strip().lower())
+    if kind is None:
+        allowed = ", ".join(_EXECUTOR_ALIASES)
+        raise ValueError(f"unknown executor {value!r}; use one of: {allowed}")
+    return kind
+
+
+class CgroupMode(enum.StrEnum):
+    """Whether per-execution cgroups are used."""
+
+    AUTO = "auto"  # use them where the host allows, else degrade with a warning
+    REQUIRED = "required"  # refuse to run without them
+    OFF = "off"  # never: rlimits and polling only
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+PositiveMs = Annotated[int, Field(gt=0)]
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every setting of a deployment; each field is read from the env var named by its alias."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", env_ignore_empty=True, frozen=True
+    )
+
+    sandbox_executor: ExecutorKind | None = Field(
+        None,
+        alias="SANDBOX_EXECUTOR",
+        description="process (also proc, child_process, processes) or worker "
+        "(also worker_thread, worker-threads, thread)",
+    )
+    worker_sandbox_enabled: bool = Field(
+        False, alias="WORKER_SANDBOX_ENABLED", description="true or false"
+    )
+    sandbox_max_cpu_ms: PositiveMs | None = Field(
+        None,
+        alias="SANDBOX_MAX_CPU_MS",
+        description="a positive whole number of milliseconds of CPU time; unset for no limit",
+    )
+    sandbox_cpu_quota_ms: PositiveMs | None = Field(
+        None,
+        alias="SANDBOX_CPU_QUOTA_MS",
+        description="a positive whole number of CPU milliseconds per 100 ms period "
+        "(100 = one core); unset for no throttle",
+    )
+    sandbox_max_memory_mb: PositiveMs | None = Field(
+        None,
+        alias="SANDBOX_MAX_MEMORY_MB",
+        description="a positive whole number of megabytes; unset for no limit",
+    )
+    sandbox_cgroup_root: str | None = Field(
+        None,
+        alias="SANDBOX_CGROUP_ROOT",
+        description="a cgroup path such as 'corral' or '/system.slice/corral'",
+    )
+    sandbox_heartbeat_interval_ms: int = Field(
+        500,
+        ge=25,
+        alias="SANDBOX_HEARTBEAT_INTERVAL_MS",
+        description="a whole number of milliseconds, at least 25",
+    )
+    sandbox_heartbeat_timeout_ms: PositiveMs = Field(
+        3000,
+        alias="SANDBOX_HEARTBEAT_TIMEOUT_MS",
+        description="a whole number of milliseconds, at least twice SANDBOX_HEARTBEAT_INTERVAL_MS",
+    )
+    generic_executor_enabled: bool = Field(
+        False, alias="GENERIC_EXECUTOR_ENABLED", description="true or false"
+    )
+    enable_inline_worker: bool | None = Field(
+        None, alias="ENABLE_INLINE_WORKER", description="true or false"
+    )
+    state_dir: Path = Field(
+        Path(".corral"), alias="CORRAL_STATE_DIR", description="a directory path"
+    )
+    redis_url: str | None = Field(
+        None, alias="CORRAL_REDIS_URL", description="a redis:// or rediss:// URL"
+    )
+    egress_allow: CommaList = Field(
+        default_factory=list,
+        alias="CORRAL_EGRESS_ALLOW",
+        description="comma-separated domains (*.example.com) and CIDRs",
+    )
+    egress_deny: CommaList = Field(
+        default_factory=list,
+        alias="CORRAL_EGRESS_DENY",
+        description="comma-separated domains (*.example.com) and CIDRs",
+    )
+    egress_default: Literal["allow", "deny"] = Field(
+        "allow", alias="CORRAL_EGRESS_DEFAULT", description="allow or deny"
+    )
+    api_token: SecretStr | None = Field(
+        None, alias="CORRAL_API_TOKEN", description="a bearer token"
+    )
+    cgroups: CgroupMode = Field(
+        CgroupMode.AUTO, alias="CORRAL_CGROUPS", description="auto, required or off"
+    )
+    allowed_imports: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_IMPORTS),
+        alias="CORRAL_ALLOWED_IMPORTS",
+        description="comma-separated module names connector code may import",
+    )
+    max_output_bytes: PositiveMs = Field(
+        1 << 20,  # 1 MiB of JSON: connector results are records, not files
+        alias="CORRAL_MAX_OUTPUT_BYTES",
+        description="a positive whole number of bytes",
+    )
+    max_log_bytes: PositiveMs = Field(
+        256 << 10,  # 256 KiB of log text per execution stops a log flood early
+        alias="CORRAL_MAX_LOG_BYTES",
+        description="a positive whole number of bytes",
+    )
+    max_code_bytes: PositiveMs = Field(
+        512 << 10,  # connector sources are a few KiB; this bounds compile time and memory
+        alias="CORRAL_MAX_CODE_BYTES",
+        description="a positive whole number of bytes",
+    )
+
+    @field_validator("sandbox_executor", mode="before")
+    @classmethod
+    def _executor_alias(cls, value: Any) -> Any:
+        return parse_executor(value) if isinstance(value, str) else value
+
+    @field_validator("egress_allow", "egress_deny", "allowed_imports", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("allowed_imports")
+    @classmethod
+    def _no_host_modules(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name.split(".")[0] in FORBIDDEN_IMPORTS or name.startswith("_"):
+                raise ValueError(f"{name!r} reaches the host and can never be allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_bounds(self) -> Settings:
+        if self.sandbox_heartbeat_timeout_ms < 2 * self.sandbox_heartbeat_interval_ms:
+            raise ValueError(
+                "SANDBOX_HEARTBEAT_TIMEOUT_MS must be at least twice "
+                f"SANDBOX_HEARTBEAT_INTERVAL_MS ({self.sandbox_heartbeat_interval_ms} ms), "
+                f"got {self.sandbox_heartbeat_timeout_ms}"
+            )
+        return self
+
+    @property
+    def executor(self) -> ExecutorKind:
+        """The backend picked by SANDBOX_EXECUTOR, else WORKER_SANDBOX_ENABLED, else process."""
+        if self.sandbox_executor is not None:
+            return self.sandbox_executor
+        return ExecutorKind.WORKER if self.worker_sandbox_enabled else ExecutorKind.PROCESS
+
+
+def _one_line(error: ValidationError) -> str:
+    """The first problem of a validation error as one line naming the variable."""
+    first = error.errors(include_url=False)[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:  # a model-level rule: its message already names the variables
+        return f"corral: invalid configuration: {message}"
+    field = Settings.model_fields.get(loc[0]) or next(
+        (f for f in Settings.model_fields.values() if f.alias == loc[0]), None
+    )
+    name = field.alias if field is not None and field.alias else loc[0].upper()
+    raw = os.environ.get(name, first.get("input"))
+    expected = f"; expected {field.description}" if field is not None and field.description else ""
+    return f"corral: {name}={raw!r} is invalid: {message}{expected}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; raise ConfigError with one line on a bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return load_settings()
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings and read the environment again."""
+    get_settings.cache_clear()
+    return get_settings()

@@ -1,0 +1,331 @@
+"""Per-execution cgroups on cgroup v1 (memory, cpu, cpuacct, pids) or v2 (unified).
+
+Host side. Each execution gets a fresh cgroup (one directory per v1
+controller, one directory on v2) that the sandbox child joins before it runs
+anything; the host reads CPU time, peak memory and OOM kills from it and
+removes it when the execution ends, killing whatever is still inside.
+
+cgroupspy is not used: it knows neither the pids controller nor cgroup v2,
+and it walks the whole tree to open one node, which costs more than the
+execution it would account for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("corral.sandbox")
+
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+V2_CONTROLLERS = ("memory", "cpu", "pids")
+CFS_PERIOD_US = 100_000  # the 100 ms period SANDBOX_CPU_QUOTA_MS is expressed in
+PIDS_MAX = 2  # the execution thread and the heartbeat thread: no new processes or threads
+_REMOVE_PATIENCE_S = 2.0  # how long a killed task may take to leave its cgroup
+
+
+class CgroupUnavailable(Exception):
+    """cgroups cannot be used on this host; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class _Mount:
+    mountpoint: Path
+    root: str  # the path inside the hierarchy the mount shows
+    fstype: str
+    options: frozenset[str]
+
+
+def _mounts() -> list[_Mount]:
+    mounts = []
+    with open("/proc/self/mountinfo") as lines:
+        for line in lines:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+                continue
+            options = frozenset(tail[2].split(",")) | frozenset(fields[5].split(","))
+            mounts.append(_Mount(Path(fields[4]), fields[3], tail[0], options))
+    return mounts
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller name (or "" for v2) -> this process's cgroup path."""
+    own = {}
+    with open("/proc/self/cgroup") as lines:
+        for line in lines:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                own[name] = path
+    return own
+
+
+def _under(mount: _Mount, hierarchy_path: str) -> Path:
+    relative = os.path.relpath(hierarchy_path, mount.root) if mount.root != "/" else hierarchy_path
+    return mount.mountpoint / relative.lstrip("./").lstrip("/")
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str:
+    with open(path) as file:
+        return file.read()
+
+
+def _keyed(path: Path, key: str) -> int:
+    for line in _read(path).splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """What a cgroup enforces: None means no limit."""
+
+    memory_bytes: int | None
+    cpu_quota_us: int | None
+    pids_max: int = PIDS_MAX
+
+
+class Hierarchy:
+    """Where this host's per-execution cgroups live, and how to make them."""
+
+    def __init__(self, version: int, roots: dict[str, Path]) -> None:
+        self.version = version
+        self.roots = roots  # controller -> root directory (v2: {"unified": dir})
+        self._names = itertools.count()
+        self._prefix = f"{os.getpid()}-"
+
+    @property
+    def label(self) -> str:
+        """`cgroup-v1` or `cgroup-v2`."""
+        return f"cgroup-v{self.version}"
+
+    @classmethod
+    def detect(cls, root: str | None) -> Hierarchy:
+        """Find a usable hierarchy; raise CgroupUnavailable saying why there is none."""
+        if os.geteuid() != 0:
+            raise CgroupUnavailable("not running as root: run as root to get per-execution cgroups")
+        mounts, own = _mounts(), _own_cgroups()
+        v1 = {}
+        for controller in V1_CONTROLLERS:
+            mount = next(
+                (m for m in mounts if m.fstype == "cgroup" and controller in m.options), None
+            )
+            if mount is not None:
+                base = root if root is not None else f"{own.get(controller, '/')}/corral"
+                v1[controller] = _under(mount, base)
+        if len(v1) == len(V1_CONTROLLERS):
+            hierarchy = cls(1, v1)
+        else:
+            unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
+            if unified is None or not (unified.mountpoint / "cgroup.controllers").exists():
+                missing = ", ".join(c for c in V1_CONTROLLERS if c not in v1)
+                raise CgroupUnavailable(
+                    f"no cgroup v1 mount for {missing} and no cgroup v2 hierarchy: "
+                    "mount cgroup v2 with the memory, cpu and pids controllers"
+                )
+            base = root if root is not None else f"{own.get('', '/')}/corral"
+            hierarchy = cls(2, {"unified": _under(unified, base)})
+        hierarchy._prepare_roots()
+        return hierarchy
+
+    def _prepare_roots(self) -> None:
+        for path in self.roots.values():
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CgroupUnavailable(f"cannot create the cgroup root {path}: {exc}") from None
+        if self.version == 2:
+            root = self.roots["unified"]
+            wanted = set(V2_CONTROLLERS)
+            available = set(_read(root / "cgroup.controllers").split())
+            if not wanted <= available:
+                raise CgroupUnavailable(
+                    f"the cgroup v2 root {root} lacks the {', '.join(sorted(wanted - available))} "
+                    "controller(s): enable them in the parent's cgroup.subtree_control"
+                )
+            try:
+                _write(root / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+            except OSError as exc:
+                raise CgroupUnavailable(
+                    f"cannot delegate controllers below {root}: {exc}"
+                ) from None
+
+    def create(self, limits: CgroupLimits) -> ExecutionCgroup:
+        """Make a fresh cgroup with `limits` for one execution."""
+        name = f"{self._prefix}{next(self._names)}"
+        dirs = {controller: root / name for controller, root in self.roots.items()}
+        cgroup = ExecutionCgroup(self.version, dirs)
+        try:
+            for path in dirs.values():
+                path.mkdir()
+            cgroup.apply(limits)
+        except BaseException:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def sweep(self, owner: int | None = None) -> int:
+        """Remove the cgroups of host `owner`, or of every corral host that is gone."""
+        names: set[str] = set()
+        for root in self.roots.values():
+            with contextlib.suppress(FileNotFoundError):
+                names.update(entry.name for entry in root.iterdir() if entry.is_dir())
+        removed = 0
+        for name in names:
+            prefix = name.partition("-")[0]
+            if not prefix.isdigit():
+                continue
+            if (int(prefix) != owner) if owner is not None else _alive(int(prefix)):
+                continue
+            ExecutionCgroup(
+                self.version, {c: root / name for c, root in self.roots.items()}
+            ).remove()
+            removed += 1
+        return removed
+
+    def remove_roots(self) -> None:
+        """Remove the root directories when nothing else uses them."""
+        for path in self.roots.values():
+            with contextlib.suppress(OSError):  # busy: another corral host still uses it
+                path.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ExecutionCgroup:
+    """The cgroup of one execution: join files, accounting, kill and removal."""
+
+    def __init__(self, version: int, dirs: dict[str, Path]) -> None:
+        self.version = version
+        self.dirs = dirs
+        self._peak_seen = 0
+
+    def __repr__(self) -> str:
+        return f"ExecutionCgroup(v{self.version}, {next(iter(self.dirs.values()))})"
+
+    @property
+    def procs_files(self) -> list[str]:
+        """The cgroup.procs files a process writes "0" into to join."""
+        return [str(path / "cgroup.procs") for path in dict.fromkeys(self.dirs.values())]
+
+    def _dir(self, controller: str) -> Path:
+        return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
+
+    def apply(self, limits: CgroupLimits) -> None:
+        """Write the limits into the controllers."""
+        if self.version == 1:
+            mem, cpu, pids = self.dirs["memory"], self.dirs["cpu"], self.dirs["pids"]
+            if limits.memory_bytes is not None:
+                _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+                if (mem / "memory.memsw.limit_in_bytes").exists():  # swap must not extend it
+                    _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            if limits.cpu_quota_us is not None:
+                _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                _write(cpu / "cpu.cfs_quota_us", str(limits.cpu_quota_us))
+            _write(pids / "pids.max", str(limits.pids_max))
+        else:
+            unified = self.dirs["unified"]
+            if limits.memory_bytes is not None:
+                _write(unified / "memory.max", str(limits.memory_bytes))
+                if (unified / "memory.swap.max").exists():
+                    _write(unified / "memory.swap.max", "0")
+            if limits.cpu_quota_us is not None:
+                _write(unified / "cpu.max", f"{limits.cpu_quota_us} {CFS_PERIOD_US}")
+            _write(unified / "pids.max", str(limits.pids_max))
+
+    def cpu_ns(self) -> int:
+        """CPU time (user + sys) used by everything that ran in the cgroup."""
+        if self.version == 1:
+            return int(_read(self.dirs["cpuacct"] / "cpuacct.usage"))
+        return _keyed(self.dirs["unified"] / "cpu.stat", "usage_usec") * 1000
+
+    def memory_bytes(self) -> int:
+        """Memory charged to the cgroup now."""
+        name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        current = int(_read(self._dir("memory") / name))
+        self._peak_seen = max(self._peak_seen, current)
+        return current
+
+    def peak_memory_bytes(self) -> int:
+        """The most memory the cgroup held at once."""
+        memory = self._dir("memory")
+        peak_file = memory / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
+        try:
+            return max(int(_read(peak_file)), self._peak_seen)
+        except FileNotFoundError:  # memory.peak needs Linux 5.19
+            return self._peak_seen
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a task of this cgroup."""
+        if self.version == 1:
+            return _keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill") > 0
+        return _keyed(self.dirs["unified"] / "memory.events", "oom_kill") > 0
+
+    def pids(self) -> list[int]:
+        """The processes in the cgroup now (every v1 controller holds the same ones)."""
+        try:
+            return [int(line) for line in _read(self._dir("pids") / "cgroup.procs").split()]
+        except FileNotFoundError:
+            return []
+
+    def kill_all(self) -> None:
+        """SIGKILL everything in the cgroup and wait until it has left."""
+        deadline = time.monotonic() + _REMOVE_PATIENCE_S
+        while pids := self.pids():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                logger.warning("corral: processes %s survived SIGKILL in %r", pids, self)
+                return
+            time.sleep(0.0005)
+
+    def remove(self) -> None:
+        """Kill what is left inside and remove the cgroup's directories."""
+        self.kill_all()
+        deadline = time.monotonic() + _REMOVE_PATIENCE_S
+        for path in dict.fromkeys(self.dirs.values()):
+            for delay in _backoff():
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        logger.warning("corral: could not remove cgroup %s: %s", path, exc)
+                        break
+                    time.sleep(delay)
+
+
+def _backoff() -> Iterator[float]:
+    delay = 0.0002
+    while True:
+        yield delay
+        delay = min(delay * 2, 0.05)

@@ -1,0 +1,337 @@
+"""What runs inside a sandbox child, from the fork in the zygote to `_exit`.
+
+Child side: imports only the standard library and the other child-side
+modules (`_policy`, `_protocol`). The order of `run()` matters: the child
+confines itself (session, death signal, cgroup, descriptors, environment,
+rlimits, no_new_privs) before it reads the request, and hands the host a
+pidfd before it runs a single line of connector code.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+import traceback
+from typing import Any, NoReturn
+
+from corral.sandbox import _protocol as proto
+from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyError
+
+CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
+SPARE_FD = 4  # a waiting spare's socket to the zygote
+MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
+MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
+FILENAME = "<connector>"
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl  # resolved in the zygote: the child never loads a library
+
+
+class _LogOverflow(BaseException):
+    """Raised in the code when its logs pass the cap (BaseException: `except Exception` misses it)."""
+
+
+class _Channel:
+    """The child's end of the execution channel; frames from two threads never interleave."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.sock.sendall(data)
+
+
+class _Logs:
+    """Log lines waiting to reach the host, with the cap on their total size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.pending: list[list[str]] = []
+        self.lock = threading.Lock()
+        self.total = 0
+        self.max_bytes = max_bytes
+        self.overflowed = False
+        self.partial = ""
+
+    def add(self, level: str, message: str) -> None:
+        if self.overflowed:
+            raise _LogOverflow
+        self.total += len(message.encode("utf-8", "replace")) + len(level)
+        if self.total > self.max_bytes:
+            self.overflowed = True
+            raise _LogOverflow
+        with self.lock:
+            self.pending.append([level, message])
+
+    def write(self, text: str) -> None:
+        """Printed text: every completed line becomes an info entry."""
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            self.add("info", line)
+
+    def flush(self) -> None:
+        """Log the last printed line even if it never got its newline."""
+        if self.partial:
+            line, self.partial = self.partial, ""
+            self.add("info", line)
+
+    def take(self) -> list[list[str]]:
+        with self.lock:
+            taken, self.pending = self.pending, []
+        return taken
+
+
+def _make_log(logs: _Logs) -> Any:
+    def log(*parts: Any, level: str = "info") -> None:
+        """Record a log line: the parts joined by spaces, as print() would."""
+        logs.add(str(level), " ".join(str(part) for part in parts))
+
+    return log
+
+
+def _make_printer(logs: _Logs) -> type:
+    class Printer:
+        """RestrictedPython's `_print_`: each printed line becomes an info log entry."""
+
+        def __init__(self, _getattr_: Any = None) -> None:
+            self._getattr_ = _getattr_
+            self.txt: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.txt.append(text)
+            logs.write(text)
+
+        def __call__(self) -> str:
+            return "".join(self.txt)
+
+        def _call_print(self, *objects: Any, **kwargs: Any) -> None:
+            if kwargs.get("file") is None:
+                kwargs["file"] = self
+            else:
+                self._getattr_(kwargs["file"], "write")
+            print(*objects, **kwargs)
+
+    return Printer
+
+
+def _heartbeat(channel: _Channel, logs: _Logs, interval_s: float, stop: Any) -> None:
+    """Prove the child alive every interval and carry pending logs to the host.
+
+    A loop in C that holds the GIL (a backtracking regex) stops this thread
+    too: the silence is what lets the host catch it.
+    """
+    while not stop.acquire(timeout=interval_s):
+        message = {"logs": logs.take(), "cpu_ms": time.process_time() * 1000}
+        try:
+            channel.send(proto.json_frame(proto.HEARTBEAT, message))
+        except OSError:
+            return
+
+
+def _prepare(zygote_pid: int, spare_fd: int) -> None:
+    """Confinement that needs no request: done while the spare waits for one."""
+    os.setsid()
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != zygote_pid:
+        os._exit(70)  # the zygote is already gone: nobody would reap or watch us
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.dup2(spare_fd, SPARE_FD)
+    os.closerange(SPARE_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.close(CHANNEL_FD)  # free for the execution's channel (it was /dev/null or nothing)
+    os.environ.clear()
+    os.chdir("/")
+    os.umask(0o077)
+
+
+def _join(spec: dict[str, Any], channel_fd: int) -> None:
+    """Enter the execution's cgroups and put its channel in place."""
+    for procs in spec["cgroup_procs"]:
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    if channel_fd != CHANNEL_FD:
+        os.dup2(channel_fd, CHANNEL_FD)
+        os.close(channel_fd)
+    os.close(SPARE_FD)
+
+
+def _apply_rlimits(spec: dict[str, Any]) -> None:
+    """Backstops that hold without cgroups (and are the only limits in degraded mode)."""
+    limits = {
+        resource.RLIMIT_CORE: 0,
+        resource.RLIMIT_FSIZE: 0,
+        resource.RLIMIT_NOFILE: MAX_OPEN_FILES,
+        resource.RLIMIT_NPROC: 0,  # no new processes or threads (for non-root uids)
+    }
+    if spec.get("rlimit_cpu_s"):
+        limits[resource.RLIMIT_CPU] = spec["rlimit_cpu_s"]
+    if spec.get("rlimit_as_bytes"):
+        with open("/proc/self/statm") as statm:
+            mapped = int(statm.read().split()[0]) * resource.getpagesize()
+        limits[resource.RLIMIT_AS] = mapped + spec["rlimit_as_bytes"]
+    for which, value in limits.items():
+        resource.setrlimit(which, (value, value))
+    if _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def _where(exc: BaseException) -> str:
+    """` (line N, in fn)` for the innermost frame of connector code, or ``."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == FILENAME]
+    if not frames:
+        return ""
+    last = frames[-1]
+    where = f"line {last.lineno}" + ("" if last.name == "<module>" else f", in {last.name}")
+    return f" ({where})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return (
+        f"{type(exc).__name__}: {text}{_where(exc)}"
+        if text
+        else f"{type(exc).__name__}{_where(exc)}"
+    )
+
+
+def _execute(
+    compiled: tuple[Any, str | None, str],
+    request: dict[str, Any],
+    guards: Guards,
+    logs: _Logs,
+    max_output_bytes: int,
+) -> tuple[int, dict[str, Any]]:
+    """Run the connector; the frame kind and message to send back."""
+    code, compile_error, compile_message = compiled
+    if code is None:
+        return proto.ERROR, {"type": compile_error, "message": compile_message}
+    entry_point = request["entry_point"]
+    namespace = guards.globals()
+    try:
+        exec(code, namespace)
+        entry = namespace.get(entry_point)
+        if entry is None or not callable(entry):
+            defined = sorted(
+                name for name, value in namespace.items()
+                if callable(value) and not name.startswith("_") and name != "log"
+                and getattr(value, "__module__", None) == "connector"
+            )  # fmt: skip
+            what = "is not defined" if entry is None else "is not a function"
+            hint = f"; the code defines: {', '.join(defined)}" if defined else ""
+            return proto.ERROR, {
+                "type": "invalid_input",
+                "message": f"entry point {entry_point!r} {what}{hint}",
+            }
+        output = entry(request["params"], request["context"])
+        logs.flush()
+    except _LogOverflow:
+        return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
+    except PolicyError:
+        pass  # reported below from the tripwire, even when the code caught it
+    except MemoryError:
+        return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
+    except BaseException as exc:  # the code's own failure, whatever it raised
+        if not guards.violations:
+            return proto.ERROR, {"type": "code_error", "message": _describe(exc)}
+    if guards.violations:
+        return proto.ERROR, {"type": "policy_violation", "message": guards.violations[0]}
+    if logs.overflowed:
+        return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
+    try:
+        encoded = json.dumps(output, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return proto.ERROR, {
+            "type": "code_error",
+            "message": f"the return value is not JSON-serialisable: {exc}",
+        }
+    if len(encoded) > max_output_bytes:
+        return proto.ERROR, {
+            "type": "output_limit",
+            "message": f"the output is {len(encoded)} bytes, over the {max_output_bytes} byte cap",
+        }
+    return proto.RESULT, {"output": encoded}
+
+
+def _log_cap_message(logs: _Logs) -> str:
+    return f"the logs passed the {logs.max_bytes} byte cap"
+
+
+def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid: int) -> NoReturn:
+    """The whole life of a sandbox child. Never returns.
+
+    Forked ahead of need by the zygote, it confines itself, waits for one
+    request (a spec and the channel to its host), joins the execution's
+    cgroups, hands the host its pidfd, and only then touches connector code.
+    """
+    status = 1
+    try:
+        _prepare(zygote_pid, spare_fd)
+        control = socket.socket(fileno=SPARE_FD)
+        header, channel_fd = proto.recv_fd(control, proto.HEADER.size)
+        if not header or channel_fd is None:
+            os._exit(0)  # the zygote retired this spare
+        header += proto.recv_exactly(control, proto.HEADER.size - len(header))
+        size, _kind = proto.HEADER.unpack(header)
+        spec = json.loads(proto.recv_exactly(control, size))
+        control.detach()
+        _join(spec, channel_fd)
+        _run(spec, cache, imports)
+        status = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()  # stderr is /dev/null once confined; useful before that
+    finally:
+        os._exit(status)
+
+
+def _run(spec: dict[str, Any], cache: CompileCache, imports: ImportPolicy) -> None:
+    """Announce the pidfd, start the heartbeat, lock down, read the request, answer it."""
+    sock = socket.socket(fileno=CHANNEL_FD)
+    pidfd = os.pidfd_open(os.getpid())
+    proto.send_fd(sock, proto.PID.pack(os.getpid()), pidfd)
+    os.close(pidfd)
+    channel = _Channel(sock)
+    logs = _Logs(spec["max_log_bytes"])
+    stop = _thread.allocate_lock()
+    stop.acquire()  # released when the answer is ready: the heartbeat thread then ends
+    # _thread rather than threading: Thread.start() waits for the thread to run first.
+    _thread.start_new_thread(
+        _heartbeat, (channel, logs, spec["heartbeat_interval_ms"] / 1000, stop)
+    )
+    _apply_rlimits(spec)
+    frame = proto.read_frame(sock, MAX_REQUEST_BYTES)
+    if frame is None or frame[0] != proto.REQUEST:
+        return  # the host went away before sending the request
+    request = json.loads(frame[1])
+    compiled = cache.get(spec["source"])
+    guards = Guards(imports, _make_log(logs), _make_printer(logs))
+    kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"])
+    stop.release()
+    message["logs"] = logs.take()
+    message["cpu_ms"] = time.process_time() * 1000
+    if kind == proto.RESULT:
+        payload = b'{"output":%s,"logs":%s,"cpu_ms":%s}' % (
+            message["output"].encode(),
+            json.dumps(message["logs"]).encode(),
+            repr(message["cpu_ms"]).encode(),
+        )
+        channel.send(proto.frame(kind, payload))
+    else:
+        channel.send(proto.json_frame(kind, message))

@@ -1,0 +1,270 @@
+"""Language-level policy for connector code: guarded builtins, imports and module views.
+
+Child side: this module is imported by the zygote and used in the sandbox
+child. It must not import anything from the host side of corral.
+
+RestrictedPython compiles the code so that attribute access, item access,
+iteration, writes and printing go through the guards defined here. It is one
+layer: the OS layers (cgroups, rlimits, a fresh process) hold without it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import hashlib
+import importlib
+import operator
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from RestrictedPython import compile_restricted_exec, limited_builtins, safe_builtins
+from RestrictedPython.Guards import (
+    full_write_guard,
+    guarded_iter_unpack_sequence,
+    guarded_unpack_sequence,
+    raise_,
+    safer_getattr,
+)
+
+#: Public attributes left out of a module view although they are not modules:
+#: they start processes, read host state or defeat the str.format guard.
+UNSAFE_ATTRIBUTES: dict[str, frozenset[str]] = {
+    "string": frozenset({"Formatter"}),
+    "uuid": frozenset({"getnode", "uuid1"}),  # shells out to ifconfig/ip to find a MAC
+    "time": frozenset({"tzset"}),  # reads and changes process-wide state
+}
+
+#: Builtins added to RestrictedPython's conservative set; none reaches the host.
+_EXTRA_BUILTINS: tuple[str, ...] = (
+    "all", "any", "bytes", "dict", "enumerate", "filter", "format", "frozenset", "iter",
+    "list", "map", "max", "min", "next", "reversed", "set", "sorted", "sum", "tuple", "zip",
+)  # fmt: skip
+
+_INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "+=": operator.iadd,
+    "-=": operator.isub,
+    "*=": operator.imul,
+    "/=": operator.itruediv,
+    "//=": operator.ifloordiv,
+    "%=": operator.imod,
+    "**=": operator.ipow,
+    "<<=": operator.ilshift,
+    ">>=": operator.irshift,
+    "&=": operator.iand,
+    "^=": operator.ixor,
+    "|=": operator.ior,
+    "@=": operator.imatmul,
+}
+
+
+_BASE_BUILTINS: dict[str, Any] = {
+    **safe_builtins,
+    **limited_builtins,
+    **{name: getattr(builtins, name) for name in _EXTRA_BUILTINS},
+}
+
+
+CONNECTOR_MODULE = "connector"  # __module__ of what connector code defines
+
+
+class PolicyError(Exception):
+    """Raised inside the sandbox when the code touches something forbidden."""
+
+
+def compile_connector(source: str, filename: str = "<connector>") -> tuple[Any, str | None, str]:
+    """Compile `source` under RestrictedPython.
+
+    Returns `(code, None, "")` or `(None, error_type, message)` where the
+    type is `code_error` (the source is not valid Python) or
+    `policy_violation` (valid Python the policy forbids).
+    """
+    try:
+        compile(source, filename, "exec", dont_inherit=True, flags=0x400)  # PyCF_ONLY_AST
+    except SyntaxError as exc:
+        return None, "code_error", f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    except (ValueError, RecursionError, MemoryError) as exc:
+        return None, "code_error", f"{type(exc).__name__}: the source cannot be compiled: {exc}"
+    try:
+        result = compile_restricted_exec(source, filename=filename)
+    except (RecursionError, MemoryError) as exc:
+        return None, "code_error", f"{type(exc).__name__}: the source is too deeply nested"
+    if result.errors:
+        return None, "policy_violation", "; ".join(result.errors)
+    return result.code, None, ""
+
+
+class CompileCache:
+    """Compiled connector code by the SHA-256 of its source, least recently used evicted."""
+
+    def __init__(self, size: int, filename: str) -> None:
+        self.size = size
+        self.filename = filename
+        self._entries: collections.OrderedDict[str, tuple[Any, str | None, str]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, source: str) -> tuple[Any, str | None, str]:
+        """The compiled code of `source` (see compile_connector), compiling on a miss."""
+        key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = compile_connector(source, self.filename)
+            self._entries[key] = entry
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return entry
+
+
+def _module_view(module: types.ModuleType, name: str) -> types.ModuleType:
+    """A fresh module holding only the public, non-module attributes of `module`."""
+    view = types.ModuleType(name, getattr(module, "__doc__", None))
+    unsafe = UNSAFE_ATTRIBUTES.get(name, frozenset())
+    for attr in dir(module):
+        if attr.startswith("_") or attr in unsafe:
+            continue
+        value = getattr(module, attr)
+        if isinstance(value, types.ModuleType):
+            continue
+        setattr(view, attr, value)
+    return view
+
+
+class ImportPolicy:
+    """The modules connector code may import, served as safe views."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = tuple(sorted(set(allowed)))
+        self._modules = {name: importlib.import_module(name) for name in self.allowed}
+        self.views = self.fresh_views()  # fresh for every child forked after this
+
+    def fresh_views(self) -> dict[str, types.ModuleType]:
+        """New views of every allowed module (and of the packages above dotted ones)."""
+        views = {name: _module_view(module, name) for name, module in self._modules.items()}
+        for name in self.allowed:
+            parts = name.split(".")
+            for depth in range(len(parts) - 1, 0, -1):
+                parent = ".".join(parts[:depth])
+                holder = views.setdefault(parent, types.ModuleType(parent))
+                setattr(holder, parts[depth], views[".".join(parts[: depth + 1])])
+        return views
+
+
+class _ReadOnly:
+    """What a write to a module, a type or a foreign object meets: a recorded violation."""
+
+    __slots__ = ("_description", "_guards")
+
+    def __init__(self, guards: Guards, obj: Any) -> None:
+        name = getattr(obj, "__name__", None) if isinstance(obj, types.ModuleType | type) else None
+        kind = type(obj).__name__
+        object.__setattr__(self, "_description", f"{kind} {name}" if name else f"a {kind} object")
+        object.__setattr__(self, "_guards", guards)
+
+    def _refuse(self, *_args: Any) -> None:
+        raise self._guards.violation(f"connector code may not change {self._description}")
+
+    __setattr__ = __delattr__ = __setitem__ = __delitem__ = _refuse
+
+
+class Guards:
+    """The globals one execution runs with: guarded builtins and a policy tripwire.
+
+    Every violation is recorded even when the code catches the exception, so
+    an execution that touched something forbidden always ends as
+    `policy_violation`.
+    """
+
+    def __init__(self, imports: ImportPolicy, log: Callable[..., None], printer: type) -> None:
+        self.violations: list[str] = []
+        self._imports = imports
+        self._views = imports.views
+        self._log = log
+        self._printer = printer
+
+    def violation(self, message: str) -> PolicyError:
+        """Record a violation and return the exception to raise."""
+        self.violations.append(message)
+        return PolicyError(message)
+
+    def _import(
+        self,
+        name: str,
+        globals: Any = None,
+        locals: Any = None,
+        fromlist: Any = (),
+        level: int = 0,
+    ) -> types.ModuleType:
+        view = self._views.get(name) if level == 0 else None
+        if view is None:
+            raise self.violation(
+                f"`{name}` is not importable in a connector; allowed modules are "
+                f"{', '.join(self._imports.allowed)}; to allow more set CORRAL_ALLOWED_IMPORTS"
+            )
+        if fromlist:
+            return view
+        return self._views[name.split(".")[0]]
+
+    def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
+        try:
+            return safer_getattr(obj, name, *(default or (raise_,)))
+        except NotImplementedError as exc:
+            raise self.violation(str(exc)) from None
+
+    def _write(self, obj: Any) -> Any:
+        """Writes reach containers and what the connector made (its classes and instances)."""
+        cls = obj if isinstance(obj, type) else type(obj)
+        if (
+            cls.__module__ == CONNECTOR_MODULE
+            and cls.__dict__.get("__module__") == CONNECTOR_MODULE
+        ):
+            return obj
+        guarded = full_write_guard(obj)
+        return obj if guarded is obj else _ReadOnly(self, obj)
+
+    def _setattr(self, obj: Any, name: str, value: Any) -> None:
+        if not isinstance(name, str) or name.startswith("_"):
+            raise self.violation(f"setattr of {name!r}: names starting with '_' are off limits")
+        setattr(self._write(obj), name, value)
+
+    def _delattr(self, obj: Any, name: str) -> None:
+        if not isinstance(name, str) or name.startswith("_"):
+            raise self.violation(f"delattr of {name!r}: names starting with '_' are off limits")
+        delattr(self._write(obj), name)
+
+    def _hasattr(self, obj: Any, name: str) -> bool:
+        try:
+            self._getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+
+    def globals(self) -> dict[str, Any]:
+        """A fresh globals dict for one execution of compiled connector code."""
+        allowed_builtins = dict(_BASE_BUILTINS)
+        allowed_builtins.update(
+            __import__=self._import,
+            getattr=self._getattr,
+            hasattr=self._hasattr,
+            setattr=self._setattr,
+            delattr=self._delattr,
+            _getattr_=self._getattr,
+        )
+        return {
+            "__builtins__": allowed_builtins,
+            "__name__": CONNECTOR_MODULE,
+            "__metaclass__": type,
+            "_getattr_": self._getattr,
+            "_getitem_": operator.getitem,
+            "_getiter_": iter,
+            "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
+            "_unpack_sequence_": guarded_unpack_sequence,
+            "_write_": self._write,
+            "_inplacevar_": lambda op, target, value: _INPLACE_OPERATORS[op](target, value),
+            "_apply_": lambda func, *args, **kwargs: func(*args, **kwargs),
+            "_print_": self._printer,
+            "log": self._log,
+        }

@@ -1,0 +1,89 @@
+"""Framing of the messages between the host, the zygote and sandbox children.
+
+Both sides import this module; it uses the standard library only.
+
+A frame is a 4-byte big-endian payload length, a 1-byte kind and the payload
+(JSON text). The zygote sends the host each spare it forks as 8 bytes (its
+pid) with the spare's socket attached; the host sends a spare one SPAWN frame
+with the execution's channel attached. The channel then carries, in order:
+
+    child -> host   PIDFD      8 bytes: the child's pid; SCM_RIGHTS holds its pidfd
+    host  -> child  REQUEST    {"entry_point", "params", "context"}
+    child -> host   HEARTBEAT  {"logs": [[level, message], ...], "cpu_ms": float}
+    child -> host   RESULT     {"logs": [...], "output": ..., "cpu_ms": float}
+                 or ERROR      {"logs": [...], "type": str, "message": str, "cpu_ms": float}
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+HEADER = struct.Struct(">IB")
+PID = struct.Struct(">Q")
+
+REQUEST = ord("q")
+HEARTBEAT = ord("h")
+RESULT = ord("r")
+ERROR = ord("e")
+SPAWN = ord("s")  # host -> spare: the spec of its one execution (SCM_RIGHTS: the channel)
+SPARES = ord("f")  # host -> zygote: {"count": n, "source": str | None}: fork n spares
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    """One frame of `kind` around `payload`."""
+    return HEADER.pack(len(payload), kind) + payload
+
+
+def json_frame(kind: int, message: Any) -> bytes:
+    """One frame carrying `message` as compact JSON."""
+    return frame(kind, json.dumps(message, separators=(",", ":")).encode())
+
+
+def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    """Send `data` with `fd` attached (SCM_RIGHTS) in one message."""
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def recv_fd(sock: socket.socket, size: int) -> tuple[bytes, int | None]:
+    """Receive up to `size` bytes and the descriptor attached to them, if any."""
+    data, ancillary, _flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(4))
+    fd = None
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            fd = fds[0]
+            for extra in fds[1:]:  # never keep descriptors nobody asked for
+                os.close(extra)
+    return data, fd
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Read exactly `size` bytes from a blocking socket; b"" on EOF before the first byte."""
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            if remaining == size:
+                return b""
+            raise EOFError(f"connection closed after {size - remaining} of {size} bytes")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(sock: socket.socket, max_size: int) -> tuple[int, bytes] | None:
+    """Read one frame from a blocking socket; None on a clean EOF."""
+    header = recv_exactly(sock, HEADER.size)
+    if not header:
+        return None
+    size, kind = HEADER.unpack(header)
+    if size > max_size:
+        raise ValueError(f"frame of {size} bytes exceeds the {max_size} byte cap")
+    return kind, recv_exactly(sock, size)

@@ -1,0 +1,195 @@
+"""NodeSandbox: the one entry point for running connector code under limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import keyword
+import threading
+import warnings
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from corral._exceptions import ConfigError, InvalidInput
+from corral.config import ExecutorKind, Settings, get_settings, parse_executor
+from corral.sandbox._limits import Limits
+from corral.sandbox._process import ExecutionRequest, ProcessBackend, warn_once
+from corral.sandbox._result import ExecutionResult
+
+DEFAULT_TIMEOUT_MS = 15_000  # a connector call that takes longer is hung, not slow
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class NodeSandbox:
+    """Runs untrusted connector code in a sandbox with hard limits.
+
+    The backend and the default limits come from the environment (DESIGN §2)
+    unless given. Use it as a (async) context manager or call `close()`.
+    """
+
+    def __init__(
+        self,
+        executor: str | None = None,
+        limits: Limits | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> None:
+        self._settings = settings if settings is not None else get_settings()
+        try:
+            kind = parse_executor(executor) if executor is not None else self._settings.executor
+        except ValueError as exc:
+            raise ConfigError(f"executor={executor!r} is invalid: {exc}") from None
+        if kind is ExecutorKind.WORKER:
+            raise ConfigError(
+                "the worker backend is not available yet; use executor='process' "
+                "(or unset SANDBOX_EXECUTOR and WORKER_SANDBOX_ENABLED)"
+            )
+        self._limits = Limits.from_settings(self._settings).merged(limits)
+        if self._limits.max_memory_mb is None:
+            warn_once(
+                "no-memory-limit",
+                "executions have no memory limit; set SANDBOX_MAX_MEMORY_MB "
+                "or pass Limits(max_memory_mb=...)",
+            )
+        self._backend = ProcessBackend(self._settings)
+        self._lock = threading.Lock()
+
+    @property
+    def executor(self) -> str:
+        """The backend this sandbox runs: `process` or `worker`."""
+        return self._backend.name
+
+    @property
+    def limits(self) -> Limits:
+        """The default limits of every execution (each call may override fields)."""
+        return self._limits
+
+    @property
+    def isolation(self) -> str:
+        """How limits are enforced: `cgroup-v1`, `cgroup-v2` or `degraded: <why>`."""
+        return self._backend.isolation
+
+    def start(self) -> None:
+        """Warm the sandbox now (start the zygote) instead of on first use."""
+        self._backend.start()
+
+    def _request(
+        self,
+        code: str,
+        entry_point: str,
+        params: Any,
+        context: Any,
+        timeout_ms: int,
+        limits: Limits | None,
+        secrets: Iterable[str] | None,
+    ) -> ExecutionRequest:
+        if not isinstance(code, str):
+            raise InvalidInput(f"code must be a str, not {type(code).__name__}")
+        size = len(code.encode("utf-8", "surrogatepass"))
+        if size > self._settings.max_code_bytes:
+            raise InvalidInput(
+                f"the code is {size} bytes, over the {self._settings.max_code_bytes} byte cap "
+                "(CORRAL_MAX_CODE_BYTES)"
+            )
+        if not (isinstance(entry_point, str) and entry_point.isidentifier()) or keyword.iskeyword(
+            entry_point
+        ):
+            raise InvalidInput(f"entry point {entry_point!r} is not a Python function name")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+            raise ConfigError(f"timeout_ms={timeout_ms!r} is invalid: expected a positive integer")
+        for name, value in (("params", params), ("context", context)):
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"{name} must be JSON-serialisable: {exc}") from None
+        if isinstance(secrets, str):
+            raise ConfigError("secrets must be a list of strings, not one string")
+        secret_values = tuple(str(secret) for secret in secrets or ())
+        return ExecutionRequest(
+            code=code,
+            entry_point=entry_point,
+            params=params,
+            context=context,
+            timeout_ms=timeout_ms,
+            limits=self._limits.merged(limits),
+            secrets=secret_values,
+        )
+
+    async def execute(
+        self,
+        code: str,
+        entry_point: str = "run",
+        params: Any = None,
+        context: Any = None,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        limits: Limits | None = None,
+        secrets: Iterable[str] | None = None,
+    ) -> ExecutionResult:
+        """Run `entry_point(params, context)` of `code` in the sandbox.
+
+        Returns an ExecutionResult or raises a SandboxError subclass whose
+        `.type` is one of the stable error types. Cancelling the awaiting task
+        kills the execution and cleans up before the cancellation propagates.
+        """
+        request = self._request(
+            code,
+            entry_point,
+            {} if params is None else params,
+            {} if context is None else context,
+            timeout_ms,
+            limits,
+            secrets,
+        )
+        return await self._backend.execute(request)
+
+    def execute_sync(self, code: str, **kwargs: Any) -> ExecutionResult:
+        """`execute`, blocking; not for use inside a running event loop."""
+        if _in_event_loop():
+            raise ConfigError(
+                "execute_sync() was called inside an event loop; await execute() instead"
+            )
+        return asyncio.run(self.execute(code, **kwargs))
+
+    def close(self) -> None:
+        """Abort executions in flight, stop the sandbox processes, remove cgroups."""
+        self._backend.close()
+
+    def __enter__(self) -> NodeSandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> NodeSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        backend = getattr(self, "_backend", None)
+        if backend is not None and not backend.closed:
+            warnings.warn("NodeSandbox was not closed", ResourceWarning, stacklevel=1)
+            backend.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._backend.closed else "open"
+        return f"<NodeSandbox executor={self.executor} isolation={self.isolation!r} {state}>"
