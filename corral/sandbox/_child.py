@@ -38,7 +38,7 @@ _prctl = _libc.prctl  # resolved in the zygote: the child never loads a library
 
 
 class _LogOverflow(BaseException):
-    """Raised in the code when its logs pass the cap (BaseException: `except Exception` misses it)."""
+    """Raised in the code when its logs pass the cap; `except Exception` does not catch it."""
 
 
 class _Channel:
