@@ -94,6 +94,32 @@ def _keyed(path: Path, key: str) -> int:
     return 0
 
 
+def default_roots(root: str | None) -> tuple[int, dict[str, Path]]:
+    """The cgroup version to use and where its per-execution cgroups go (nothing is created).
+
+    `root` is SANDBOX_CGROUP_ROOT: a path inside the hierarchy. Unset, it is
+    `corral` below this process's own cgroup, so the parent's limits still hold.
+    """
+    mounts, own = _mounts(), _own_cgroups()
+    v1 = {}
+    for controller in V1_CONTROLLERS:
+        mount = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options), None)
+        if mount is not None:
+            base = root if root is not None else f"{own.get(controller, '/')}/corral"
+            v1[controller] = _under(mount, base)
+    if len(v1) == len(V1_CONTROLLERS):
+        return 1, v1
+    unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if unified is None or not (unified.mountpoint / "cgroup.controllers").exists():
+        missing = ", ".join(c for c in V1_CONTROLLERS if c not in v1)
+        raise CgroupUnavailable(
+            f"no cgroup v1 mount for {missing} and no cgroup v2 hierarchy: "
+            "mount cgroup v2 with the memory, cpu and pids controllers"
+        )
+    base = root if root is not None else f"{own.get('', '/')}/corral"
+    return 2, {"unified": _under(unified, base)}
+
+
 @dataclass(frozen=True)
 class CgroupLimits:
     """What a cgroup enforces: None means no limit."""
@@ -122,27 +148,8 @@ class Hierarchy:
         """Find a usable hierarchy; raise CgroupUnavailable saying why there is none."""
         if os.geteuid() != 0:
             raise CgroupUnavailable("not running as root: run as root to get per-execution cgroups")
-        mounts, own = _mounts(), _own_cgroups()
-        v1 = {}
-        for controller in V1_CONTROLLERS:
-            mount = next(
-                (m for m in mounts if m.fstype == "cgroup" and controller in m.options), None
-            )
-            if mount is not None:
-                base = root if root is not None else f"{own.get(controller, '/')}/corral"
-                v1[controller] = _under(mount, base)
-        if len(v1) == len(V1_CONTROLLERS):
-            hierarchy = cls(1, v1)
-        else:
-            unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
-            if unified is None or not (unified.mountpoint / "cgroup.controllers").exists():
-                missing = ", ".join(c for c in V1_CONTROLLERS if c not in v1)
-                raise CgroupUnavailable(
-                    f"no cgroup v1 mount for {missing} and no cgroup v2 hierarchy: "
-                    "mount cgroup v2 with the memory, cpu and pids controllers"
-                )
-            base = root if root is not None else f"{own.get('', '/')}/corral"
-            hierarchy = cls(2, {"unified": _under(unified, base)})
+        version, roots = default_roots(root)
+        hierarchy = cls(version, roots)
         hierarchy._prepare_roots()
         return hierarchy
 

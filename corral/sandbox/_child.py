@@ -126,6 +126,11 @@ def _make_printer(logs: _Logs) -> type:
     return Printer
 
 
+def _maxrss() -> int:
+    """The most resident memory this process had, in bytes (shared pages included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _heartbeat(channel: _Channel, logs: _Logs, interval_s: float, stop: Any) -> None:
     """Prove the child alive every interval and carry pending logs to the host.
 
@@ -133,7 +138,7 @@ def _heartbeat(channel: _Channel, logs: _Logs, interval_s: float, stop: Any) -> 
     too: the silence is what lets the host catch it.
     """
     while not stop.acquire(timeout=interval_s):
-        message = {"logs": logs.take(), "cpu_ms": time.process_time() * 1000}
+        message = {"logs": logs.take(), "cpu_ms": time.process_time() * 1000, "maxrss": _maxrss()}
         try:
             channel.send(proto.json_frame(proto.HEARTBEAT, message))
         except OSError:
@@ -326,12 +331,10 @@ def _run(spec: dict[str, Any], cache: CompileCache, imports: ImportPolicy) -> No
     stop.release()
     message["logs"] = logs.take()
     message["cpu_ms"] = time.process_time() * 1000
+    message["maxrss"] = _maxrss()
     if kind == proto.RESULT:
-        payload = b'{"output":%s,"logs":%s,"cpu_ms":%s}' % (
-            message["output"].encode(),
-            json.dumps(message["logs"]).encode(),
-            repr(message["cpu_ms"]).encode(),
-        )
+        output = message.pop("output").encode()
+        payload = b'{"output":%s,%s' % (output, json.dumps(message).encode()[1:])
         channel.send(proto.frame(kind, payload))
     else:
         channel.send(proto.json_frame(kind, message))

@@ -132,7 +132,7 @@ class _Zygote:
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                env={"LC_ALL": "C.UTF-8"},
+                env={},  # children inherit it: nothing of the host reaches them
                 start_new_session=True,  # a terminal's signals are for the host, not the zygote
             )  # fmt: skip
         finally:
@@ -148,7 +148,7 @@ class _Zygote:
         """The spare queue of a running zygote, starting one if needed."""
         with self._lock:
             if self.closed:
-                raise ConfigError("this NodeSandbox is closed; create a new one")
+                raise Aborted("the sandbox was closed before the execution started")
             if self._proc is None or self._proc.poll() is not None:
                 self._discard()
                 self._start()
@@ -347,6 +347,8 @@ class _Execution:
         self.logs: list[list[str]] = []
         self.log_bytes = 0
         self.child_cpu_ms = 0.0
+        self.child_maxrss = 0
+        self._last_cpu_poll = 0.0
         self.polled_peak = 0
         self.abort_reason: str | None = None
         self.started = self.last_beat = self.next_cpu_check = 0.0
@@ -377,6 +379,8 @@ class _Execution:
         data, fd = proto.recv_fd(sock, proto.PID.size)
         if fd is not None:
             self.pidfd = fd
+            if self.abort_reason is not None:  # closed while the child was starting
+                self.abort(self.abort_reason)
         if len(data) < proto.PID.size:
             return None
         (self.pid,) = proto.PID.unpack(data)
@@ -407,6 +411,7 @@ class _Execution:
                     ) from None
                 self._take_logs(message.get("logs", []))
                 self.child_cpu_ms = float(message.get("cpu_ms", self.child_cpu_ms))
+                self.child_maxrss = int(message.get("maxrss", self.child_maxrss))
                 if kind == proto.HEARTBEAT:
                     self.last_beat = time.monotonic()
                 elif kind in (proto.RESULT, proto.ERROR):
@@ -421,11 +426,10 @@ class _Execution:
             return self.cgroup.cpu_ns() / 1e6
         if self.pid is None:
             return self.child_cpu_ms
-        try:
+        with contextlib.suppress(psutil.Error):
             times = psutil.Process(self.pid).cpu_times()
-        except psutil.Error:
-            return self.child_cpu_ms
-        return max(self.child_cpu_ms, (times.user + times.system) * 1000)
+            self._last_cpu_poll = (times.user + times.system) * 1000
+        return max(self.child_cpu_ms, self._last_cpu_poll)
 
     def _poll_memory(self) -> None:
         if self.cgroup is not None or self.pid is None:
@@ -565,12 +569,15 @@ class _Execution:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         if self.cgroup is not None:
-            self.cpu_ms = self.cgroup.cpu_ns() / 1e6
-            self.peak = self.cgroup.peak_memory_bytes()
-            self.oom = self.cgroup.oom_killed()
+            try:
+                self.cpu_ms = self.cgroup.cpu_ns() / 1e6
+                self.peak = self.cgroup.peak_memory_bytes()
+                self.oom = self.cgroup.oom_killed()
+            except FileNotFoundError:  # close() raced us: the zygote removed the cgroup
+                self.cpu_ms, self.peak, self.oom = self.child_cpu_ms, None, False
         else:
-            self.cpu_ms = self.child_cpu_ms
-            self.peak = self.polled_peak or None
+            self.cpu_ms = max(self.child_cpu_ms, self._last_cpu_poll)
+            self.peak = max(self.polled_peak, self.child_maxrss) or None
             self.oom = False
         self.backend.reaper.submit(self.pid, self.pidfd, self.cgroup)
         self.pidfd = None
@@ -689,11 +696,8 @@ class ProcessBackend:
                 return
             self.closed = True
             live = list(self._live)
-        for execution in live:
+        for execution in live:  # each supervisor then reports `aborted`
             execution.abort("the sandbox was closed while the execution ran")
-        deadline = time.monotonic() + EXIT_WAIT_S
-        while self._live and time.monotonic() < deadline:  # their supervisors hand them over
-            time.sleep(0.001)
         self.reaper.drain()
         self.zygote.stop()
         if self.hierarchy is not None:

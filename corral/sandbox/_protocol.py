@@ -9,9 +9,12 @@ with the execution's channel attached. The channel then carries, in order:
 
     child -> host   PIDFD      8 bytes: the child's pid; SCM_RIGHTS holds its pidfd
     host  -> child  REQUEST    {"entry_point", "params", "context"}
-    child -> host   HEARTBEAT  {"logs": [[level, message], ...], "cpu_ms": float}
-    child -> host   RESULT     {"logs": [...], "output": ..., "cpu_ms": float}
-                 or ERROR      {"logs": [...], "type": str, "message": str, "cpu_ms": float}
+    child -> host   HEARTBEAT  {"logs": [[level, message], ...], "cpu_ms": float, "maxrss": int}
+    child -> host   RESULT     {"output": ..., "logs": [...], "cpu_ms": float, "maxrss": int}
+                 or ERROR      {"type": str, "message": str, "logs": [...], "cpu_ms": ..., ...}
+
+cpu_ms and maxrss are the child's own word: the host uses them only where
+it has no cgroup to ask (degraded mode).
 """
 
 from __future__ import annotations

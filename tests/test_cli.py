@@ -1,0 +1,155 @@
+"""The `corral run` command: JSON contract, human summary, exit statuses, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import running_execution_pid
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hello.py"
+JSON_KEYS = ["ok", "output", "logs", "executor", "usage", "error"]
+
+
+def corral(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    """Run the `corral` command in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def connector(tmp_path: Path):
+    """Write a connector file and return its path."""
+
+    def write(source: str) -> str:
+        path = tmp_path / "connector.py"
+        path.write_text(source)
+        return str(path)
+
+    return write
+
+
+def test_json_success_is_one_object_with_the_contract_keys():
+    """--json prints exactly one JSON object with the keys of DESIGN §5, exit 0."""
+    done = corral("run", str(EXAMPLE), "--params", '{"name": "ada"}', "--max-memory-mb", "64",
+                  "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert list(document) == JSON_KEYS
+    assert document["ok"] is True and document["error"] is None
+    assert document["output"]["greeting"] == "hello, ada"
+    assert document["logs"] == [{"level": "info", "message": "greeting ada"}]
+    assert document["executor"] == "process"
+    assert list(document["usage"]) == ["wall_ms", "cpu_ms", "peak_memory_bytes"]
+
+
+def test_json_failure_carries_the_error_type(connector):
+    """A failed execution prints ok=false, output null and the error object; exit 1."""
+    path = connector("def run(params, context):\n    while True:\n        pass\n")
+    done = corral("run", path, "--max-cpu-ms", "200", "--json")
+    assert done.returncode == 1, done.stderr
+    document = json.loads(done.stdout)
+    assert list(document) == JSON_KEYS
+    assert (document["ok"], document["output"]) == (False, None)
+    assert document["error"]["type"] == "cpu_limit"
+    assert document["usage"]["cpu_ms"] >= 200
+
+
+def test_human_summary(connector):
+    """Without --json the command prints a short summary, the output and the logs."""
+    done = corral("run", str(EXAMPLE), "--params", '{"name": "ada"}', "--max-memory-mb", "64")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ok  process · ")
+    assert lines[1].startswith('output: {"greeting": "hello, ada"')
+    assert lines[2:] == ["logs:", "  info  greeting ada"]
+
+
+def test_missing_entry_point_is_invalid_input(connector):
+    """--entry naming a function the file lacks is invalid_input, exit 1."""
+    done = corral("run", str(EXAMPLE), "--entry", "nope", "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"]["type"] == "invalid_input"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "/no/such/file.py"], "corral run: cannot read /no/such/file.py"),
+        (["run", str(EXAMPLE), "--params", "{bad"], "corral run: --params is not valid JSON"),
+        (["run", str(EXAMPLE), "--context", "[1"], "corral run: --context is not valid JSON"),
+        (["run", str(EXAMPLE), "--max-memory-mb", "-3"], "expected a positive whole number"),
+        (["run", str(EXAMPLE), "--executor", "fork"], "invalid choice: 'fork'"),
+        (["run"], "the following arguments are required: FILE"),
+    ],
+)
+def test_bad_command_lines_exit_2_without_traceback(args, message):
+    """A wrong command line exits 2 with a message saying what is wrong, and no traceback."""
+    done = corral(*args, "--json") if args != ["run"] else corral(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_bad_env_var_exits_2_with_one_line():
+    """A bad env var stops the command with one line naming it, exit 2."""
+    done = corral("run", str(EXAMPLE), env={"SANDBOX_MAX_MEMORY_MB": "abc"})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert done.stderr.startswith("corral: SANDBOX_MAX_MEMORY_MB='abc' is invalid")
+
+
+def test_secrets_are_redacted(connector):
+    """--secret values never reach stdout."""
+    path = connector("def run(params, context):\n    log(params['t'])\n    return params['t']\n")
+    done = corral("run", path, "--params", '{"t": "s3cr3t-value"}', "--secret", "s3cr3t-value",
+                  "--json")  # fmt: skip
+    assert "s3cr3t-value" not in done.stdout
+    assert json.loads(done.stdout)["output"] == "[redacted]"
+
+
+def test_sigterm_aborts_and_cleans_up(connector):
+    """SIGTERM to `corral run` kills the execution, reports `aborted` and exits 1."""
+    path = connector("import time\ndef run(params, context):\n    time.sleep(60)\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "corral", "run", path, "--json", "--timeout-ms", "60000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    running_execution_pid()  # the execution is under way
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=30)
+    assert process.returncode == 1
+    document = json.loads(stdout)
+    assert document["error"] == {"type": "aborted", "message": "interrupted by SIGTERM"}
+
+
+def test_help_reads_well():
+    """`corral run --help` lists the contract's options."""
+    done = corral("run", "--help")
+    assert done.returncode == 0
+    for option in (
+        "--entry",
+        "--params",
+        "--context",
+        "--executor",
+        "--timeout-ms",
+        "--max-cpu-ms",
+        "--cpu-quota-ms",
+        "--max-memory-mb",
+        "--heartbeat-interval-ms",
+        "--heartbeat-timeout-ms",
+        "--secret",
+        "--json",
+    ):
+        assert option in done.stdout  # fmt: skip

@@ -1,0 +1,180 @@
+"""What the OS sees of a sandbox child, and clean-up when things go wrong around it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from conftest import leftovers, running_execution_pid
+
+import corral
+from corral import Limits, NodeSandbox
+from corral.config import load_settings
+
+SLEEP = "import time\ndef run(params, context):\n    time.sleep(30)\n"
+
+
+def _read(path: str) -> str:
+    with open(path) as file:
+        return file.read()
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+
+
+def test_child_is_confined(sandbox):
+    """The child has its own session, cgroup, empty env, no stray fds, rlimits, no_new_privs."""
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
+        try:
+            pid = await asyncio.to_thread(running_execution_pid)
+            child = psutil.Process(pid)
+            assert os.getsid(pid) == pid != os.getsid(0)  # a session (and group) of its own
+            assert "/corral/" in _read(f"/proc/{pid}/cgroup")
+            assert _read(f"/proc/{pid}/environ") == ""
+            assert sorted(fd.fd for fd in child.open_files()) == []  # no files: only stdio,
+            assert len(os.listdir(f"/proc/{pid}/fd")) <= 5  # the channel and /dev/null
+            assert child.rlimit(psutil.RLIMIT_CORE) == (0, 0)
+            assert child.rlimit(psutil.RLIMIT_FSIZE) == (0, 0)
+            assert child.rlimit(psutil.RLIMIT_NPROC) == (0, 0)
+            assert child.rlimit(psutil.RLIMIT_NOFILE)[0] <= 16
+            assert _status(pid)["NoNewPrivs"].strip() == "1"
+            assert child.cwd() == "/"
+            assert "corral.sandbox._zygote" in " ".join(child.parent().cmdline())
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
+
+
+def test_pids_limit_stops_new_processes(sandbox):
+    """The execution cgroup admits no process or thread beyond the child's own two."""
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
+        try:
+            pid = await asyncio.to_thread(running_execution_pid)
+            cgroup = _read(f"/proc/{pid}/cgroup")
+            pids_path = next(line.split(":", 2)[2] for line in cgroup.splitlines()
+                             if ":pids:" in line)  # fmt: skip
+            assert _read(f"/sys/fs/cgroup/pids{pids_path}/pids.max").strip() == "2"
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
+
+
+def test_child_killed_from_outside_is_a_sandbox_crash(sandbox):
+    """A child that dies without answering (not by a limit) is sandbox_crash."""
+
+    async def scenario() -> corral.SandboxError:
+        task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
+        pid = await asyncio.to_thread(running_execution_pid)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(corral.SandboxError) as caught:
+            await task
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.type == "sandbox_crash"
+    assert "exited without an answer" in error.message
+
+
+def test_dead_zygote_is_restarted(sandbox):
+    """If the zygote dies, the next execution starts a new one and succeeds."""
+    code = "def run(params, context):\n    return params\n"
+    assert sandbox.execute_sync(code, params=1).output == 1
+    zygotes = [child for child in psutil.Process().children()
+               if "corral.sandbox._zygote" in " ".join(child.cmdline())]  # fmt: skip
+    assert len(zygotes) == 1
+    zygotes[0].kill()
+    zygotes[0].wait(5)
+    assert sandbox.execute_sync(code, params=2).output == 2
+
+
+def test_no_descriptor_leaks(sandbox):
+    """Many executions, ok and failed, leave the host's open descriptors as they were."""
+    ok = "def run(params, context):\n    return 1\n"
+    bad = "def run(params, context):\n    return 1 / 0\n"
+    sandbox.execute_sync(ok)
+    sandbox._backend.reaper.drain()
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(30):
+        with contextlib.suppress(corral.CodeError):
+            sandbox.execute_sync(ok if n % 2 else bad)
+    sandbox._backend.reaper.drain()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+HOST = textwrap.dedent(
+    """
+    import corral
+    sandbox = corral.NodeSandbox(limits=corral.Limits(max_memory_mb=64))
+    sandbox.execute_sync("def run(params, context):\\n    while True:\\n        pass\\n",
+                         timeout_ms=60_000)
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_host_killed_mid_execution_leaves_nothing(signum):
+    """A host that dies mid-execution (even by SIGKILL) leaves no process and no cgroup."""
+    from conftest import _corral_cgroups, _sandbox_processes
+
+    before_processes, before_cgroups = _sandbox_processes(), _corral_cgroups()
+    host = subprocess.Popen([sys.executable, "-c", HOST], stderr=subprocess.DEVNULL)
+    try:
+        running_execution_pid()
+        host.send_signal(signum)
+        host.wait(timeout=10)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+    processes, cgroups = leftovers(before_processes, before_cgroups)
+    assert not processes and not cgroups
+
+
+def test_degraded_mode_is_announced_and_still_enforces(clean_env, monkeypatch):
+    """Without cgroups the sandbox warns once, says so in the result, and still enforces limits."""
+    monkeypatch.setattr("corral.sandbox._process._warned", set())
+    clean_env.setenv("CORRAL_CGROUPS", "off")
+    settings = load_settings()
+    with pytest.warns(RuntimeWarning, match="degraded to rlimits and polling"):
+        sandbox = NodeSandbox(settings=settings, limits=Limits(max_memory_mb=64))
+    with sandbox:
+        result = sandbox.execute_sync("def run(params, context):\n    return 5\n")
+        assert result.output == 5
+        assert result.isolation == "degraded: cgroups are switched off (CORRAL_CGROUPS=off)"
+        assert result.usage.peak_memory_bytes > 0
+        spin = "def run(params, context):\n    while True:\n        pass\n"
+        with pytest.raises(corral.CpuLimitExceeded) as cpu:
+            sandbox.execute_sync(spin, limits=Limits(max_cpu_ms=300))
+        assert 300 <= cpu.value.usage.cpu_ms <= 600
+        hog = (
+            "def run(params, context):\n    a = []\n"
+            "    while True:\n        a.append('x' * 10**5)\n"
+        )
+        with pytest.raises(corral.MemoryLimitExceeded):
+            sandbox.execute_sync(hog)
+        with pytest.raises(corral.ExecutionTimeout):
+            sandbox.execute_sync(SLEEP, timeout_ms=300)
+    started = time.monotonic()
+    with NodeSandbox(settings=settings, limits=Limits(max_memory_mb=64)):
+        pass  # the second sandbox does not warn again (pytest would fail on an unexpected one)
+    assert time.monotonic() - started < 10

@@ -1,0 +1,86 @@
+"""The language layer's data: module views, compile classification and the compile cache."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from corral.config import DEFAULT_ALLOWED_IMPORTS
+from corral.sandbox._policy import UNSAFE_ATTRIBUTES, CompileCache, ImportPolicy, compile_connector
+
+
+@pytest.fixture(scope="module")
+def views() -> dict[str, types.ModuleType]:
+    return ImportPolicy(DEFAULT_ALLOWED_IMPORTS).fresh_views()
+
+
+def test_views_hold_no_modules_and_no_private_names(views):
+    """No attribute of a view is a module or starts with '_' (no uuid.os, json.codecs, ...)."""
+    for name, view in views.items():
+        for attr, value in vars(view).items():
+            if attr.startswith("__") and attr in ("__name__", "__doc__", "__package__",
+                                                  "__loader__", "__spec__"):  # fmt: skip
+                continue
+            assert not attr.startswith("_"), f"{name}.{attr}"
+            if isinstance(value, types.ModuleType):
+                assert f"{name}.{attr}" in views, f"{name}.{attr} leaks a module"
+
+
+@pytest.mark.parametrize(
+    "route",
+    ["uuid.os", "json.codecs", "collections._sys", "re.copyreg", "string.Formatter",
+     "uuid.getnode", "time.tzset", "base64.binascii", "hashlib.__builtins__"],
+)  # fmt: skip
+def test_known_routes_back_to_the_host_are_cut(views, route):
+    """Attribute walks that lead from an allowed module back to the host are absent."""
+    module, attr = route.split(".", 1)
+    real = __import__(module)
+    assert hasattr(real, attr) or attr == "__builtins__"  # the route exists on the real module
+    assert not hasattr(views[module], attr)
+
+
+def test_dotted_modules_get_a_package_view(views):
+    """`import urllib.parse` binds a package view that holds only the allowed submodule."""
+    assert views["urllib"].parse is views["urllib.parse"]
+    assert not hasattr(views["urllib"], "request")
+
+
+def test_views_are_fresh_each_time():
+    """Two calls give distinct view objects: nothing one execution stores reaches another."""
+    policy = ImportPolicy(["json"])
+    assert policy.fresh_views()["json"] is not policy.fresh_views()["json"]
+
+
+def test_unsafe_attribute_table_names_allowed_modules():
+    """Every module in the unsafe-attribute table is one that could be allowed."""
+    assert set(UNSAFE_ATTRIBUTES) <= set(DEFAULT_ALLOWED_IMPORTS)
+
+
+@pytest.mark.parametrize(
+    ("source", "error_type"),
+    [
+        ("def run(p, c):\n    return 1\n", None),
+        ("def run(p, c)\n    return 1\n", "code_error"),
+        ("def run(p, c):\n    return p.__class__\n", "policy_violation"),
+        ("def run(p, c):\n    exec('1')\n", "policy_violation"),
+        ("x = (" * 500 + ")" * 500, "code_error"),
+    ],
+    ids=["ok", "syntax", "dunder", "exec", "deep-nesting"],
+)
+def test_compile_classifies_failures(source, error_type):
+    """Invalid Python is code_error; valid Python the policy forbids is policy_violation."""
+    code, kind, message = compile_connector(source)
+    assert kind == error_type
+    assert (code is None) == (error_type is not None)
+    assert bool(message) == (error_type is not None)
+
+
+def test_compile_cache_compiles_each_source_once():
+    """A repeated source is served from the cache; the least recently used is evicted."""
+    cache = CompileCache(size=2, filename="<connector>")
+    first = cache.get("def run(p, c):\n    return 1\n")
+    assert cache.get("def run(p, c):\n    return 1\n") is first
+    cache.get("def run(p, c):\n    return 2\n")
+    cache.get("def run(p, c):\n    return 3\n")
+    assert cache.get("def run(p, c):\n    return 1\n") is not first
