@@ -178,3 +178,28 @@ def test_degraded_mode_is_announced_and_still_enforces(clean_env, monkeypatch):
     with NodeSandbox(settings=settings, limits=Limits(max_memory_mb=64)):
         pass  # the second sandbox does not warn again (pytest would fail on an unexpected one)
     assert time.monotonic() - started < 10
+
+
+def _cgroup_version() -> int | None:
+    from corral.sandbox._cgroups import CgroupUnavailable, default_roots
+
+    try:
+        return default_roots(None)[0]
+    except CgroupUnavailable:
+        return None
+
+
+@pytest.mark.skipif(
+    _cgroup_version() != 2,
+    reason="this host gives memory, cpu and pids to cgroup v1 (its v2 hierarchy has none of "
+    "them), so the v2 path cannot run here; the v1 path is what the rest of the suite tests",
+)
+def test_cgroup_v2_enforces_memory_and_cpu(sandbox):
+    """On a cgroup v2 host, the unified hierarchy enforces memory and CPU like v1 does."""
+    assert sandbox.isolation == "cgroup-v2"
+    hog = "def run(params, context):\n    a = []\n    while True:\n        a.append('x' * 10**5)\n"
+    with pytest.raises(corral.MemoryLimitExceeded):
+        sandbox.execute_sync(hog)
+    spin = "def run(params, context):\n    while True:\n        pass\n"
+    with pytest.raises(corral.CpuLimitExceeded):
+        sandbox.execute_sync(spin, limits=Limits(max_cpu_ms=200))

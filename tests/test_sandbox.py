@@ -293,3 +293,29 @@ def test_bad_arguments_fail_before_anything_spawns(sandbox):
         sandbox.execute_sync("x = 1", timeout_ms=0)
     with pytest.raises(corral.InvalidInput, match="code must be a str"):
         sandbox.execute_sync(b"x = 1")  # type: ignore[arg-type]
+
+
+def test_threads_share_a_sandbox(sandbox):
+    """execute_sync from several threads at once: every call gets its own answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    code = "def run(params, context):\n    return params['n'] * 10\n"
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outputs = list(pool.map(lambda n: sandbox.execute_sync(code, params={"n": n}).output,
+                                range(12)))  # fmt: skip
+    assert outputs == [n * 10 for n in range(12)]
+
+
+def test_repeated_connector_is_served_compiled(sandbox):
+    """A source seen before runs without recompiling: far less CPU than its first run."""
+    source = "def run(params, context):\n    return helper0(1)\n" + "".join(
+        f"def helper{i}(x):\n    y = [x * k for k in range(10) if k % 2]\n"
+        f"    return helper{i + 1}(x) if x < 0 else len(y)\n"
+        for i in range(300)
+    )
+    first = sandbox.execute_sync(source)
+    for _ in range(3):  # the spares forked before the zygote had it compiled
+        sandbox.execute_sync(source)
+    warm = sandbox.execute_sync(source)
+    assert warm.output == first.output == 5
+    assert warm.usage.cpu_ms * 5 < first.usage.cpu_ms, (first.usage, warm.usage)

@@ -96,7 +96,3 @@ class Limits:
         if override is None:
             return self
         return dataclasses.replace(self, **override.set_fields())
-
-    def to_dict(self) -> dict[str, Any]:
-        """The limits as JSON-ready values (UNSET fields left out)."""
-        return self.set_fields()

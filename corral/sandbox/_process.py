@@ -155,21 +155,10 @@ class _Zygote:
             return self._spares
 
     async def _take(self, source: str) -> _Spare:
-        loop = asyncio.get_running_loop()
         for _ in range(3):
             spares = self._running()
             self._request_spare(source)  # before waiting: a cancelled wait still gets replaced
-            try:
-                spare = spares.get_nowait()
-            except queue.Empty:
-                try:
-                    spare = await loop.run_in_executor(
-                        None, spares.get, True, ZYGOTE_START_TIMEOUT_S
-                    )
-                except queue.Empty:
-                    raise SandboxCrash(
-                        f"the sandbox zygote forked nothing in {ZYGOTE_START_TIMEOUT_S:.0f} s"
-                    ) from None
+            spare = await _next_spare(spares)
             if spare is not None:
                 return spare
             with self._lock:  # the zygote died: reap it so the next round restarts it
@@ -246,6 +235,22 @@ class _Zygote:
             logger.warning("corral: the zygote did not exit within 5 s of close(); killing it")
             proc.kill()
             proc.wait()
+
+
+async def _next_spare(spares: queue.SimpleQueue[_Spare | None]) -> _Spare | None:
+    """The next spare, polled without a thread so that a cancelled wait ends at once."""
+    deadline = time.monotonic() + ZYGOTE_START_TIMEOUT_S
+    delay = 0.0002  # a fork takes about 1.5 ms here: poll finely, then back off
+    while True:
+        try:
+            return spares.get_nowait()
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise SandboxCrash(
+                    f"the sandbox zygote forked nothing in {ZYGOTE_START_TIMEOUT_S:.0f} s"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
 
 def _receive_spares(sock: socket.socket, spares: queue.SimpleQueue[_Spare | None]) -> None:

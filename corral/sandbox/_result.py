@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -47,7 +47,7 @@ class ExecutionResult:
     logs: list[LogEntry]
     executor: str
     usage: Usage
-    isolation: str = field(default="cgroup-v1")
+    isolation: str
 
     def to_dict(self) -> dict[str, Any]:
         """The `corral run --json` object of a successful execution."""
