@@ -152,7 +152,7 @@ def test_host_killed_mid_execution_leaves_nothing(signum):
 
 def test_degraded_mode_is_announced_and_still_enforces(clean_env, monkeypatch):
     """Without cgroups the sandbox warns once, says so in the result, and still enforces limits."""
-    monkeypatch.setattr("corral.sandbox._process._warned", set())
+    monkeypatch.setattr("corral._warnings._warned", set())
     clean_env.setenv("CORRAL_CGROUPS", "off")
     settings = load_settings()
     with pytest.warns(RuntimeWarning, match="degraded to rlimits and polling"):

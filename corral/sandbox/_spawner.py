@@ -1,0 +1,227 @@
+"""The host's handle on the zygote: starting it, and taking the spares it forks.
+
+Host side. The zygote (see `_zygote`) forks spare children ahead of need and
+hands their sockets to the host over the control socket; a receiver thread
+queues them. Each execution takes a spare, asks the zygote for a replacement
+at once (sending the source along the first time, so that later spares
+inherit it compiled), and gives the spare its request directly: neither a
+fork nor the zygote is on the caller's path.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral._exceptions import Aborted, SandboxCrash
+from corral.sandbox import _protocol as proto
+
+logger = logging.getLogger("corral.sandbox")
+
+SPARES = 2  # children forked ahead of need: enough for back-to-back calls on 2 cores
+COMPILED_SOURCES_TRACKED = 256  # sources the zygote was sent to compile (as its cache)
+ZYGOTE_START_TIMEOUT_S = 30.0  # importing the policy modules takes ~0.2 s; a loaded CI box more
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+# The zygote imports only the child-side modules: empty stand-ins for the two
+# packages keep their __init__ (pydantic, psutil, the host side) out of it, so
+# it stays small and every fork copies less.
+_ZYGOTE_BOOTSTRAP = """\
+import sys, types
+for name, path in (("corral", "corral"), ("corral.sandbox", "corral/sandbox")):
+    package = types.ModuleType(name)
+    package.__path__ = [{parent!r} + "/" + path]
+    sys.modules[name] = package
+from corral.sandbox._zygote import main
+main()
+"""
+
+
+@dataclass
+class _Spare:
+    """A child forked ahead of need, waiting for its one request."""
+
+    pid: int
+    sock: socket.socket
+
+
+class Spawner:
+    """The zygote process, its control socket and the spares it has handed over.
+
+    Thread-safe; the zygote is started on first use and restarted when it
+    dies. A receiver thread collects the spares the zygote forks; each
+    execution takes one and asks for a replacement at once.
+    """
+
+    def __init__(self, config: dict[str, Any], spares: int = SPARES) -> None:
+        self._config = {**config, "spares": spares}
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._spares: queue.SimpleQueue[_Spare | None] = queue.SimpleQueue()
+        self._compiled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.closed = False
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        bootstrap = _ZYGOTE_BOOTSTRAP.format(parent=_PACKAGE_PARENT)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", bootstrap, str(theirs.fileno()),
+                 json.dumps(self._config)],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env={},  # children inherit it: nothing of the host reaches them
+                start_new_session=True,  # a terminal's signals are for the host, not the zygote
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._spares = spares = queue.SimpleQueue()
+        self._compiled.clear()
+        threading.Thread(
+            target=_receive_spares, args=(ours, spares), name="corral-zygote", daemon=True
+        ).start()
+
+    def _running(self) -> queue.SimpleQueue[_Spare | None]:
+        """The spare queue of a running zygote, starting one if needed."""
+        with self._lock:
+            if self.closed:
+                raise Aborted("the sandbox was closed before the execution started")
+            if self._proc is None or self._proc.poll() is not None:
+                self._discard()
+                self._start()
+            return self._spares
+
+    async def _take(self, source: str) -> _Spare:
+        for _ in range(3):
+            spares = self._running()
+            self._request_spare(source)  # before waiting: a cancelled wait still gets replaced
+            spare = await _next_spare(spares)
+            if spare is not None:
+                return spare
+            with self._lock:  # the zygote died: reap it so the next round restarts it
+                if self._spares is spares and self._proc is not None:
+                    self._proc.wait()
+        raise SandboxCrash("the sandbox zygote keeps dying (see its messages on stderr)")
+
+    def _request_spare(self, source: str) -> None:
+        key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+        with self._lock:
+            new = key not in self._compiled
+            self._compiled[key] = None
+            self._compiled.move_to_end(key)
+            if len(self._compiled) > COMPILED_SOURCES_TRACKED:
+                self._compiled.popitem(last=False)
+            message = {"count": 1, "source": source if new else None}
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # a dead zygote is restarted by _take
+                    self._sock.sendall(proto.json_frame(proto.SPARES, message))
+
+    async def spawn(self, spec: dict[str, Any], channel: socket.socket) -> int:
+        """Give `spec` and `channel` to a spare; its pid."""
+        data = proto.json_frame(proto.SPAWN, spec)
+        for _ in range(3):
+            spare = await self._take(spec["source"])
+            try:
+                sent = spare.sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(channel.fileno()))]
+                )
+                if sent < len(data):
+                    spare.sock.sendall(data[sent:])
+                return spare.pid
+            except OSError:
+                continue  # that spare died (killed from outside): take the next
+            finally:
+                spare.sock.close()
+        raise SandboxCrash("no spare sandbox process could take the execution")
+
+    def start(self) -> None:
+        """Start the zygote and wait until its first spare is ready."""
+        spares = self._running()
+        try:
+            spare = spares.get(timeout=ZYGOTE_START_TIMEOUT_S)
+        except queue.Empty:
+            raise SandboxCrash("the sandbox zygote did not start") from None
+        spares.put(spare)
+
+    def _discard(self) -> None:
+        """Drop the current zygote's socket and spares (lock held)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # wakes the receiver thread; the zygote sees EOF
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        while True:
+            try:
+                spare = self._spares.get_nowait()
+            except queue.Empty:
+                break
+            if spare is not None:
+                spare.sock.close()  # the spare reads EOF and exits
+
+    def stop(self) -> None:
+        """Close the control socket; the zygote cleans up after its children and exits."""
+        with self._lock:
+            self.closed = True
+            self._discard()
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            logger.warning("corral: the zygote did not exit within 5 s of close(); killing it")
+            proc.kill()
+            proc.wait()
+
+
+async def _next_spare(spares: queue.SimpleQueue[_Spare | None]) -> _Spare | None:
+    """The next spare, polled without a thread so that a cancelled wait ends at once."""
+    deadline = time.monotonic() + ZYGOTE_START_TIMEOUT_S
+    delay = 0.0002  # a fork takes about 1.5 ms here: poll finely, then back off
+    while True:
+        try:
+            return spares.get_nowait()
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise SandboxCrash(
+                    f"the sandbox zygote forked nothing in {ZYGOTE_START_TIMEOUT_S:.0f} s"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+
+def _receive_spares(sock: socket.socket, spares: queue.SimpleQueue[_Spare | None]) -> None:
+    """Receiver thread: every spare the zygote forks, then None when it is gone."""
+    try:
+        while True:
+            data, fd = proto.recv_fd(sock, proto.PID.size)
+            if fd is None or len(data) < proto.PID.size:
+                if fd is not None:
+                    os.close(fd)
+                return
+            spares.put(_Spare(proto.PID.unpack(data)[0], socket.socket(fileno=fd)))
+    except OSError:
+        return
+    finally:
+        spares.put(None)
+
+
+def _fd_array(fd: int) -> bytes:
+    return array.array("i", [fd]).tobytes()
