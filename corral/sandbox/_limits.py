@@ -91,8 +91,33 @@ class Limits:
             if getattr(self, f.name) is not UNSET
         }
 
+    def resolve(self) -> ResolvedLimits:
+        """These limits with every field decided; ConfigError names a field left UNSET."""
+        unset = [name for name, value in vars(self).items() if value is UNSET]
+        if unset:
+            raise ConfigError(f"Limits has no value for {', '.join(unset)}")
+        return ResolvedLimits(**vars(self))
+
     def merged(self, override: Limits | None) -> Limits:
         """These limits with every field set in `override` replaced."""
         if override is None:
             return self
         return dataclasses.replace(self, **override.set_fields())
+
+
+@dataclass(frozen=True)
+class ResolvedLimits:
+    """Limits with every field decided: what a backend enforces. None means no limit."""
+
+    max_cpu_ms: int | None
+    cpu_quota_ms: int | None
+    max_memory_mb: int | None
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    max_output_bytes: int
+    max_log_bytes: int
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """The memory limit in bytes."""
+        return None if self.max_memory_mb is None else self.max_memory_mb << 20

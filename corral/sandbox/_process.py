@@ -41,7 +41,7 @@ from corral._warnings import warn_once
 from corral.config import CgroupMode, Settings
 from corral.sandbox import _protocol as proto
 from corral.sandbox._cgroups import CgroupLimits, CgroupUnavailable, ExecutionCgroup, Hierarchy
-from corral.sandbox._limits import Limits
+from corral.sandbox._limits import ResolvedLimits
 from corral.sandbox._reaper import Reaper
 from corral.sandbox._redact import Redactor
 from corral.sandbox._result import ExecutionResult, LogEntry, Usage
@@ -60,7 +60,7 @@ class ExecutionRequest:
     params: Any
     context: Any
     timeout_ms: int
-    limits: Limits  # every field resolved
+    limits: ResolvedLimits
     secrets: tuple[str, ...] = field(default=())
 
 
@@ -96,8 +96,6 @@ class _Execution:
     # -- the child's frames --------------------------------------------------------
 
     def _frame_cap(self) -> int:
-        assert isinstance(self.limits.max_output_bytes, int)
-        assert isinstance(self.limits.max_log_bytes, int)
         # Log text may grow six-fold as JSON (\uXXXX escapes).
         return self.limits.max_output_bytes + 6 * self.limits.max_log_bytes + _FRAME_SLACK
 
@@ -105,7 +103,6 @@ class _Execution:
         for level, message in entries:
             self.log_bytes += len(message.encode("utf-8", "replace")) + len(level)
             self.logs.append([level, message])
-        assert isinstance(self.limits.max_log_bytes, int)
         if self.log_bytes > self.limits.max_log_bytes:
             raise _Failure(
                 OutputLimitExceeded, f"the logs passed the {self.limits.max_log_bytes} byte cap"
@@ -201,7 +198,7 @@ class _Execution:
                 "C loop that holds the GIL such as a backtracking regex",
             )
         max_cpu = self.limits.max_cpu_ms
-        if isinstance(max_cpu, int) and now >= self.next_cpu_check:
+        if max_cpu is not None and now >= self.next_cpu_check:
             used = self._cpu_ms()
             if used >= max_cpu:
                 raise _Failure(
@@ -211,22 +208,19 @@ class _Execution:
             # The child runs on one thread: it cannot burn CPU faster than the wall clock.
             self.next_cpu_check = now + max(_CPU_CHECK_FLOOR_S, (max_cpu - used) / 1000)
         self._poll_memory()
-        memory_mb = self.limits.max_memory_mb
-        if (
-            self.cgroup is None
-            and isinstance(memory_mb, int)
-            and self.polled_peak > memory_mb << 20
-        ):
+        limit = self.limits.max_memory_bytes
+        if self.cgroup is None and limit is not None and self.polled_peak > limit:
             raise _Failure(
                 MemoryLimitExceeded,
-                f"the execution used {self.polled_peak >> 20} MB, over its {memory_mb} MB limit",
+                f"the execution used {self.polled_peak >> 20} MB, "
+                f"over its {self.limits.max_memory_mb} MB limit",
             )
 
     # -- the life of one execution -------------------------------------------------
 
     def _spec(self) -> dict[str, Any]:
         limits = self.limits
-        degraded_memory = self.cgroup is None and isinstance(limits.max_memory_mb, int)
+        degraded = self.cgroup is None
         return {
             "source": self.request.code,
             "cgroup_procs": self.cgroup.procs_files if self.cgroup is not None else [],
@@ -235,15 +229,13 @@ class _Execution:
             "max_output_bytes": limits.max_output_bytes,
             # The kernel's own CPU limit, one second past ours: kills even if the host stalls.
             "rlimit_cpu_s": math.ceil(limits.max_cpu_ms / 1000) + 1
-            if isinstance(limits.max_cpu_ms, int)
+            if limits.max_cpu_ms is not None
             else None,
-            "rlimit_as_bytes": limits.max_memory_mb << 20 if degraded_memory else None,  # type: ignore[operator]
+            "rlimit_as_bytes": limits.max_memory_bytes if degraded else None,
         }
 
     async def run(self) -> ExecutionResult:
         limits = self.limits
-        assert isinstance(limits.heartbeat_interval_ms, int)
-        assert isinstance(limits.heartbeat_timeout_ms, int)
         self.heartbeat_interval_s = limits.heartbeat_interval_ms / 1000
         self.heartbeat_timeout_s = limits.heartbeat_timeout_ms / 1000
         backend = self.backend
@@ -265,19 +257,17 @@ class _Execution:
             if backend.hierarchy is not None:
                 self.cgroup = backend.hierarchy.create(
                     CgroupLimits(
-                        memory_bytes=limits.max_memory_mb << 20  # type: ignore[operator]
-                        if isinstance(limits.max_memory_mb, int)
-                        else None,
-                        cpu_quota_us=limits.cpu_quota_ms * 1000  # type: ignore[operator]
-                        if isinstance(limits.cpu_quota_ms, int)
-                        else None,
+                        memory_bytes=limits.max_memory_bytes,
+                        cpu_quota_us=None
+                        if limits.cpu_quota_ms is None
+                        else limits.cpu_quota_ms * 1000,
                     )
                 )
             await backend.zygote.spawn(self._spec(), theirs)
             theirs.close()
             self.started = self.last_beat = time.monotonic()
             self.deadline = self.started + self.request.timeout_ms / 1000
-            if isinstance(limits.max_cpu_ms, int):
+            if limits.max_cpu_ms is not None:
                 self.next_cpu_check = self.started + limits.max_cpu_ms / 1000
             ours.setblocking(False)
             sender = asyncio.ensure_future(loop.sock_sendall(ours, request_frame))
@@ -363,7 +353,7 @@ class _Execution:
             return MemoryLimitExceeded(
                 f"the execution went over its {memory_mb} MB memory limit and was killed"
             )
-        if isinstance(max_cpu, int) and self.cpu_ms >= max_cpu:
+        if max_cpu is not None and self.cpu_ms >= max_cpu:
             return CpuLimitExceeded(
                 f"the execution used {self.cpu_ms:.0f} ms of CPU time, over its {max_cpu} ms limit"
             )

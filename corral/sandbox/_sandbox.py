@@ -120,7 +120,7 @@ class NodeSandbox:
             params=params,
             context=context,
             timeout_ms=timeout_ms,
-            limits=self._limits.merged(limits),
+            limits=self._limits.merged(limits).resolve(),
             secrets=secret_values,
         )
 
