@@ -176,14 +176,24 @@ class Hierarchy:
                 ) from None
 
     def create(self, limits: CgroupLimits) -> ExecutionCgroup:
-        """Make a fresh cgroup with `limits` for one execution."""
+        """Make a fresh cgroup with `limits` for one execution.
+
+        Raises CgroupUnavailable (with the path and the OS's reason) when the
+        cgroupfs refuses.
+        """
         name = f"{self._prefix}{next(self._names)}"
         dirs = {controller: root / name for controller, root in self.roots.items()}
         cgroup = ExecutionCgroup(self.version, dirs)
         try:
-            for path in dirs.values():
-                path.mkdir()
-            cgroup.apply(limits)
+            try:
+                cgroup.make(limits)
+            except FileNotFoundError:  # another corral host removed the idle shared root
+                cgroup.remove()
+                self._prepare_roots()
+                cgroup.make(limits)
+        except OSError as exc:
+            cgroup.remove()
+            raise CgroupUnavailable(f"cannot set up cgroup {name}: {exc}") from exc
         except BaseException:
             cgroup.remove()
             raise
@@ -244,8 +254,13 @@ class ExecutionCgroup:
     def _dir(self, controller: str) -> Path:
         return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
 
-    def apply(self, limits: CgroupLimits) -> None:
-        """Write the limits into the controllers."""
+    def make(self, limits: CgroupLimits) -> None:
+        """Create the directories and write the limits into the controllers."""
+        for path in dict.fromkeys(self.dirs.values()):
+            path.mkdir()
+        self._apply(limits)
+
+    def _apply(self, limits: CgroupLimits) -> None:
         if self.version == 1:
             mem, cpu, pids = self.dirs["memory"], self.dirs["cpu"], self.dirs["pids"]
             if limits.memory_bytes is not None:

@@ -112,7 +112,10 @@ class _Execution:
         """Frames from the child until its answer; None when it died without one."""
         loop = asyncio.get_running_loop()
         await _readable(loop, sock)
-        data, fd = proto.recv_fd(sock, proto.PID.size)
+        try:
+            data, fd = proto.recv_fd(sock, proto.PID.size)
+        except ConnectionResetError:  # died with our request unread
+            return None
         if fd is not None:
             self.pidfd = fd
             if self.abort_reason is not None:  # closed while the child was starting
@@ -123,7 +126,10 @@ class _Execution:
         buffer = bytearray()
         cap = self._frame_cap()
         while True:
-            chunk = await loop.sock_recv(sock, 1 << 18)
+            try:
+                chunk = await loop.sock_recv(sock, 1 << 18)
+            except ConnectionResetError:
+                return None
             if not chunk:
                 return None
             buffer += chunk
@@ -255,14 +261,16 @@ class _Execution:
         failure: _Failure | None = None
         try:
             if backend.hierarchy is not None:
-                self.cgroup = backend.hierarchy.create(
-                    CgroupLimits(
-                        memory_bytes=limits.max_memory_bytes,
-                        cpu_quota_us=None
-                        if limits.cpu_quota_ms is None
-                        else limits.cpu_quota_ms * 1000,
+                quota_ms = limits.cpu_quota_ms
+                try:
+                    self.cgroup = backend.hierarchy.create(
+                        CgroupLimits(
+                            memory_bytes=limits.max_memory_bytes,
+                            cpu_quota_us=None if quota_ms is None else quota_ms * 1000,
+                        )
                     )
-                )
+                except CgroupUnavailable as exc:
+                    raise SandboxCrash(f"the execution's cgroup could not be made: {exc}") from exc
             await backend.zygote.spawn(self._spec(), theirs)
             theirs.close()
             self.started = self.last_beat = time.monotonic()
