@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,36 +20,42 @@ BACKENDS = ["process"]
 LEAK_PATIENCE_S = 5.0  # killed children and their cgroups are gone well within this
 
 
-def _sandbox_processes() -> set[int]:
-    """Zygotes and sandbox children anywhere on the machine (orphans included)."""
+def _sandbox_processes(host_pid: int | None = None) -> set[int]:
+    """The zygote and sandbox children of host `host_pid` (this process by default), orphans too.
+
+    They carry their host's pid in their command line, so other corral users on
+    the machine do not count.
+    """
+    marker = re.compile(rf'"host_pid": {host_pid or os.getpid()}[,}}]')
     found = set()
     for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if any("corral.sandbox._zygote" in part for part in cmdline):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "corral.sandbox._zygote" in cmdline and marker.search(cmdline):
             found.add(process.pid)
     return found
 
 
-def _corral_cgroups() -> set[Path]:
-    """The auto cgroup roots of corral on this host and everything below them."""
+def _corral_cgroups(host_pid: int | None = None) -> set[Path]:
+    """The execution cgroups of host `host_pid` (this process by default) on this machine."""
     try:
         _, roots = default_roots(None)
     except CgroupUnavailable:
         return set()
-    found = set()
-    for root in roots.values():
-        if root.exists():
-            found.add(root)
-            found.update(path for path in root.iterdir() if path.is_dir())
-    return found
+    prefix = f"{host_pid or os.getpid()}-"
+    return {
+        path
+        for root in roots.values()
+        if root.exists()
+        for path in root.iterdir()
+        if path.is_dir() and path.name.startswith(prefix)
+    }
 
 
-def leftovers(before_processes: set[int], before_cgroups: set[Path]) -> tuple[set[int], set[Path]]:
-    """Sandbox processes and cgroups that appeared since the snapshot and are still there."""
+def leftovers(host_pid: int | None = None) -> tuple[set[int], set[Path]]:
+    """Sandbox processes and cgroups of a host that are still there after a grace period."""
     deadline = time.monotonic() + LEAK_PATIENCE_S
     while True:
-        processes = _sandbox_processes() - before_processes
-        cgroups = _corral_cgroups() - before_cgroups
+        processes, cgroups = _sandbox_processes(host_pid), _corral_cgroups(host_pid)
         if not (processes or cgroups) or time.monotonic() > deadline:
             return processes, cgroups
         time.sleep(0.05)
@@ -57,9 +64,8 @@ def leftovers(before_processes: set[int], before_cgroups: set[Path]) -> tuple[se
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Every test leaves no sandbox process and no cgroup behind."""
-    before_processes, before_cgroups = _sandbox_processes(), _corral_cgroups()
     yield
-    processes, cgroups = leftovers(before_processes, before_cgroups)
+    processes, cgroups = leftovers()
     assert not processes, f"sandbox processes left behind: {sorted(processes)}"
     assert not cgroups, f"cgroups left behind: {sorted(map(str, cgroups))}"
 
@@ -88,15 +94,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def running_execution_pid(timeout: float = 10.0) -> int:
-    """The pid of a sandbox child inside its execution cgroup, once one is running."""
+def running_execution_pid(host_pid: int | None = None, timeout: float = 10.0) -> int:
+    """The pid of a sandbox child of host `host_pid` inside its execution cgroup, once running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for cgroup in _corral_cgroups():
+        for cgroup in _corral_cgroups(host_pid):
             procs = cgroup / "cgroup.procs"
-            if cgroup.parent.name == "corral" and procs.exists():
-                pids = procs.read_text().split()
-                if pids:
-                    return int(pids[0])
+            pids = procs.read_text().split() if procs.exists() else []
+            if pids:
+                return int(pids[0])
         time.sleep(0.02)
     raise AssertionError(f"no sandbox execution started within {timeout} s")

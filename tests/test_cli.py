@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import running_execution_pid
+from conftest import leftovers, running_execution_pid
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hello.py"
 JSON_KEYS = ["ok", "output", "logs", "executor", "usage", "error"]
@@ -126,12 +126,13 @@ def test_sigterm_aborts_and_cleans_up(connector):
         [sys.executable, "-m", "corral", "run", path, "--json", "--timeout-ms", "60000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    running_execution_pid()  # the execution is under way
+    running_execution_pid(process.pid)  # the execution is under way
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=30)
     assert process.returncode == 1
     document = json.loads(stdout)
     assert document["error"] == {"type": "aborted", "message": "interrupted by SIGTERM"}
+    assert leftovers(process.pid) == (set(), set())
 
 
 def test_help_reads_well():

@@ -32,6 +32,14 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
 
 
+def _wait_until_confined(pid: int, timeout: float = 10.0) -> None:
+    """Wait for no_new_privs, the last step before the child reads its request."""
+    deadline = time.monotonic() + timeout
+    while _status(pid)["NoNewPrivs"].strip() != "1":
+        assert time.monotonic() < deadline, "the child never finished confining itself"
+        time.sleep(0.01)
+
+
 def test_child_is_confined(sandbox):
     """The child has its own session, cgroup, empty env, no stray fds, rlimits, no_new_privs."""
 
@@ -39,6 +47,7 @@ def test_child_is_confined(sandbox):
         task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
         try:
             pid = await asyncio.to_thread(running_execution_pid)
+            await asyncio.to_thread(_wait_until_confined, pid)
             child = psutil.Process(pid)
             assert os.getsid(pid) == pid != os.getsid(0)  # a session (and group) of its own
             assert "/corral/" in _read(f"/proc/{pid}/cgroup")
@@ -49,7 +58,6 @@ def test_child_is_confined(sandbox):
             assert child.rlimit(psutil.RLIMIT_FSIZE) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_NPROC) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_NOFILE)[0] <= 16
-            assert _status(pid)["NoNewPrivs"].strip() == "1"
             assert child.cwd() == "/"
             assert "corral.sandbox._zygote" in " ".join(child.parent().cmdline())
         finally:
@@ -134,19 +142,16 @@ HOST = textwrap.dedent(
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_host_killed_mid_execution_leaves_nothing(signum):
     """A host that dies mid-execution (even by SIGKILL) leaves no process and no cgroup."""
-    from conftest import _corral_cgroups, _sandbox_processes
-
-    before_processes, before_cgroups = _sandbox_processes(), _corral_cgroups()
     host = subprocess.Popen([sys.executable, "-c", HOST], stderr=subprocess.DEVNULL)
     try:
-        running_execution_pid()
+        running_execution_pid(host.pid)
         host.send_signal(signum)
         host.wait(timeout=10)
     finally:
         if host.poll() is None:
             host.kill()
             host.wait()
-    processes, cgroups = leftovers(before_processes, before_cgroups)
+    processes, cgroups = leftovers(host.pid)
     assert not processes and not cgroups
 
 
@@ -203,3 +208,13 @@ def test_cgroup_v2_enforces_memory_and_cpu(sandbox):
     spin = "def run(params, context):\n    while True:\n        pass\n"
     with pytest.raises(corral.CpuLimitExceeded):
         sandbox.execute_sync(spin, limits=Limits(max_cpu_ms=200))
+
+
+def test_close_removes_idle_cgroup_roots(backend):
+    """After close(), corral's cgroup roots are gone unless another host still uses them."""
+    from corral.sandbox._cgroups import default_roots
+
+    with NodeSandbox(executor=backend, limits=Limits(max_memory_mb=64)) as sandbox:
+        sandbox.execute_sync("def run(params, context):\n    return 1\n")
+    for root in default_roots(None)[1].values():
+        assert not root.exists() or any(root.iterdir()), f"{root} left behind"

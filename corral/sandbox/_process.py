@@ -291,13 +291,15 @@ class _Execution:
         finally:
             self.finished_at = time.monotonic()
             for task in (sender, reader):
-                if task is not None and not task.done():
+                if task is None:
+                    continue
+                if not task.done():
                     task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # e.g. a child that died early broke the pipe: seen
             theirs.close()
             self._finish()
             ours.close()
-            if sender is not None and sender.done() and not sender.cancelled():
-                sender.exception()  # a child that died early breaks the pipe: seen, not raised
         return self._conclude(outcome, failure)
 
     def _finish(self) -> None:
