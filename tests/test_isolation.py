@@ -115,18 +115,29 @@ def test_dead_zygote_is_restarted(sandbox):
     assert sandbox.execute_sync(code, params=2).output == 2
 
 
+def _settled_fd_count(sandbox: NodeSandbox) -> int:
+    """The host's open descriptors once the reaper is idle and every spare is back."""
+    from corral.sandbox._spawner import SPARES
+
+    backend = sandbox._backend
+    backend.reaper.drain()
+    deadline = time.monotonic() + 10
+    while backend.zygote._spares.qsize() < SPARES:  # each spare holds one socket here
+        assert time.monotonic() < deadline, "the zygote stopped forking spares"
+        time.sleep(0.01)
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_no_descriptor_leaks(sandbox):
     """Many executions, ok and failed, leave the host's open descriptors as they were."""
     ok = "def run(params, context):\n    return 1\n"
     bad = "def run(params, context):\n    return 1 / 0\n"
     sandbox.execute_sync(ok)
-    sandbox._backend.reaper.drain()
-    before = len(os.listdir("/proc/self/fd"))
+    before = _settled_fd_count(sandbox)
     for n in range(30):
         with contextlib.suppress(corral.CodeError):
             sandbox.execute_sync(ok if n % 2 else bad)
-    sandbox._backend.reaper.drain()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert _settled_fd_count(sandbox) == before
 
 
 HOST = textwrap.dedent(
