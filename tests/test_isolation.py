@@ -229,3 +229,19 @@ def test_close_removes_idle_cgroup_roots(backend):
         sandbox.execute_sync("def run(params, context):\n    return 1\n")
     for root in default_roots(None)[1].values():
         assert not root.exists() or any(root.iterdir()), f"{root} left behind"
+
+
+def test_sandboxes_in_one_host_are_independent(backend):
+    """Closing one NodeSandbox leaves another one's execution in flight untouched."""
+    code = "import time\ndef run(params, context):\n    time.sleep(0.6)\n    return 'done'\n"
+    limits = Limits(max_memory_mb=64)
+
+    async def scenario() -> str:
+        with NodeSandbox(executor=backend, limits=limits) as keeper:
+            task = asyncio.ensure_future(keeper.execute(code))
+            await asyncio.sleep(0.2)
+            with NodeSandbox(executor=backend, limits=limits) as other:
+                assert (await other.execute(code)).output == "done"
+            return (await task).output
+
+    assert asyncio.run(scenario()) == "done"

@@ -17,6 +17,7 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -136,7 +137,9 @@ class Hierarchy:
         self.version = version
         self.roots = roots  # controller -> root directory (v2: {"unified": dir})
         self._names = itertools.count()
-        self._prefix = f"{os.getpid()}-"
+        # <host pid>-<this hierarchy>-<n>: unique across the NodeSandboxes of one host,
+        # and the pid tells a later host whether the owner is gone.
+        self.prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
 
     @property
     def label(self) -> str:
@@ -181,7 +184,7 @@ class Hierarchy:
         Raises CgroupUnavailable (with the path and the OS's reason) when the
         cgroupfs refuses.
         """
-        name = f"{self._prefix}{next(self._names)}"
+        name = f"{self.prefix}{next(self._names)}"
         dirs = {controller: root / name for controller, root in self.roots.items()}
         cgroup = ExecutionCgroup(self.version, dirs)
         try:
@@ -199,18 +202,18 @@ class Hierarchy:
             raise
         return cgroup
 
-    def sweep(self, owner: int | None = None) -> int:
-        """Remove the cgroups of host `owner`, or of every corral host that is gone."""
+    def sweep(self, prefix: str | None = None) -> int:
+        """Remove the cgroups named with `prefix`, or else those of corral hosts that are gone."""
         names: set[str] = set()
         for root in self.roots.values():
             with contextlib.suppress(FileNotFoundError):
                 names.update(entry.name for entry in root.iterdir() if entry.is_dir())
         removed = 0
         for name in names:
-            prefix = name.partition("-")[0]
-            if not prefix.isdigit():
+            owner = name.partition("-")[0]
+            if not owner.isdigit():
                 continue
-            if (int(prefix) != owner) if owner is not None else _alive(int(prefix)):
+            if (not name.startswith(prefix)) if prefix is not None else _alive(int(owner)):
                 continue
             ExecutionCgroup(
                 self.version, {c: root / name for c, root in self.roots.items()}

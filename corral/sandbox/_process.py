@@ -404,6 +404,7 @@ class ProcessBackend:
             config["cgroup"] = {
                 "version": self.hierarchy.version,
                 "roots": {k: str(v) for k, v in self.hierarchy.roots.items()},
+                "prefix": self.hierarchy.prefix,
             }
         self.zygote = Spawner(config)
         self.reaper = Reaper()

@@ -74,12 +74,12 @@ class Zygote:
 
 
 def _janitor(config: dict[str, Any]) -> None:
-    """The host is gone: kill and remove every cgroup it left."""
+    """The host is gone (or closed us): kill and remove every cgroup it made through us."""
     cgroup = config.get("cgroup")
     if not cgroup:
         return
     hierarchy = Hierarchy(cgroup["version"], {k: Path(v) for k, v in cgroup["roots"].items()})
-    hierarchy.sweep(owner=config["host_pid"])
+    hierarchy.sweep(prefix=cgroup["prefix"])
     hierarchy.remove_roots()
 
 
