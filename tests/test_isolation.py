@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 
 import psutil
 import pytest
@@ -40,30 +41,51 @@ def _wait_until_confined(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def in_flight(sandbox: NodeSandbox) -> AsyncIterator[tuple[asyncio.Future, int]]:
+    """An execution that sleeps, once its child is confined: (its task, the child's pid).
+
+    The execution is cancelled on the way out unless the block already ended it.
+    """
+    task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
+    try:
+        pid = await asyncio.to_thread(running_execution_pid)
+        await asyncio.to_thread(_wait_until_confined, pid)
+        yield task, pid
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, corral.SandboxError):
+            await task
+
+
+def _pids_max(pid: int) -> str:
+    """pids.max of the cgroup `pid` is in, on cgroup v1 or v2."""
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "pids":
+            return _read(f"/sys/fs/cgroup/pids{path}/pids.max").strip()
+        if controllers == "" and os.path.exists(f"/sys/fs/cgroup{path}/pids.max"):
+            return _read(f"/sys/fs/cgroup{path}/pids.max").strip()
+    raise AssertionError(f"pid {pid} is in no pids cgroup")
+
+
 def test_child_is_confined(sandbox):
     """The child has its own session, cgroup, empty env, no stray fds, rlimits, no_new_privs."""
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
-        try:
-            pid = await asyncio.to_thread(running_execution_pid)
-            await asyncio.to_thread(_wait_until_confined, pid)
+        async with in_flight(sandbox) as (_, pid):
             child = psutil.Process(pid)
             assert os.getsid(pid) == pid != os.getsid(0)  # a session (and group) of its own
             assert "/corral/" in _read(f"/proc/{pid}/cgroup")
             assert _read(f"/proc/{pid}/environ") == ""
-            assert sorted(fd.fd for fd in child.open_files()) == []  # no files: only stdio,
-            assert len(os.listdir(f"/proc/{pid}/fd")) <= 5  # the channel and /dev/null
+            assert child.open_files() == []
+            assert len(os.listdir(f"/proc/{pid}/fd")) <= 5  # stdio, the channel, /dev/null
             assert child.rlimit(psutil.RLIMIT_CORE) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_FSIZE) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_NPROC) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_NOFILE)[0] <= 16
             assert child.cwd() == "/"
             assert "corral.sandbox._zygote" in " ".join(child.parent().cmdline())
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
 
     asyncio.run(scenario())
 
@@ -72,17 +94,8 @@ def test_pids_limit_stops_new_processes(sandbox):
     """The execution cgroup admits no process or thread beyond the child's own two."""
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
-        try:
-            pid = await asyncio.to_thread(running_execution_pid)
-            cgroup = _read(f"/proc/{pid}/cgroup")
-            pids_path = next(line.split(":", 2)[2] for line in cgroup.splitlines()
-                             if ":pids:" in line)  # fmt: skip
-            assert _read(f"/sys/fs/cgroup/pids{pids_path}/pids.max").strip() == "2"
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+        async with in_flight(sandbox) as (_, pid):
+            assert _pids_max(pid) == "2"
 
     asyncio.run(scenario())
 
@@ -91,12 +104,11 @@ def test_child_killed_from_outside_is_a_sandbox_crash(sandbox):
     """A child that dies without answering (not by a limit) is sandbox_crash."""
 
     async def scenario() -> corral.SandboxError:
-        task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
-        pid = await asyncio.to_thread(running_execution_pid)
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(corral.SandboxError) as caught:
-            await task
-        return caught.value
+        async with in_flight(sandbox) as (task, pid):
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(corral.SandboxError) as caught:
+                await task
+            return caught.value
 
     error = asyncio.run(scenario())
     assert error.type == "sandbox_crash"
