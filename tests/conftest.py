@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -42,13 +43,11 @@ def _corral_cgroups(host_pid: int | None = None) -> set[Path]:
     except CgroupUnavailable:
         return set()
     prefix = f"{host_pid or os.getpid()}-"
-    return {
-        path
-        for root in roots.values()
-        if root.exists()
-        for path in root.iterdir()
-        if path.is_dir() and path.name.startswith(prefix)
-    }
+    found = set()
+    for root in roots.values():
+        with contextlib.suppress(FileNotFoundError):  # removed while we look: nothing there
+            found.update(p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir())
+    return found
 
 
 def leftovers(host_pid: int | None = None) -> tuple[set[int], set[Path]]:
@@ -99,9 +98,9 @@ def running_execution_pid(host_pid: int | None = None, timeout: float = 10.0) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for cgroup in _corral_cgroups(host_pid):
-            procs = cgroup / "cgroup.procs"
-            pids = procs.read_text().split() if procs.exists() else []
-            if pids:
-                return int(pids[0])
+            with contextlib.suppress(FileNotFoundError):
+                pids = (cgroup / "cgroup.procs").read_text().split()
+                if pids:
+                    return int(pids[0])
         time.sleep(0.02)
     raise AssertionError(f"no sandbox execution started within {timeout} s")

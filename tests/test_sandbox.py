@@ -319,3 +319,59 @@ def test_repeated_connector_is_served_compiled(sandbox):
     warm = sandbox.execute_sync(source)
     assert warm.output == first.output == 5
     assert warm.usage.cpu_ms * 5 < first.usage.cpu_ms, (first.usage, warm.usage)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # functools.update_wrapper copied uuid's module globals (os, sys) into the connector.
+        "import functools, uuid\ndef g():\n    pass\ndef run(params, context):\n"
+        "    functools.update_wrapper(g, uuid.uuid4, assigned=(), updated=('__globals__',))\n"
+        "    return 1\n",
+        # singledispatch().register evaluated a string annotation with the plain compiler.
+        "import functools\ndef run(params, context):\n"
+        "    f = functools.singledispatch(lambda x: x)\n    return f\n",
+        # UserString.format walked attributes from a format string.
+        "import collections\ndef run(params, context):\n"
+        "    return collections.UserString('{0}').format(1)\n",
+        # time.clock_settime reached the host's clock.
+        "import time\ndef run(params, context):\n    return time.clock_settime\n",
+        # A dynamic getattr of a private name, caught by the code, still trips the policy.
+        "def run(params, context):\n    try:\n        getattr(1, '_' + '_class__')\n"
+        "    except Exception:\n        pass\n    return 'ok'\n",
+    ],
+    ids=["update_wrapper", "singledispatch", "userstring-format", "clock_settime", "getattr"],
+)
+def test_escapes_found_in_review_are_closed(sandbox, code):
+    """Routes an adversarial review found past the language layer end as policy_violation."""
+    expect(sandbox, "policy_violation", code)
+
+
+def test_compiler_only_syntax_errors_stay_with_their_execution(sandbox):
+    """`return` outside a function is a code_error, and other executions are untouched."""
+
+    async def scenario() -> None:
+        victim = asyncio.ensure_future(
+            sandbox.execute("import time\ndef run(params, context):\n    time.sleep(0.5)\n"
+                            "    return 'fine'\n")
+        )  # fmt: skip
+        await asyncio.sleep(0.1)
+        with pytest.raises(corral.CodeError, match="'return' outside function"):
+            await sandbox.execute("return 1\ndef run(params, context):\n    return 2\n")
+        assert (await victim).output == "fine"
+
+    asyncio.run(scenario())
+
+
+def test_huge_error_message_is_truncated(sandbox):
+    """An exception with a huge message is still a code_error, its message cut short."""
+    error = expect(
+        sandbox, "code_error", "def run(params, context):\n    raise ValueError('y' * 10**7)\n"
+    )
+    assert len(error.message) < 10_000 and "more characters" in error.message
+
+
+def test_unterminated_print_is_capped(sandbox):
+    """print(..., end='') in a loop hits the log cap as output_limit, not the CPU limit."""
+    code = "def run(params, context):\n    while True:\n        print('x' * 1000, end='')\n"
+    expect(sandbox, "output_limit", code, limits=Limits(max_log_bytes=100_000, max_cpu_ms=5000))

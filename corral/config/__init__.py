@@ -2,9 +2,8 @@
 
 from corral._exceptions import ConfigError
 from corral.config._flags import FLAGS, Flags
+from corral.config._imports import DEFAULT_ALLOWED_IMPORTS, SAFE_MODULES
 from corral.config._settings import (
-    DEFAULT_ALLOWED_IMPORTS,
-    FORBIDDEN_IMPORTS,
     CgroupMode,
     ExecutorKind,
     Settings,
@@ -17,7 +16,7 @@ from corral.config._settings import (
 __all__ = [
     "DEFAULT_ALLOWED_IMPORTS",
     "FLAGS",
-    "FORBIDDEN_IMPORTS",
+    "SAFE_MODULES",
     "CgroupMode",
     "ConfigError",
     "ExecutorKind",

@@ -12,34 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral._exceptions import ConfigError
-
-#: Modules connector code may import by default: pure, without side effects.
-DEFAULT_ALLOWED_IMPORTS: tuple[str, ...] = (
-    "base64",
-    "collections",
-    "datetime",
-    "decimal",
-    "functools",
-    "hashlib",
-    "hmac",
-    "itertools",
-    "json",
-    "math",
-    "re",
-    "string",
-    "time",
-    "urllib.parse",
-    "uuid",
-)
-
-#: Modules that reach the host (files, processes, the interpreter): never importable.
-FORBIDDEN_IMPORTS: frozenset[str] = frozenset(
-    {
-        "builtins", "codecs", "ctypes", "gc", "importlib", "inspect", "io", "marshal",
-        "multiprocessing", "os", "pickle", "posix", "pty", "resource", "shutil", "signal",
-        "socket", "subprocess", "sys", "threading", "_thread", "types",
-    }
-)  # fmt: skip
+from corral.config._imports import DEFAULT_ALLOWED_IMPORTS, SAFE_MODULES
 
 
 class ExecutorKind(enum.StrEnum):
@@ -170,7 +143,7 @@ class Settings(BaseSettings):
     allowed_imports: CommaList = Field(
         default_factory=lambda: list(DEFAULT_ALLOWED_IMPORTS),
         alias="CORRAL_ALLOWED_IMPORTS",
-        description="comma-separated module names connector code may import",
+        description="comma-separated modules among those with a safe view",
     )
     max_output_bytes: PositiveMs = Field(
         1 << 20,  # 1 MiB of JSON: connector results are records, not files
@@ -200,10 +173,13 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_imports")
     @classmethod
-    def _no_host_modules(cls, value: list[str]) -> list[str]:
+    def _only_modules_with_a_view(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name.split(".")[0] in FORBIDDEN_IMPORTS or name.startswith("_"):
-                raise ValueError(f"{name!r} reaches the host and can never be allowed")
+            if name not in SAFE_MODULES:
+                raise ValueError(
+                    f"{name!r} has no safe view (modules like os, sys or socket reach the host); "
+                    f"importable modules are {', '.join(sorted(SAFE_MODULES))}"
+                )
         return value
 
     @model_validator(mode="after")

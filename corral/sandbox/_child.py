@@ -30,6 +30,7 @@ SPARE_FD = 4  # a waiting spare's socket to the zygote
 MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
 MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
 FILENAME = "<connector>"
+MAX_MESSAGE_CHARS = 4096  # of an error message: enough to say what went wrong
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
@@ -64,28 +65,38 @@ class _Logs:
         self.overflowed = False
         self.partial = ""
 
-    def add(self, level: str, message: str) -> None:
+    def _charge(self, size: int) -> None:
         if self.overflowed:
             raise _LogOverflow
-        self.total += len(message.encode("utf-8", "replace")) + len(level)
+        self.total += size
         if self.total > self.max_bytes:
             self.overflowed = True
             raise _LogOverflow
+
+    def add(self, level: str, message: str) -> None:
+        """A log line; past the cap, _LogOverflow."""
+        self._charge(
+            len(message.encode("utf-8", "replace")) + len(level.encode("utf-8", "replace"))
+        )
         with self.lock:
             self.pending.append([level, message])
 
     def write(self, text: str) -> None:
-        """Printed text: every completed line becomes an info entry."""
-        self.partial += text
-        *lines, self.partial = self.partial.split("\n")
-        for line in lines:
-            self.add("info", line)
+        """Printed text, charged as it is written: every completed line becomes an info entry."""
+        self._charge(len(text.encode("utf-8", "replace")))
+        if "\n" not in text:
+            self.partial += text
+            return
+        first, *middle, self.partial = (self.partial + text).split("\n")
+        with self.lock:
+            self.pending.extend(["info", line] for line in (first, *middle))
 
     def flush(self) -> None:
         """Log the last printed line even if it never got its newline."""
         if self.partial:
-            line, self.partial = self.partial, ""
-            self.add("info", line)
+            with self.lock:
+                self.pending.append(["info", self.partial])
+            self.partial = ""
 
     def take(self) -> list[list[str]]:
         with self.lock:
@@ -207,13 +218,17 @@ def _where(exc: BaseException) -> str:
     return f" ({where})"
 
 
+def _truncated(text: str) -> str:
+    """An error message kept to MAX_MESSAGE_CHARS: a huge one says nothing more."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}… ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return (
-        f"{type(exc).__name__}: {text}{_where(exc)}"
-        if text
-        else f"{type(exc).__name__}{_where(exc)}"
-    )
+    """`Type: message (line N, in fn)`, the message cut to MAX_MESSAGE_CHARS."""
+    text = _truncated(str(exc))
+    return f"{type(exc).__name__}{': ' if text else ''}{text}{_where(exc)}"
 
 
 def _execute(
@@ -248,15 +263,19 @@ def _execute(
         logs.flush()
     except _LogOverflow:
         return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
-    except PolicyError:
-        pass  # reported below from the tripwire, even when the code caught it
+    except PolicyError as exc:  # reported below from the tripwire, even when the code caught it
+        if not guards.violations:
+            guards.violations.append(str(exc))
     except MemoryError:
         return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
     except BaseException as exc:  # the code's own failure, whatever it raised
         if not guards.violations:
             return proto.ERROR, {"type": "code_error", "message": _describe(exc)}
     if guards.violations:
-        return proto.ERROR, {"type": "policy_violation", "message": guards.violations[0]}
+        return proto.ERROR, {
+            "type": "policy_violation",
+            "message": _truncated(guards.violations[0]),
+        }
     if logs.overflowed:
         return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
     try:

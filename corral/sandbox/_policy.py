@@ -27,14 +27,9 @@ from RestrictedPython.Guards import (
     raise_,
     safer_getattr,
 )
+from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
-#: Public attributes left out of a module view although they are not modules:
-#: they start processes, read host state or defeat the str.format guard.
-UNSAFE_ATTRIBUTES: dict[str, frozenset[str]] = {
-    "string": frozenset({"Formatter"}),
-    "uuid": frozenset({"getnode", "uuid1"}),  # shells out to ifconfig/ip to find a MAC
-    "time": frozenset({"tzset"}),  # reads and changes process-wide state
-}
+from corral.config._imports import view_attributes
 
 #: Builtins added to RestrictedPython's conservative set; none reaches the host.
 _EXTRA_BUILTINS: tuple[str, ...] = (
@@ -88,8 +83,12 @@ def compile_connector(source: str, filename: str = "<connector>") -> tuple[Any, 
         return None, "code_error", f"{type(exc).__name__}: the source cannot be compiled: {exc}"
     try:
         result = compile_restricted_exec(source, filename=filename)
+    except SyntaxError as exc:  # found by the compiler, not the parser: `return` outside a def
+        return None, "code_error", f"SyntaxError: {exc.msg} (line {exc.lineno})"
     except (RecursionError, MemoryError) as exc:
         return None, "code_error", f"{type(exc).__name__}: the source is too deeply nested"
+    except Exception as exc:  # whatever else the compiler says, the source is at fault
+        return None, "code_error", f"{type(exc).__name__}: the source cannot be compiled: {exc}"
     if result.errors:
         return None, "policy_violation", "; ".join(result.errors)
     return result.code, None, ""
@@ -119,31 +118,55 @@ class CompileCache:
         return entry
 
 
-def _module_view(module: types.ModuleType, name: str) -> types.ModuleType:
-    """A fresh module holding only the public, non-module attributes of `module`."""
-    view = types.ModuleType(name, getattr(module, "__doc__", None))
-    unsafe = UNSAFE_ATTRIBUTES.get(name, frozenset())
-    for attr in dir(module):
-        if attr.startswith("_") or attr in unsafe:
-            continue
-        value = getattr(module, attr)
-        if isinstance(value, types.ModuleType):
-            continue
-        setattr(view, attr, value)
+class Tripwire:
+    """Every policy violation of the running execution, also those the code caught."""
+
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+
+    def trip(self, message: str) -> PolicyError:
+        """Record a violation; the exception to raise."""
+        self.violations.append(message)
+        return PolicyError(message)
+
+
+def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> types.ModuleType:
+    """A fresh module holding only the attributes SAFE_MODULES lists for `name`.
+
+    Asking it for a name the real module has but the view hides trips the wire.
+    """
+    view = types.ModuleType(name)
+    shown = [attr for attr in view_attributes(name) if hasattr(module, attr)]
+    for attr in shown:
+        setattr(view, attr, getattr(module, attr))
+
+    def hidden(attr: str) -> Any:
+        if not attr.startswith("__") and hasattr(module, attr):
+            raise tripwire.trip(
+                f"`{name}.{attr}` is not available to connector code; "
+                f"{name} offers {', '.join(shown)}"
+            )
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    view.__getattr__ = hidden  # type: ignore[method-assign]  # PEP 562: missing names only
     return view
 
 
 class ImportPolicy:
-    """The modules connector code may import, served as safe views."""
+    """The modules connector code may import, served as safe views, and their tripwire."""
 
     def __init__(self, allowed: Iterable[str]) -> None:
         self.allowed = tuple(sorted(set(allowed)))
+        self.tripwire = Tripwire()
         self._modules = {name: importlib.import_module(name) for name in self.allowed}
         self.views = self.fresh_views()  # fresh for every child forked after this
 
     def fresh_views(self) -> dict[str, types.ModuleType]:
         """New views of every allowed module (and of the packages above dotted ones)."""
-        views = {name: _module_view(module, name) for name, module in self._modules.items()}
+        views = {
+            name: _module_view(module, name, self.tripwire)
+            for name, module in self._modules.items()
+        }
         for name in self.allowed:
             parts = name.split(".")
             for depth in range(len(parts) - 1, 0, -1):
@@ -179,7 +202,9 @@ class Guards:
     """
 
     def __init__(self, imports: ImportPolicy, log: Callable[..., None], printer: type) -> None:
-        self.violations: list[str] = []
+        self._tripwire = imports.tripwire
+        self._tripwire.violations.clear()
+        self.violations = self._tripwire.violations
         self._imports = imports
         self._views = imports.views
         self._log = log
@@ -187,8 +212,7 @@ class Guards:
 
     def violation(self, message: str) -> PolicyError:
         """Record a violation and return the exception to raise."""
-        self.violations.append(message)
-        return PolicyError(message)
+        return self._tripwire.trip(message)
 
     def _import(
         self,
@@ -209,6 +233,8 @@ class Guards:
         return self._views[name.split(".")[0]]
 
     def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
+        if isinstance(name, str) and (name.startswith("_") or name in INSPECT_ATTRIBUTES):
+            raise self.violation(f"attribute {name!r} is off limits to connector code")
         try:
             return safer_getattr(obj, name, *(default or (raise_,)))
         except NotImplementedError as exc:

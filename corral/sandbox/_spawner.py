@@ -37,12 +37,13 @@ SPARES = 2  # children forked ahead of need: enough for back-to-back calls on 2 
 COMPILED_SOURCES_TRACKED = 256  # sources the zygote was sent to compile (as its cache)
 ZYGOTE_START_TIMEOUT_S = 30.0  # importing the policy modules takes ~0.2 s; a loaded CI box more
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-# The zygote imports only the child-side modules: empty stand-ins for the two
+# The zygote imports only the child-side modules: empty stand-ins for the
 # packages keep their __init__ (pydantic, psutil, the host side) out of it, so
 # it stays small and every fork copies less.
 _ZYGOTE_BOOTSTRAP = """\
 import sys, types
-for name, path in (("corral", "corral"), ("corral.sandbox", "corral/sandbox")):
+for name in ("corral", "corral.config", "corral.sandbox"):
+    path = name.replace(".", "/")
     package = types.ModuleType(name)
     package.__path__ = [{parent!r} + "/" + path]
     sys.modules[name] = package
