@@ -10,6 +10,9 @@ from corral.config import DEFAULT_ALLOWED_IMPORTS, SAFE_MODULES
 from corral.sandbox._policy import CompileCache, ImportPolicy, compile_connector
 
 
+MODULE_DUNDERS = {"__name__", "__doc__", "__package__", "__loader__", "__spec__", "__getattr__"}
+
+
 @pytest.fixture(scope="module")
 def views() -> dict[str, types.ModuleType]:
     return ImportPolicy(DEFAULT_ALLOWED_IMPORTS).fresh_views()
@@ -19,8 +22,7 @@ def test_views_hold_no_modules_and_no_private_names(views):
     """No attribute of a view is a module or starts with '_' (no uuid.os, json.codecs, ...)."""
     for name, view in views.items():
         for attr, value in vars(view).items():
-            if attr.startswith("__") and attr in ("__name__", "__doc__", "__package__", "__getattr__",
-                                                  "__loader__", "__spec__"):  # fmt: skip
+            if attr in MODULE_DUNDERS:
                 continue
             assert not attr.startswith("_"), f"{name}.{attr}"
             if isinstance(value, types.ModuleType):
