@@ -9,7 +9,6 @@ import pytest
 from corral.config import DEFAULT_ALLOWED_IMPORTS, SAFE_MODULES
 from corral.sandbox._policy import CompileCache, ImportPolicy, compile_connector
 
-
 MODULE_DUNDERS = {"__name__", "__doc__", "__package__", "__loader__", "__spec__", "__getattr__"}
 
 
