@@ -95,9 +95,20 @@ def test_compile_classifies_failures(source, error_type):
 
 def test_compile_cache_compiles_each_source_once():
     """A repeated source is served from the cache; the least recently used is evicted."""
-    cache = CompileCache(size=2, filename="<connector>")
+    cache = CompileCache(size=2, max_bytes=1 << 20, filename="<connector>")
     first = cache.get("def run(p, c):\n    return 1\n")
     assert cache.get("def run(p, c):\n    return 1\n") is first
     cache.get("def run(p, c):\n    return 2\n")
     cache.get("def run(p, c):\n    return 3\n")
     assert cache.get("def run(p, c):\n    return 1\n") is not first
+
+
+def test_compile_cache_is_bounded_in_bytes():
+    """Sources past the byte budget evict older ones, and one larger than it is not kept."""
+    cache = CompileCache(size=100, max_bytes=100, filename="<connector>")
+    small = "x = 1\n" * 10  # 60 bytes
+    kept = cache.get(small)
+    cache.get("y = 2\n" * 10)  # 60 more: the first goes
+    assert cache.get(small) is not kept
+    huge = "z = 3\n" * 50  # 300 bytes: compiled, never cached
+    assert cache.get(huge) is not cache.get(huge)

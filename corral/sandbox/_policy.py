@@ -95,27 +95,35 @@ def compile_connector(source: str, filename: str = "<connector>") -> tuple[Any, 
 
 
 class CompileCache:
-    """Compiled connector code by the SHA-256 of its source, least recently used evicted."""
+    """Compiled connector code by the SHA-256 of its source, bounded in entries and bytes.
 
-    def __init__(self, size: int, filename: str) -> None:
+    The least recently used entries go first.
+    """
+
+    def __init__(self, size: int, max_bytes: int, filename: str) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self.filename = filename
-        self._entries: collections.OrderedDict[str, tuple[Any, str | None, str]] = (
+        self._bytes = 0
+        self._entries: collections.OrderedDict[str, tuple[int, tuple[Any, str | None, str]]] = (
             collections.OrderedDict()
         )
 
     def get(self, source: str) -> tuple[Any, str | None, str]:
         """The compiled code of `source` (see compile_connector), compiling on a miss."""
-        key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+        raw = source.encode("utf-8", "surrogatepass")
+        key = hashlib.sha256(raw).hexdigest()
         entry = self._entries.get(key)
-        if entry is None:
-            entry = compile_connector(source, self.filename)
-            self._entries[key] = entry
-            if len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        else:
+        if entry is not None:
             self._entries.move_to_end(key)
-        return entry
+            return entry[1]
+        compiled = compile_connector(source, self.filename)
+        if len(raw) <= self.max_bytes:
+            self._entries[key] = (len(raw), compiled)
+            self._bytes += len(raw)
+            while len(self._entries) > self.size or self._bytes > self.max_bytes:
+                self._bytes -= self._entries.popitem(last=False)[1][0]
+        return compiled
 
 
 class Tripwire:

@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ from corral.sandbox._result import ExecutionResult, LogEntry, Usage
 from corral.sandbox._spawner import Spawner
 
 _CPU_CHECK_FLOOR_S = 0.002  # the closest two CPU reads may be
+ZYGOTE_COMPILE_MAX_CPU_MS = 500  # a source the zygote may compile (and stall its forks for)
+ZYGOTE_COMPILE_MAX_BYTES = 256 << 20  # peak memory of an execution whose source it compiles
 _FRAME_SLACK = 64 << 10  # JSON framing around the output and log text
 
 
@@ -290,16 +293,12 @@ class _Execution:
             failure = exc
         finally:
             self.finished_at = time.monotonic()
-            for task in (sender, reader):
-                if task is None:
-                    continue
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled():
-                    task.exception()  # e.g. a child that died early broke the pipe: seen
             theirs.close()
             self._finish()
-            ours.close()
+            try:
+                await _settle(task for task in (sender, reader) if task is not None)
+            finally:
+                ours.close()
         return self._conclude(outcome, failure)
 
     def _finish(self) -> None:
@@ -320,6 +319,18 @@ class _Execution:
             self.oom = False
         self.backend.reaper.submit(self.pid, self.pidfd, self.cgroup)
         self.pidfd = None
+        if self.pid is not None and self._cheap_to_compile():
+            self.backend.zygote.remember(self.request.code)
+
+    def _cheap_to_compile(self) -> bool:
+        """Whether the whole execution, compile included, stayed under the zygote's budget.
+
+        The zygote compiles outside every limit, so it only gets sources whose
+        compile a child has already done within these bounds (measured by the
+        host from the cgroup, not taken from the child's word).
+        """
+        peak = self.peak or 0
+        return self.cpu_ms <= ZYGOTE_COMPILE_MAX_CPU_MS and peak <= ZYGOTE_COMPILE_MAX_BYTES
 
     def _usage(self) -> Usage:
         end = self.finished_at or time.monotonic()
@@ -376,6 +387,18 @@ class _Execution:
         if pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+async def _settle(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until they are done: none may still watch a socket we close."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    if any(not task.done() for task in tasks):
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # e.g. a child that died early broke the pipe: seen, not raised
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

@@ -3,9 +3,9 @@
 Host side. The zygote (see `_zygote`) forks spare children ahead of need and
 hands their sockets to the host over the control socket; a receiver thread
 queues them. Each execution takes a spare, asks the zygote for a replacement
-at once (sending the source along the first time, so that later spares
-inherit it compiled), and gives the spare its request directly: neither a
-fork nor the zygote is on the caller's path.
+at once, and gives the spare its request directly: neither a fork nor the
+zygote is on the caller's path. Requests to the zygote go through a sender
+thread, so a zygote busy compiling never blocks an event loop.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from corral.sandbox import _protocol as proto
 logger = logging.getLogger("corral.sandbox")
 
 SPARES = 2  # children forked ahead of need: enough for back-to-back calls on 2 cores
-COMPILED_SOURCES_TRACKED = 256  # sources the zygote was sent to compile (as its cache)
+COMPILED_SOURCES_TRACKED = 256  # sources sent to the zygote to compile (its cache's size)
 ZYGOTE_START_TIMEOUT_S = 30.0  # importing the policy modules takes ~0.2 s; a loaded CI box more
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 # The zygote imports only the child-side modules: empty stand-ins for the
@@ -74,6 +74,7 @@ class Spawner:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._spares: queue.SimpleQueue[_Spare | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._compiled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.closed = False
 
@@ -94,9 +95,13 @@ class Spawner:
             theirs.close()
         self._sock = ours
         self._spares = spares = queue.SimpleQueue()
+        self._outbox = outbox = queue.SimpleQueue()
         self._compiled.clear()
         threading.Thread(
-            target=_receive_spares, args=(ours, spares), name="corral-zygote", daemon=True
+            target=_receive_spares, args=(ours, spares), name="corral-zygote-rx", daemon=True
+        ).start()
+        threading.Thread(
+            target=_send_requests, args=(ours, outbox), name="corral-zygote-tx", daemon=True
         ).start()
 
     def _running(self) -> queue.SimpleQueue[_Spare | None]:
@@ -109,10 +114,11 @@ class Spawner:
                 self._start()
             return self._spares
 
-    async def _take(self, source: str) -> _Spare:
+    async def _take(self) -> _Spare:
         for _ in range(3):
             spares = self._running()
-            self._request_spare(source)  # before waiting: a cancelled wait still gets replaced
+            # Asked before waiting, so that a cancelled wait still gets its spare replaced.
+            self._outbox.put(proto.json_frame(proto.SPARES, {"count": 1}))
             spare = await _next_spare(spares)
             if spare is not None:
                 return spare
@@ -121,30 +127,35 @@ class Spawner:
                     self._proc.wait()
         raise SandboxCrash("the sandbox zygote keeps dying (see its messages on stderr)")
 
-    def _request_spare(self, source: str) -> None:
+    def remember(self, source: str) -> None:
+        """Have the zygote compile `source`, so that the spares it forks next inherit it.
+
+        Call it only for a source a child has already compiled within its limits:
+        the zygote is under none.
+        """
         key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
         with self._lock:
-            new = key not in self._compiled
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return
             self._compiled[key] = None
-            self._compiled.move_to_end(key)
             if len(self._compiled) > COMPILED_SOURCES_TRACKED:
                 self._compiled.popitem(last=False)
-            message = {"count": 1, "source": source if new else None}
-            if self._sock is not None:
-                with contextlib.suppress(OSError):  # a dead zygote is restarted by _take
-                    self._sock.sendall(proto.json_frame(proto.SPARES, message))
+            self._outbox.put(proto.json_frame(proto.SPARES, {"source": source}))
 
     async def spawn(self, spec: dict[str, Any], channel: socket.socket) -> int:
         """Give `spec` and `channel` to a spare; its pid."""
         data = proto.json_frame(proto.SPAWN, spec)
+        loop = asyncio.get_running_loop()
         for _ in range(3):
-            spare = await self._take(spec["source"])
+            spare = await self._take()
             try:
-                sent = spare.sock.sendmsg(
+                spare.sock.setblocking(False)
+                sent = spare.sock.sendmsg(  # the spare's buffer is empty: this takes the fd
                     [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(channel.fileno()))]
                 )
-                if sent < len(data):
-                    spare.sock.sendall(data[sent:])
+                if sent < len(data):  # (an empty send would fail once the spare hung up)
+                    await loop.sock_sendall(spare.sock, data[sent:])
                 return spare.pid
             except OSError:
                 continue  # that spare died (killed from outside): take the next
@@ -163,6 +174,7 @@ class Spawner:
 
     def _discard(self) -> None:
         """Drop the current zygote's socket and spares (lock held)."""
+        self._outbox.put(None)  # the sender thread ends
         if self._sock is not None:
             with contextlib.suppress(OSError):  # wakes the receiver thread; the zygote sees EOF
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -206,6 +218,15 @@ async def _next_spare(spares: queue.SimpleQueue[_Spare | None]) -> _Spare | None
                 ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+
+def _send_requests(sock: socket.socket, outbox: queue.SimpleQueue[bytes | None]) -> None:
+    """Sender thread: requests to the zygote, which may be busy compiling, off every loop."""
+    while (data := outbox.get()) is not None:
+        try:
+            sock.sendall(data)
+        except OSError:
+            return  # the zygote is gone; the next execution restarts it
 
 
 def _receive_spares(sock: socket.socket, spares: queue.SimpleQueue[_Spare | None]) -> None:

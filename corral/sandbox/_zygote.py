@@ -27,6 +27,7 @@ from corral.sandbox._cgroups import Hierarchy
 from corral.sandbox._policy import CompileCache, ImportPolicy
 
 COMPILE_CACHE_SIZE = 256  # distinct connector sources kept compiled
+COMPILE_CACHE_BYTES = 8 << 20  # of source; compiled code is about ten times larger
 MAX_REQUEST_BYTES = 64 << 20
 _PR_SET_THP_DISABLE = 41
 
@@ -37,7 +38,7 @@ class Zygote:
     def __init__(self, control: socket.socket, config: dict[str, Any]) -> None:
         self.control = control
         self.imports = ImportPolicy(config["allowed_imports"])
-        self.cache = CompileCache(COMPILE_CACHE_SIZE, _child.FILENAME)
+        self.cache = CompileCache(COMPILE_CACHE_SIZE, COMPILE_CACHE_BYTES, _child.FILENAME)
         self.cache.get("def run(params, context):\n    return params\n")  # warm the compiler
         self.pid = os.getpid()
         self.initial_spares = int(config["spares"])
@@ -68,7 +69,10 @@ class Zygote:
                 raise ValueError(f"unexpected frame kind {kind} from the host")
             request = json.loads(payload)
             if request.get("source"):
-                self.cache.get(request["source"])  # the next spares inherit it compiled
+                try:
+                    self.cache.get(request["source"])  # the next spares inherit it compiled
+                except Exception as exc:  # no source may take the zygote down
+                    print(f"corral zygote: compiling a source failed: {exc!r}", file=sys.stderr)
             for _ in range(int(request.get("count", 0))):
                 self._fork_spare()
 
