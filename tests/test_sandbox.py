@@ -375,3 +375,23 @@ def test_unterminated_print_is_capped(sandbox):
     """print(..., end='') in a loop hits the log cap as output_limit, not the CPU limit."""
     code = "def run(params, context):\n    while True:\n        print('x' * 1000, end='')\n"
     expect(sandbox, "output_limit", code, limits=Limits(max_log_bytes=100_000, max_cpu_ms=5000))
+
+
+def test_deeply_nested_output_with_secrets(sandbox):
+    """Output nested near JSON's depth limit comes back masked, not as a host error."""
+    code = (
+        "def run(params, context):\n    x = 'the ' + context['t']\n"
+        "    for i in range(900):\n        x = [x]\n    return x\n"
+    )
+    result = sandbox.execute_sync(code, context={"t": "tok123"}, secrets=["tok123"])
+    inner = result.output
+    while isinstance(inner, list):
+        inner = inner[0]
+    assert inner == "the [redacted]"
+
+
+def test_secret_in_log_level_is_masked(sandbox):
+    """The level of a log line is masked like its message."""
+    code = "def run(params, context):\n    log('x', level=context['t'])\n    return 1\n"
+    result = sandbox.execute_sync(code, context={"t": "tok123"}, secrets=["tok123"])
+    assert result.logs[0].level == "[redacted]"

@@ -341,7 +341,7 @@ class _Execution:
         self, outcome: tuple[int, dict[str, Any]] | None, failure: _Failure | None
     ) -> ExecutionResult:
         redact = Redactor(self.request.secrets)
-        logs = [LogEntry(level, redact.text(message)) for level, message in self.logs]
+        logs = [LogEntry(redact.text(level), redact.text(message)) for level, message in self.logs]
         usage = self._usage()
         error: SandboxError | None = None
         if self.abort_reason is not None:
