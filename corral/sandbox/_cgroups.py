@@ -12,6 +12,7 @@ execution it would account for.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -30,6 +31,7 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 V2_CONTROLLERS = ("memory", "cpu", "pids")
 CFS_PERIOD_US = 100_000  # the 100 ms period SANDBOX_CPU_QUOTA_MS is expressed in
 PIDS_MAX = 2  # the execution thread and the heartbeat thread: no new processes or threads
+READY_CGROUPS = 4  # made ahead of need: mkdir in four hierarchies is slow on some kernels
 _REMOVE_PATIENCE_S = 2.0  # how long a killed task may take to leave its cgroup
 
 
@@ -83,8 +85,11 @@ def _write(path: Path, value: str) -> None:
 
 
 def _read(path: Path) -> str:
-    with open(path) as file:
-        return file.read()
+    fd = os.open(path, os.O_RDONLY)  # not open(): this is on every execution's path
+    try:
+        return os.read(fd, 1 << 16).decode()
+    finally:
+        os.close(fd)
 
 
 def _keyed(path: Path, key: str) -> int:
@@ -127,7 +132,6 @@ class CgroupLimits:
 
     memory_bytes: int | None
     cpu_quota_us: int | None
-    pids_max: int = PIDS_MAX
 
 
 class Hierarchy:
@@ -140,6 +144,7 @@ class Hierarchy:
         # <host pid>-<this hierarchy>-<n>: unique across the NodeSandboxes of one host,
         # and the pid tells a later host whether the owner is gone.
         self.prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
+        self._ready: collections.deque[ExecutionCgroup] = collections.deque()
 
     @property
     def label(self) -> str:
@@ -178,22 +183,17 @@ class Hierarchy:
                     f"cannot delegate controllers below {root}: {exc}"
                 ) from None
 
-    def create(self, limits: CgroupLimits) -> ExecutionCgroup:
-        """Make a fresh cgroup with `limits` for one execution.
-
-        Raises CgroupUnavailable (with the path and the OS's reason) when the
-        cgroupfs refuses.
-        """
+    def _blank(self) -> ExecutionCgroup:
+        """A new cgroup with no limits but pids.max."""
         name = f"{self.prefix}{next(self._names)}"
-        dirs = {controller: root / name for controller, root in self.roots.items()}
-        cgroup = ExecutionCgroup(self.version, dirs)
+        cgroup = ExecutionCgroup(self.version, {c: root / name for c, root in self.roots.items()})
         try:
             try:
-                cgroup.make(limits)
+                cgroup.make()
             except FileNotFoundError:  # another corral host removed the idle shared root
                 cgroup.remove()
                 self._prepare_roots()
-                cgroup.make(limits)
+                cgroup.make()
         except OSError as exc:
             cgroup.remove()
             raise CgroupUnavailable(f"cannot set up cgroup {name}: {exc}") from exc
@@ -201,6 +201,33 @@ class Hierarchy:
             cgroup.remove()
             raise
         return cgroup
+
+    def create(self, limits: CgroupLimits) -> ExecutionCgroup:
+        """A fresh cgroup with `limits` for one execution, made ahead if one is ready.
+
+        Raises CgroupUnavailable (with the path and the OS's reason) when the
+        cgroupfs refuses.
+        """
+        try:
+            cgroup = self._ready.popleft()
+        except IndexError:
+            cgroup = self._blank()
+        try:
+            cgroup.apply(limits)
+        except OSError as exc:
+            cgroup.remove()
+            raise CgroupUnavailable(f"cannot set limits on {cgroup!r}: {exc}") from exc
+        return cgroup
+
+    def replenish(self) -> None:
+        """Make blank cgroups ahead of need, off the caller's path (the reaper calls this)."""
+        while len(self._ready) < READY_CGROUPS:
+            self._ready.append(self._blank())
+
+    def discard_ready(self) -> None:
+        """Remove the cgroups made ahead and not used."""
+        while self._ready:
+            self._ready.popleft().remove()
 
     def sweep(self, prefix: str | None = None) -> int:
         """Remove the cgroups named with `prefix`, or else those of corral hosts that are gone."""
@@ -257,32 +284,30 @@ class ExecutionCgroup:
     def _dir(self, controller: str) -> Path:
         return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
 
-    def make(self, limits: CgroupLimits) -> None:
-        """Create the directories and write the limits into the controllers."""
+    def make(self) -> None:
+        """Create the directories, limited only in processes (pids.max)."""
         for path in dict.fromkeys(self.dirs.values()):
             path.mkdir()
-        self._apply(limits)
+        _write(self._dir("pids") / "pids.max", str(PIDS_MAX))
 
-    def _apply(self, limits: CgroupLimits) -> None:
+    def apply(self, limits: CgroupLimits) -> None:
+        """Write the memory limit and the CPU quota into the controllers."""
+        memory, cpu = self._dir("memory"), self._dir("cpu")
         if self.version == 1:
-            mem, cpu, pids = self.dirs["memory"], self.dirs["cpu"], self.dirs["pids"]
             if limits.memory_bytes is not None:
-                _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
-                if (mem / "memory.memsw.limit_in_bytes").exists():  # swap must not extend it
-                    _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+                _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
+                if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not extend it
+                    _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
             if limits.cpu_quota_us is not None:
                 _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
                 _write(cpu / "cpu.cfs_quota_us", str(limits.cpu_quota_us))
-            _write(pids / "pids.max", str(limits.pids_max))
         else:
-            unified = self.dirs["unified"]
             if limits.memory_bytes is not None:
-                _write(unified / "memory.max", str(limits.memory_bytes))
-                if (unified / "memory.swap.max").exists():
-                    _write(unified / "memory.swap.max", "0")
+                _write(memory / "memory.max", str(limits.memory_bytes))
+                if (memory / "memory.swap.max").exists():
+                    _write(memory / "memory.swap.max", "0")
             if limits.cpu_quota_us is not None:
-                _write(unified / "cpu.max", f"{limits.cpu_quota_us} {CFS_PERIOD_US}")
-            _write(unified / "pids.max", str(limits.pids_max))
+                _write(cpu / "cpu.max", f"{limits.cpu_quota_us} {CFS_PERIOD_US}")
 
     def cpu_ns(self) -> int:
         """CPU time (user + sys) used by everything that ran in the cgroup."""

@@ -430,14 +430,19 @@ class ProcessBackend:
                 "prefix": self.hierarchy.prefix,
             }
         self.zygote = Spawner(config)
-        self.reaper = Reaper()
+        self.reaper = Reaper(after_each=self._make_cgroups_ahead)
         self._live: set[_Execution] = set()
         self._lock = threading.Lock()
         self.closed = False
 
     def start(self) -> None:
-        """Start the zygote now rather than on the first execution."""
+        """Start the zygote (and make cgroups) now rather than on the first execution."""
         self.zygote.start()
+        self._make_cgroups_ahead()
+
+    def _make_cgroups_ahead(self) -> None:
+        if self.hierarchy is not None and not self.closed:
+            self.hierarchy.replenish()
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one execution in a fresh child."""
@@ -462,6 +467,8 @@ class ProcessBackend:
         for execution in live:  # each supervisor then reports `aborted`
             execution.abort("the sandbox was closed while the execution ran")
         self.reaper.drain()
+        if self.hierarchy is not None:
+            self.hierarchy.discard_ready()
         self.zygote.stop()
         if self.hierarchy is not None:
             self.hierarchy.remove_roots()

@@ -10,6 +10,7 @@ import os
 import queue
 import select
 import threading
+from collections.abc import Callable
 
 from corral.sandbox._cgroups import ExecutionCgroup
 
@@ -25,7 +26,8 @@ class Reaper:
     the cgroup's removal) costs the caller nothing. `drain()` waits for it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after_each: Callable[[], None] | None = None) -> None:
+        self._after_each = after_each  # work that must stay off the caller's path too
         self._jobs: queue.SimpleQueue[tuple[int | None, int | None, ExecutionCgroup | None]] = (
             queue.SimpleQueue()
         )
@@ -47,6 +49,8 @@ class Reaper:
             pid, pidfd, cgroup = self._jobs.get()
             try:
                 _reap(pid, pidfd, cgroup)
+                if self._after_each is not None:
+                    self._after_each()
             except Exception:
                 logger.exception("corral: cleaning up sandbox pid %s failed", pid)
             finally:

@@ -110,4 +110,3 @@ class Redactor:
                 if self.text(shown) != shown:
                     holder[key] = self.text(shown)
         return root[0]
-
