@@ -1,10 +1,11 @@
 """What runs inside a sandbox child, from the fork in the zygote to `_exit`.
 
 Child side: imports only the standard library and the other child-side
-modules (`_policy`, `_protocol`). The order of `run()` matters: the child
-confines itself (session, death signal, cgroup, descriptors, environment,
-rlimits, no_new_privs) before it reads the request, and hands the host a
-pidfd before it runs a single line of connector code.
+modules (`_policy`, `_protocol`, the import table in `corral.config`). The
+order matters: a spare confines itself (session, death signal, descriptors,
+environment) while it waits; with its request it joins the execution's
+cgroup, hands the host a pidfd, starts the heartbeat, sets rlimits and
+no_new_privs, and only then compiles and runs connector code.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def _prepare(zygote_pid: int, spare_fd: int) -> None:
         os.dup2(null, std)
     os.dup2(spare_fd, SPARE_FD)
     os.closerange(SPARE_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    os.close(CHANNEL_FD)  # free for the execution's channel (it was /dev/null or nothing)
+    with contextlib.suppress(OSError):  # free fd 3 for the execution's channel
+        os.close(CHANNEL_FD)
     os.environ.clear()
     os.chdir("/")
     os.umask(0o077)

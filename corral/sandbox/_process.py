@@ -343,42 +343,38 @@ class _Execution:
         redact = Redactor(self.request.secrets)
         logs = [LogEntry(redact.text(level), redact.text(message)) for level, message in self.logs]
         usage = self._usage()
-        error: SandboxError | None = None
         if self.abort_reason is not None:
-            error = Aborted(self.abort_reason)
+            error, message = Aborted, self.abort_reason
         elif failure is not None:
-            error = failure.error(failure.message)
+            error, message = failure.error, failure.message
         elif outcome is None:
-            error = self._death_cause()
+            error, message = self._death_cause()
         elif outcome[0] == proto.ERROR:
-            message = outcome[1]
-            error = error_for_type(str(message.get("type")))(str(message.get("message")))
-        if error is not None:
-            error.message = redact.text(error.message)
-            error.args = (error.message,)
-            error.logs, error.usage, error.executor = logs, usage, "process"
-            raise error
-        assert outcome is not None
-        return ExecutionResult(
-            output=redact.value(outcome[1].get("output")),
-            logs=logs,
-            executor="process",
-            usage=usage,
-            isolation=self.backend.isolation,
-        )
+            error, message = _reported_error(outcome[1])
+        else:
+            return ExecutionResult(
+                output=redact.value(outcome[1].get("output")),
+                logs=logs,
+                executor="process",
+                usage=usage,
+                isolation=self.backend.isolation,
+            )
+        raise error(redact.text(message), logs=logs, usage=usage, executor="process")
 
-    def _death_cause(self) -> SandboxError:
+    def _death_cause(self) -> tuple[type[SandboxError], str]:
         """Why a child died without an answer."""
         max_cpu, memory_mb = self.limits.max_cpu_ms, self.limits.max_memory_mb
         if self.oom:
-            return MemoryLimitExceeded(
-                f"the execution went over its {memory_mb} MB memory limit and was killed"
+            return (
+                MemoryLimitExceeded,
+                f"the execution went over its {memory_mb} MB memory limit and was killed",
             )
         if max_cpu is not None and self.cpu_ms >= max_cpu:
-            return CpuLimitExceeded(
-                f"the execution used {self.cpu_ms:.0f} ms of CPU time, over its {max_cpu} ms limit"
+            return (
+                CpuLimitExceeded,
+                f"the execution used {self.cpu_ms:.0f} ms of CPU time, over its {max_cpu} ms limit",
             )
-        return SandboxCrash("the sandbox process exited without an answer")
+        return SandboxCrash, "the sandbox process exited without an answer"
 
     def abort(self, reason: str) -> None:
         """Kill the child from any thread; the supervisor reports `aborted`."""
@@ -387,6 +383,19 @@ class _Execution:
         if pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+#: The error types a child may report itself; the host decides every other one.
+_CHILD_ERROR_TYPES = frozenset(
+    {"code_error", "policy_violation", "invalid_input", "output_limit", "memory_limit"}
+)
+
+
+def _reported_error(message: dict[str, Any]) -> tuple[type[SandboxError], str]:
+    error_type, text = message.get("type"), str(message.get("message", ""))
+    if error_type not in _CHILD_ERROR_TYPES:
+        return SandboxCrash, f"the sandbox reported an error of unknown type {error_type!r}"
+    return error_for_type(str(error_type)), text
 
 
 async def _settle(tasks: Iterable[asyncio.Future[Any]]) -> None:
