@@ -36,10 +36,10 @@ def _sandbox_processes(host_pid: int | None = None) -> set[int]:
     return found
 
 
-def _corral_cgroups(host_pid: int | None = None) -> set[Path]:
-    """The execution cgroups of host `host_pid` (this process by default) on this machine."""
+def _corral_cgroups(host_pid: int | None = None, root: str | None = None) -> set[Path]:
+    """The execution cgroups of host `host_pid` (this process by default) under `root`."""
     try:
-        _, roots = default_roots(None)
+        _, roots = default_roots(root)
     except CgroupUnavailable:
         return set()
     prefix = f"{host_pid or os.getpid()}-"
@@ -93,11 +93,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def running_execution_pid(host_pid: int | None = None, timeout: float = 10.0) -> int:
+def running_execution_pid(
+    host_pid: int | None = None, timeout: float = 10.0, root: str | None = None
+) -> int:
     """The pid of a sandbox child of host `host_pid` inside its execution cgroup, once running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for cgroup in _corral_cgroups(host_pid):
+        for cgroup in _corral_cgroups(host_pid, root):
             with contextlib.suppress(FileNotFoundError):
                 pids = (cgroup / "cgroup.procs").read_text().split()
                 if pids:

@@ -42,14 +42,16 @@ def _wait_until_confined(pid: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def in_flight(sandbox: NodeSandbox) -> AsyncIterator[tuple[asyncio.Future, int]]:
+async def in_flight(
+    sandbox: NodeSandbox, cgroup_root: str | None = None
+) -> AsyncIterator[tuple[asyncio.Future, int]]:
     """An execution that sleeps, once its child is confined: (its task, the child's pid).
 
     The execution is cancelled on the way out unless the block already ended it.
     """
     task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
     try:
-        pid = await asyncio.to_thread(running_execution_pid)
+        pid = await asyncio.to_thread(running_execution_pid, None, 10.0, cgroup_root)
         await asyncio.to_thread(_wait_until_confined, pid)
         yield task, pid
     finally:
@@ -257,3 +259,21 @@ def test_sandboxes_in_one_host_are_independent(backend):
             return (await task).output
 
     assert asyncio.run(scenario()) == "done"
+
+
+def test_cgroup_root_setting_places_the_cgroups(clean_env):
+    """SANDBOX_CGROUP_ROOT puts the execution cgroups under it, and close() removes it."""
+    from corral.sandbox._cgroups import default_roots
+
+    clean_env.setenv("SANDBOX_CGROUP_ROOT", "/corral-test-root")
+    _, roots = default_roots("/corral-test-root")
+    sandbox = NodeSandbox(settings=load_settings(), limits=Limits(max_memory_mb=64))
+
+    async def scenario() -> str:
+        async with in_flight(sandbox, "/corral-test-root") as (_, pid):
+            return _read(f"/proc/{pid}/cgroup")
+
+    with sandbox:
+        membership = asyncio.run(scenario())
+    assert ":/corral-test-root/" in membership
+    assert not any(root.exists() for root in roots.values())
