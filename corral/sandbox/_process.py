@@ -84,9 +84,10 @@ class _Execution:
         self.request = request
         self.limits = request.limits
         self.cgroup: ExecutionCgroup | None = None
-        self.pid: int | None = None
+        self.expected_pid: int | None = None  # the spare's pid, as the zygote told it
+        self.pid: int | None = None  # set once the child proved it with its pidfd
         self.pidfd: int | None = None
-        self.logs: list[list[str]] = []
+        self.logs: list[tuple[str, str]] = []
         self.log_bytes = 0
         self.child_cpu_ms = 0.0
         self.child_maxrss = 0
@@ -102,10 +103,10 @@ class _Execution:
         # Log text may grow six-fold as JSON (\uXXXX escapes).
         return self.limits.max_output_bytes + 6 * self.limits.max_log_bytes + _FRAME_SLACK
 
-    def _take_logs(self, entries: list[list[str]]) -> None:
+    def _take_logs(self, entries: list[tuple[str, str]]) -> None:
         for level, message in entries:
             self.log_bytes += len(message.encode("utf-8", "replace")) + len(level)
-            self.logs.append([level, message])
+            self.logs.append((level, message))
         if self.log_bytes > self.limits.max_log_bytes:
             raise _Failure(
                 OutputLimitExceeded, f"the logs passed the {self.limits.max_log_bytes} byte cap"
@@ -120,12 +121,16 @@ class _Execution:
         except ConnectionResetError:  # died with our request unread
             return None
         if fd is not None:
+            # Only the spare we gave the request (or, once it exited, nobody: -1).
+            if _pidfd_target(fd) not in (self.expected_pid, -1):
+                os.close(fd)
+                raise _Failure(SandboxCrash, "the sandbox sent a pidfd of another process")
             self.pidfd = fd
             if self.abort_reason is not None:  # closed while the child was starting
                 self.abort(self.abort_reason)
-        if len(data) < proto.PID.size:
+        if len(data) < proto.PID.size or self.pidfd is None:
             return None
-        (self.pid,) = proto.PID.unpack(data)
+        self.pid = self.expected_pid
         buffer = bytearray()
         cap = self._frame_cap()
         while True:
@@ -148,15 +153,15 @@ class _Execution:
                     break
                 payload = bytes(buffer[proto.HEADER.size : end])
                 del buffer[:end]
-                try:
+                try:  # the child is untrusted: anything malformed ends it
                     message = json.loads(payload)
-                except (ValueError, RecursionError) as exc:
+                    self._take_logs([(str(lvl), str(msg)) for lvl, msg in message.get("logs", [])])
+                    self.child_cpu_ms = float(message.get("cpu_ms", self.child_cpu_ms))
+                    self.child_maxrss = int(message.get("maxrss", self.child_maxrss))
+                except (ValueError, TypeError, AttributeError, RecursionError) as exc:
                     raise _Failure(
                         SandboxCrash, f"the sandbox sent a malformed frame: {exc}"
                     ) from None
-                self._take_logs(message.get("logs", []))
-                self.child_cpu_ms = float(message.get("cpu_ms", self.child_cpu_ms))
-                self.child_maxrss = int(message.get("maxrss", self.child_maxrss))
                 if kind == proto.HEARTBEAT:
                     self.last_beat = time.monotonic()
                 elif kind in (proto.RESULT, proto.ERROR):
@@ -274,7 +279,7 @@ class _Execution:
                     )
                 except CgroupUnavailable as exc:
                     raise SandboxCrash(f"the execution's cgroup could not be made: {exc}") from exc
-            await backend.zygote.spawn(self._spec(), theirs)
+            self.expected_pid = await backend.zygote.spawn(self._spec(), theirs)
             theirs.close()
             self.started = self.last_beat = time.monotonic()
             self.deadline = self.started + self.request.timeout_ms / 1000
@@ -383,6 +388,18 @@ class _Execution:
         if pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _pidfd_target(fd: int) -> int | None:
+    """The pid a pidfd refers to: -1 once that process has exited, None if `fd` is no pidfd."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 #: The error types a child may report itself; the host decides every other one.
