@@ -377,17 +377,21 @@ def test_unterminated_print_is_capped(sandbox):
     expect(sandbox, "output_limit", code, limits=Limits(max_log_bytes=100_000, max_cpu_ms=5000))
 
 
-def test_deeply_nested_output_with_secrets(sandbox):
-    """Output nested near JSON's depth limit comes back masked, not as a host error."""
+def test_nested_output_up_to_the_depth_cap(sandbox):
+    """Output nested 250 deep comes back (masked); nested 900 deep is a code_error, not a crash."""
     code = (
         "def run(params, context):\n    x = 'the ' + context['t']\n"
-        "    for i in range(900):\n        x = [x]\n    return x\n"
+        "    for i in range(params['depth']):\n        x = [x]\n    return x\n"
     )
-    result = sandbox.execute_sync(code, context={"t": "tok123"}, secrets=["tok123"])
-    inner = result.output
+    context, secrets = {"t": "tok123"}, ["tok123"]
+    inner = sandbox.execute_sync(code, params={"depth": 250}, context=context, secrets=secrets)
+    inner = inner.output
     while isinstance(inner, list):
         inner = inner[0]
     assert inner == "the [redacted]"
+    error = expect(sandbox, "code_error", code, params={"depth": 900}, context=context,
+                   secrets=secrets)  # fmt: skip
+    assert "nested deeper than 256 levels" in error.message
 
 
 def test_secret_in_log_level_is_masked(sandbox):
@@ -395,3 +399,35 @@ def test_secret_in_log_level_is_masked(sandbox):
     code = "def run(params, context):\n    log('x', level=context['t'])\n    return 1\n"
     result = sandbox.execute_sync(code, context={"t": "tok123"}, secrets=["tok123"])
     assert result.logs[0].level == "[redacted]"
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type"),
+    [
+        # A str subclass that denies starting with "_" got dunders past setattr.
+        ("class S(str):\n    def startswith(self, *a):\n        return False\n"
+         "class O:\n    pass\ndef run(params, context):\n"
+         "    setattr(O(), S('__class__'), int)\n", "policy_violation"),
+        # A violation inside the output's serialisation still counts.
+        ("class D(dict):\n    def items(self):\n        try:\n            import os\n"
+         "        except Exception:\n            pass\n        return [('a', 1)]\n"
+         "def run(params, context):\n    return D({'z': 1})\n", "policy_violation"),
+        # An exception whose message cannot be shown is still the code's own error.
+        ("def run(params, context):\n    raise ValueError(10 ** 5000)\n", "code_error"),
+        ("class D(dict):\n    def items(self):\n        raise KeyError('no')\n"
+         "def run(params, context):\n    return D(a=1)\n", "code_error"),
+    ],
+    ids=["str-subclass-setattr", "violation-in-serialisation", "unprintable-error",
+         "failing-items"],
+)  # fmt: skip
+def test_second_review_findings(sandbox, code, error_type):
+    """Routes a second adversarial review found end with the right error type."""
+    expect(sandbox, error_type, code)
+
+
+def test_error_message_is_cut_after_masking(sandbox):
+    """A secret at the cut of a long error message is masked, not half shown."""
+    code = "def run(params, context):\n    raise ValueError('x' * 4090 + context['t'])\n"
+    error = expect(sandbox, "code_error", code, context={"t": "tok_live_9f8e7d6c5b"},
+                   secrets=["tok_live_9f8e7d6c5b"])  # fmt: skip
+    assert "tok_live" not in error.message and "9f8e7d" not in error.message

@@ -18,9 +18,11 @@ import os
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
@@ -31,7 +33,9 @@ SPARE_FD = 4  # a waiting spare's socket to the zygote
 MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
 MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
 FILENAME = "<connector>"
-MAX_MESSAGE_CHARS = 4096  # of an error message: enough to say what went wrong
+MAX_MESSAGE_CHARS = 64 << 10  # of an error message sent to the host (which shortens it)
+MAX_OUTPUT_DEPTH = 256  # nesting of the output: far past any record, well within the host's
+_REAL_TRACEBACK = BaseException.__dict__["__traceback__"]  # a class may shadow the attribute
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
@@ -211,26 +215,56 @@ def _apply_rlimits(spec: dict[str, Any]) -> None:
 
 
 def _where(exc: BaseException) -> str:
-    """` (line N, in fn)` for the innermost frame of connector code, or ``."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == FILENAME]
-    if not frames:
-        return ""
-    last = frames[-1]
-    where = f"line {last.lineno}" + ("" if last.name == "<module>" else f", in {last.name}")
-    return f" ({where})"
+    """` (line N, in fn)` for the innermost frame of connector code, or ``.
+
+    Reads the exception's real traceback (the connector may have set a fake
+    `__traceback__` on its own class) and no source lines: nothing here opens
+    a file a connector could name.
+    """
+    tb = _REAL_TRACEBACK.__get__(exc)
+    where = ""
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename == FILENAME:
+            name = "" if code.co_name == "<module>" else f", in {code.co_name}"
+            where = f" (line {tb.tb_lineno}{name})"
+        tb = tb.tb_next
+    return where
 
 
 def _truncated(text: str) -> str:
-    """An error message kept to MAX_MESSAGE_CHARS: a huge one says nothing more."""
-    if len(text) <= MAX_MESSAGE_CHARS:
-        return text
-    return f"{text[:MAX_MESSAGE_CHARS]}… ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+    """A message cut to MAX_MESSAGE_CHARS; the host masks secrets, then cuts it shorter."""
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS]
 
 
 def _describe(exc: BaseException) -> str:
-    """`Type: message (line N, in fn)`, the message cut to MAX_MESSAGE_CHARS."""
-    text = _truncated(str(exc))
+    """`Type: message (line N, in fn)`; the message may be the connector's own code."""
+    try:
+        text = _truncated(str(exc))
+    except BaseException:
+        text = "(the exception's message could not be shown)"
     return f"{type(exc).__name__}{': ' if text else ''}{text}{_where(exc)}"
+
+
+class _Unserialisable(Exception):
+    """The return value cannot be JSON."""
+
+
+def _encode(output: Any) -> str:
+    """`output` as compact JSON, at most MAX_OUTPUT_DEPTH deep (the host parses it too)."""
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + MAX_OUTPUT_DEPTH)
+    try:
+        return json.dumps(output, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise _Unserialisable(f"it is nested deeper than {MAX_OUTPUT_DEPTH} levels") from None
+    except (TypeError, ValueError) as exc:
+        raise _Unserialisable(str(exc)) from None
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _execute(
@@ -240,20 +274,21 @@ def _execute(
     logs: _Logs,
     max_output_bytes: int,
 ) -> tuple[int, dict[str, Any]]:
-    """Run the connector; the frame kind and message to send back."""
+    """Run the connector (and its output's serialisation); the frame kind and message to send."""
     code, compile_error, compile_message = compiled
     if code is None:
         return proto.ERROR, {"type": compile_error, "message": compile_message}
     entry_point = request["entry_point"]
     namespace = guards.globals()
+    encoded = ""
     try:
         exec(code, namespace)
         entry = namespace.get(entry_point)
-        if entry is None or not callable(entry):
+        if not isinstance(entry, types.FunctionType):
             defined = sorted(
                 name for name, value in namespace.items()
-                if callable(value) and not name.startswith("_") and name != "log"
-                and getattr(value, "__module__", None) == "connector"
+                if isinstance(value, types.FunctionType) and not name.startswith("_")
+                and name != "log"
             )  # fmt: skip
             what = "is not defined" if entry is None else "is not a function"
             hint = f"; the code defines: {', '.join(defined)}" if defined else ""
@@ -261,7 +296,7 @@ def _execute(
                 "type": "invalid_input",
                 "message": f"entry point {entry_point!r} {what}{hint}",
             }
-        output = entry(request["params"], request["context"])
+        encoded = _encode(entry(request["params"], request["context"]))
         logs.flush()
     except _LogOverflow:
         return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
@@ -270,6 +305,10 @@ def _execute(
             guards.violations.append(str(exc))
     except MemoryError:
         return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
+    except _Unserialisable as exc:
+        if not guards.violations:
+            message = f"the return value is not JSON-serialisable: {_truncated(str(exc))}"
+            return proto.ERROR, {"type": "code_error", "message": message}
     except BaseException as exc:  # the code's own failure, whatever it raised
         if not guards.violations:
             return proto.ERROR, {"type": "code_error", "message": _describe(exc)}
@@ -280,13 +319,6 @@ def _execute(
         }
     if logs.overflowed:
         return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
-    try:
-        encoded = json.dumps(output, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return proto.ERROR, {
-            "type": "code_error",
-            "message": f"the return value is not JSON-serialisable: {exc}",
-        }
     if len(encoded) > max_output_bytes:
         return proto.ERROR, {
             "type": "output_limit",
@@ -346,7 +378,11 @@ def _run(spec: dict[str, Any], cache: CompileCache, imports: ImportPolicy) -> No
     if frame is None or frame[0] != proto.REQUEST:
         return  # the host went away before sending the request
     request = json.loads(frame[1])
+    misses = cache.misses
     compiled = cache.get(spec["source"])
+    if cache.misses != misses:  # sent before any connector code runs, so the host may trust it
+        cost = {"cpu_ms": time.process_time() * 1000, "maxrss": _maxrss()}
+        channel.send(proto.json_frame(proto.COMPILED, cost))
     guards = Guards(imports, _make_log(logs), _make_printer(logs))
     kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"])
     stop.release()

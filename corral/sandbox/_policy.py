@@ -105,6 +105,7 @@ class CompileCache:
         self.max_bytes = max_bytes
         self.filename = filename
         self._bytes = 0
+        self.misses = 0
         self._entries: collections.OrderedDict[str, tuple[int, tuple[Any, str | None, str]]] = (
             collections.OrderedDict()
         )
@@ -117,6 +118,7 @@ class CompileCache:
         if entry is not None:
             self._entries.move_to_end(key)
             return entry[1]
+        self.misses += 1
         compiled = compile_connector(source, self.filename)
         if len(raw) <= self.max_bytes:
             self._entries[key] = (len(raw), compiled)
@@ -240,9 +242,16 @@ class Guards:
             return view
         return self._views[name.split(".")[0]]
 
+    def _checked_name(self, name: Any, action: str) -> str:
+        """`name` as a plain str that is not private; a str subclass could lie about both."""
+        if type(name) is not str:
+            raise self.violation(f"{action} needs a plain str attribute name, not {type(name)!r}")
+        if name.startswith("_") or name in INSPECT_ATTRIBUTES:
+            raise self.violation(f"{action} of {name!r}: the attribute is off limits")
+        return name
+
     def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
-        if isinstance(name, str) and (name.startswith("_") or name in INSPECT_ATTRIBUTES):
-            raise self.violation(f"attribute {name!r} is off limits to connector code")
+        name = self._checked_name(name, "getattr")
         try:
             return safer_getattr(obj, name, *(default or (raise_,)))
         except NotImplementedError as exc:
@@ -260,14 +269,10 @@ class Guards:
         return obj if guarded is obj else _ReadOnly(self, obj)
 
     def _setattr(self, obj: Any, name: str, value: Any) -> None:
-        if not isinstance(name, str) or name.startswith("_"):
-            raise self.violation(f"setattr of {name!r}: names starting with '_' are off limits")
-        setattr(self._write(obj), name, value)
+        setattr(self._write(obj), self._checked_name(name, "setattr"), value)
 
     def _delattr(self, obj: Any, name: str) -> None:
-        if not isinstance(name, str) or name.startswith("_"):
-            raise self.violation(f"delattr of {name!r}: names starting with '_' are off limits")
-        delattr(self._write(obj), name)
+        delattr(self._write(obj), self._checked_name(name, "delattr"))
 
     def _hasattr(self, obj: Any, name: str) -> bool:
         try:

@@ -49,8 +49,9 @@ from corral.sandbox._result import ExecutionResult, LogEntry, Usage
 from corral.sandbox._spawner import Spawner
 
 _CPU_CHECK_FLOOR_S = 0.002  # the closest two CPU reads may be
-ZYGOTE_COMPILE_MAX_CPU_MS = 500  # a source the zygote may compile (and stall its forks for)
-ZYGOTE_COMPILE_MAX_BYTES = 256 << 20  # peak memory of an execution whose source it compiles
+ZYGOTE_COMPILE_MAX_CPU_MS = 500  # to compile a source the zygote may stall its forks for
+ZYGOTE_COMPILE_MAX_BYTES = 256 << 20  # peak memory of a child that compiled it
+MAX_ERROR_MESSAGE_CHARS = 4096  # enough to say what went wrong
 _FRAME_SLACK = 64 << 10  # JSON framing around the output and log text
 
 
@@ -91,6 +92,7 @@ class _Execution:
         self.log_bytes = 0
         self.child_cpu_ms = 0.0
         self.child_maxrss = 0
+        self.compile_cost: tuple[float, int] | None = None
         self._last_cpu_poll = 0.0
         self.polled_peak = 0
         self.abort_reason: str | None = None
@@ -164,6 +166,8 @@ class _Execution:
                     ) from None
                 if kind == proto.HEARTBEAT:
                     self.last_beat = time.monotonic()
+                elif kind == proto.COMPILED:
+                    self.compile_cost = (self.child_cpu_ms, self.child_maxrss)
                 elif kind in (proto.RESULT, proto.ERROR):
                     return kind, message
                 else:
@@ -324,18 +328,12 @@ class _Execution:
             self.oom = False
         self.backend.reaper.submit(self.pid, self.pidfd, self.cgroup)
         self.pidfd = None
-        if self.pid is not None and self._cheap_to_compile():
-            self.backend.zygote.remember(self.request.code)
-
-    def _cheap_to_compile(self) -> bool:
-        """Whether the whole execution, compile included, stayed under the zygote's budget.
-
-        The zygote compiles outside every limit, so it only gets sources whose
-        compile a child has already done within these bounds (measured by the
-        host from the cgroup, not taken from the child's word).
-        """
-        peak = self.peak or 0
-        return self.cpu_ms <= ZYGOTE_COMPILE_MAX_CPU_MS and peak <= ZYGOTE_COMPILE_MAX_BYTES
+        # The zygote compiles outside every limit: it only gets a source whose compile a
+        # child finished within the budget (reported before any connector code ran).
+        if self.compile_cost is not None:
+            cpu_ms, maxrss = self.compile_cost
+            if cpu_ms <= ZYGOTE_COMPILE_MAX_CPU_MS and maxrss <= ZYGOTE_COMPILE_MAX_BYTES:
+                self.backend.zygote.remember(self.request.code)
 
     def _usage(self) -> Usage:
         end = self.finished_at or time.monotonic()
@@ -364,7 +362,7 @@ class _Execution:
                 usage=usage,
                 isolation=self.backend.isolation,
             )
-        raise error(redact.text(message), logs=logs, usage=usage, executor="process")
+        raise error(_shortened(redact.text(message)), logs=logs, usage=usage, executor="process")
 
     def _death_cause(self) -> tuple[type[SandboxError], str]:
         """Why a child died without an answer."""
@@ -388,6 +386,14 @@ class _Execution:
         if pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _shortened(message: str) -> str:
+    """An error message cut to MAX_ERROR_MESSAGE_CHARS, after its secrets were masked."""
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    cut = len(message) - MAX_ERROR_MESSAGE_CHARS
+    return f"{message[:MAX_ERROR_MESSAGE_CHARS]}… ({cut} more characters)"
 
 
 def _pidfd_target(fd: int) -> int | None:

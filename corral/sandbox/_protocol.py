@@ -9,6 +9,8 @@ with the execution's channel attached. The channel then carries, in order:
 
     child -> host   PIDFD      8 bytes: the child's pid; SCM_RIGHTS holds its pidfd
     host  -> child  REQUEST    {"entry_point", "params", "context"}
+    child -> host   COMPILED   {"cpu_ms": float, "maxrss": int}: what compiling cost, when the
+                               source was not compiled already; sent before any connector code
     child -> host   HEARTBEAT  {"logs": [[level, message], ...], "cpu_ms": float, "maxrss": int}
     child -> host   RESULT     {"output": ..., "logs": [...], "cpu_ms": float, "maxrss": int}
                  or ERROR      {"type": str, "message": str, "logs": [...], "cpu_ms": ..., ...}
@@ -31,6 +33,7 @@ PID = struct.Struct(">Q")
 
 REQUEST = ord("q")
 HEARTBEAT = ord("h")
+COMPILED = ord("c")
 RESULT = ord("r")
 ERROR = ord("e")
 SPAWN = ord("s")  # host -> spare: the spec of its one execution (SCM_RIGHTS: the channel)
