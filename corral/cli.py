@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
 import warnings
@@ -171,7 +172,7 @@ def _print_failure(error: SandboxError, executor: str, as_json: bool) -> None:
             "executor": error.executor or executor, "usage": usage, "error": error.to_dict(),
         }))  # fmt: skip
         return
-    print(f"failed  {error.type}: {error.message}")
+    print(f"failed  {error.type}: {_printable(error.message)}")
     if error.usage is not None:
         print(f"        {_summary(error.executor or executor, error.usage)}")
     _print_logs(error.logs)
@@ -188,12 +189,21 @@ def _shown(value: Any) -> str:
     return compact if len(compact) <= 80 else "\n" + json.dumps(value, indent=2)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Connector text for a terminal: control characters escaped, so it cannot move the
+    cursor, rewrite a line or set the window title."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 def _print_logs(logs: list[LogEntry]) -> None:
     if logs:
         print("logs:")
         width = max(len(entry.level) for entry in logs)
         for entry in logs:
-            print(f"  {entry.level:<{width}}  {entry.message}")
+            print(f"  {_printable(entry.level):<{width}}  {_printable(entry.message)}")
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:

@@ -154,3 +154,18 @@ def test_help_reads_well():
         "--json",
     ):
         assert option in done.stdout  # fmt: skip
+
+
+def test_connector_text_cannot_drive_the_terminal(connector):
+    """Control characters and lone surrogates in logs are escaped in the human summary."""
+    path = connector(
+        "def run(params, context):\n"
+        "    log('\\r\\x1b[2Kok  fake \\x1b]0;owned\\x07', '\\ud800')\n"
+        "    return 1\n"
+    )
+    done = corral("run", path)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\r" not in done.stdout
+    assert "\\x1b[2Kok  fake" in done.stdout and "\\ud800" in done.stdout
+    document = json.loads(corral("run", path, "--json").stdout)
+    assert document["logs"][0]["message"].endswith("\\ud800")

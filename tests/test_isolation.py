@@ -277,3 +277,18 @@ def test_cgroup_root_setting_places_the_cgroups(clean_env):
         membership = asyncio.run(scenario())
     assert ":/corral-test-root/" in membership
     assert not any(root.exists() for root in roots.values())
+
+
+def test_slow_compile_never_reaches_the_zygote(sandbox):
+    """A source that compiles for seconds is cut off by its own limits and never compiled
+    again by the zygote (which is under none)."""
+    source = "x = f'" + "{a.b}" * 20_000 + "'\n"  # seconds of compile time
+    with pytest.raises(corral.SandboxError) as caught:
+        sandbox.execute_sync(source, timeout_ms=300)
+    assert caught.value.type in ("timeout", "heartbeat_timeout")
+    zygote = next(child for child in psutil.Process().children()
+                  if "corral.sandbox._zygote" in " ".join(child.cmdline()))  # fmt: skip
+    before = sum(zygote.cpu_times()[:2])
+    time.sleep(1.0)
+    assert sum(zygote.cpu_times()[:2]) - before < 0.3
+    assert sandbox.execute_sync("def run(params, context):\n    return 1\n").output == 1

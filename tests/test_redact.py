@@ -65,3 +65,16 @@ def test_keys_and_numbers_are_masked():
         MASK: [f"x{MASK}y", True, None]
     }
     assert Redactor(["12345"]).value({"n": 123456, "f": 1.5}) == {"n": f"{MASK}6", "f": 1.5}
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+@pytest.mark.parametrize(
+    "encode",
+    [base64.b32encode, base64.b32hexencode, base64.b85encode, base64.a85encode],
+    ids=["b32", "b32hex", "b85", "a85"],
+)
+@pytest.mark.parametrize("prefix", [b"", b"a", b"ab", b"abc", b"abcd"])
+def test_base32_and_base85_at_any_offset(secret, encode, prefix):
+    """base32 and base85 of a value holding the secret, wherever it starts, are masked."""
+    text = encode(prefix + secret.encode() + b"zz").decode()
+    assert MASK in Redactor([secret]).text(text)

@@ -93,6 +93,7 @@ class _Execution:
         self.child_cpu_ms = 0.0
         self.child_maxrss = 0
         self.compile_cost: tuple[float, int] | None = None
+        self.may_hold_surrogates = False
         self._last_cpu_poll = 0.0
         self.polled_peak = 0
         self.abort_reason: str | None = None
@@ -169,6 +170,8 @@ class _Execution:
                 elif kind == proto.COMPILED:
                     self.compile_cost = (self.child_cpu_ms, self.child_maxrss)
                 elif kind in (proto.RESULT, proto.ERROR):
+                    # Lone surrogates arrive as \udXXX escapes (so do valid pairs).
+                    self.may_hold_surrogates = b"\\ud" in payload
                     return kind, message
                 else:
                     raise _Failure(SandboxCrash, f"the sandbox sent an unknown frame ({kind})")
@@ -355,8 +358,9 @@ class _Execution:
         elif outcome[0] == proto.ERROR:
             error, message = _reported_error(outcome[1])
         else:
+            output = outcome[1].get("output")
             return ExecutionResult(
-                output=redact.value(outcome[1].get("output")),
+                output=redact.value(output, may_hold_surrogates=self.may_hold_surrogates),
                 logs=logs,
                 executor="process",
                 usage=usage,

@@ -2,9 +2,11 @@
 
 Each secret is masked as itself and in the encodings it commonly travels in:
 percent-encoding (`/` kept or not, `+` for spaces), JSON and Python string
-escapes and hex, all in any letter case; and base64 (standard and URL-safe,
-at any byte offset inside a longer encoded value, across the line breaks of
-`encodebytes`). A secret rebuilt from pieces by the code is not caught here.
+escapes, hex and base32, all in any letter case; and base64 (standard and
+URL-safe, also percent-encoded) and base85, case-exact. Encoded forms are
+found at any byte offset inside a longer encoded value (`Basic
+base64(user:secret)`) and across the line breaks of `encodebytes`. A secret
+rebuilt from pieces by the code is not caught here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 MASK = "[redacted]"
-MIN_BASE64_CORE = 6  # shorter base64 fragments would match unrelated text
+MIN_ENCODED_CORE = 6  # shorter fragments of an encoding would match unrelated text
 
 
 def _percent_forms(secret: str) -> set[str]:
@@ -38,41 +40,73 @@ def _escaped_forms(secret: str) -> set[str]:
     }
 
 
-def _base64_forms(raw: bytes) -> set[str]:
-    """Every run of base64 characters fixed by `raw` alone, at byte offsets 0, 1 and 2."""
-    forms = set()
-    encoders: list[Callable[[bytes], bytes]] = [base64.b64encode, base64.urlsafe_b64encode]
-    for encode in encoders:
-        forms.add(encode(raw).decode())
-        for offset in range(3):
-            encoded = encode(b"\0" * offset + raw).decode()
-            first = -(-8 * offset // 6)  # the first character made of secret bits only
-            last = 8 * (offset + len(raw)) // 6  # one past the last such character
-            core = encoded[first:last]
-            if len(core) >= MIN_BASE64_CORE:
-                forms.add(core)
+def _cores(raw: bytes, encode: Callable[[bytes], bytes], block: int, bits: int) -> set[str]:
+    """The runs of encoded characters fixed by `raw` alone, wherever it sits in a longer value.
+
+    `block` is the encoding's input block in bytes. A base64 or base32
+    character carries `bits` bits of its own; a base85 character (bits 0)
+    depends on its whole block, so only whole blocks inside `raw` count.
+    """
+    forms = {encode(raw).decode()}
+    pad = b"\xff"  # not zero: a85encode writes an all-zero block as "z"
+    for offset in range(block):
+        encoded = encode(pad * offset + raw + pad * block).decode()
+        if bits:
+            first = -(-8 * offset // bits)  # the first character made of secret bits only
+            last = 8 * (offset + len(raw)) // bits  # one past the last such character
+        else:
+            first = -(-offset // block) * 5
+            last = (offset + len(raw)) // block * 5
+        core = encoded[first:last]
+        if len(core) >= (MIN_ENCODED_CORE if bits else 5):  # one base85 block is 5 characters
+            forms.add(core)
     return forms
 
 
+def _encoded_forms(raw: bytes) -> tuple[set[str], set[str]]:
+    """`raw` in base64 and base85 (case-exact forms) and in base32 (case-free forms)."""
+    exact: set[str] = set()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        exact |= _cores(raw, encode, 3, 6)
+    exact |= {urllib.parse.quote(form, safe="") for form in exact}  # base64 inside a URL
+    for encode in (base64.b85encode, base64.a85encode):
+        exact |= _cores(raw, encode, 4, 0)
+    caseless: set[str] = set()
+    for encode in (base64.b32encode, base64.b32hexencode):
+        caseless |= _cores(raw, encode, 5, 5)
+    return exact, caseless
+
+
+def encodable(text: str) -> str:
+    """`text` with lone surrogates (which no encoder takes) written as backslash escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class Redactor:
-    """Replaces every secret, in every form it knows, with a mask."""
+    """What every text leaving the sandbox passes through: secrets masked, in every form
+    it knows, and lone surrogates escaped."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        plain: set[str] = set()
-        encoded: set[str] = set()
+        caseless: set[str] = set()
+        exact: set[str] = set()
         for secret in secrets:
             if not secret:
                 continue
             raw = secret.encode("utf-8", "surrogatepass")
-            plain |= {secret, raw.hex()}
-            plain |= _percent_forms(secret) | _escaped_forms(secret)
-            encoded |= _base64_forms(raw)
-        # Longest first, so a form that contains another is masked whole. Plain forms
+            caseless |= {secret, raw.hex()} | _percent_forms(secret) | _escaped_forms(secret)
+            encoded_exact, encoded_caseless = _encoded_forms(raw)
+            exact |= encoded_exact
+            caseless |= encoded_caseless
+        # Longest first, so a form that contains another is masked whole. Most forms
         # match in any case (a lower-cased secret is still a leak, and so is %2f for
-        # %2F); base64 is case-exact but may be broken into lines by encodebytes().
+        # %2F); base64 and base85 are case-exact but may be broken into lines.
         alternatives = sorted(
-            [(form, f"(?i:{re.escape(form)})") for form in plain if form]
-            + [(form, "\n?".join(map(re.escape, form))) for form in encoded],
+            [(form, f"(?i:{re.escape(form)})") for form in caseless if form]
+            + [(form, "\n?".join(map(re.escape, form))) for form in exact],
             key=lambda pair: len(pair[0]),
             reverse=True,
         )
@@ -82,15 +116,16 @@ class Redactor:
         return self._pattern is not None
 
     def text(self, text: str) -> str:
-        """`text` with every secret masked."""
-        return text if self._pattern is None else self._pattern.sub(MASK, text)
+        """`text` with every secret masked and lone surrogates escaped."""
+        return encodable(text if self._pattern is None else self._pattern.sub(MASK, text))
 
-    def value(self, value: Any) -> Any:
-        """A JSON value (as json.loads makes it) with secrets masked in strings, keys and numbers.
+    def value(self, value: Any, *, may_hold_surrogates: bool = True) -> Any:
+        """A JSON value (as json.loads makes it) passed through `text` in strings, keys and
+        numbers. Returned as it is when there is nothing to mask or escape.
 
         Walks without recursion: the output may be nested as deep as JSON allows.
         """
-        if self._pattern is None:
+        if self._pattern is None and not may_hold_surrogates:
             return value
         root = [value]
         pending: list[tuple[Any, Any]] = [(root, 0)]
