@@ -33,6 +33,7 @@ SPARE_FD = 4  # a waiting spare's socket to the zygote
 MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
 MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
 FILENAME = "<connector>"
+WARM_SOURCE = "def run(params, context):\n    log('warm')\n    return params\n"
 MAX_MESSAGE_CHARS = 64 << 10  # of an error message sent to the host (which shortens it)
 MAX_OUTPUT_DEPTH = 256  # nesting of the output: far past any record, well within the host's
 _REAL_TRACEBACK = BaseException.__dict__["__traceback__"]  # a class may shadow the attribute
@@ -147,18 +148,46 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _heartbeat(channel: _Channel, logs: _Logs, interval_s: float, stop: Any) -> None:
-    """Prove the child alive every interval and carry pending logs to the host.
+class _Heartbeat:
+    """The control thread: proves the child alive every interval and carries pending logs.
 
-    A loop in C that holds the GIL (a backtracking regex) stops this thread
-    too: the silence is what lets the host catch it.
+    Started while the spare waits (a thread start is slow here), it sleeps until
+    `begin()`. A loop in C that holds the GIL (a backtracking regex) stops this
+    thread too: the silence is what lets the host catch it.
     """
-    while not stop.acquire(timeout=interval_s):
-        message = {"logs": logs.take(), "cpu_ms": time.process_time() * 1000, "maxrss": _maxrss()}
-        try:
-            channel.send(proto.json_frame(proto.HEARTBEAT, message))
-        except OSError:
-            return
+
+    def __init__(self) -> None:
+        self._go = _thread.allocate_lock()
+        self._go.acquire()
+        self._stop = _thread.allocate_lock()
+        self._stop.acquire()
+        self._beat: tuple[_Channel, _Logs, float] | None = None
+        # _thread rather than threading: Thread.start() waits for the thread to run first.
+        _thread.start_new_thread(self._run, ())
+
+    def begin(self, channel: _Channel, logs: _Logs, interval_s: float) -> None:
+        """Start beating on `channel`."""
+        self._beat = (channel, logs, interval_s)
+        self._go.release()
+
+    def end(self) -> None:
+        """Stop beating: the answer is ready."""
+        self._stop.release()
+
+    def _run(self) -> None:
+        self._go.acquire()
+        assert self._beat is not None
+        channel, logs, interval_s = self._beat
+        while not self._stop.acquire(timeout=interval_s):
+            message = {
+                "logs": logs.take(),
+                "cpu_ms": time.process_time() * 1000,
+                "maxrss": _maxrss(),
+            }
+            try:
+                channel.send(proto.json_frame(proto.HEARTBEAT, message))
+            except OSError:
+                return
 
 
 def _prepare(zygote_pid: int, spare_fd: int) -> None:
@@ -341,6 +370,8 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
     status = 1
     try:
         _prepare(zygote_pid, spare_fd)
+        _warm(cache, imports)
+        heartbeat = _Heartbeat()  # it moves into the execution's cgroup with the process
         control = socket.socket(fileno=SPARE_FD)
         header, channel_fd = proto.recv_fd(control, proto.HEADER.size)
         if not header or channel_fd is None:
@@ -350,7 +381,7 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
         spec = json.loads(proto.recv_exactly(control, size))
         control.detach()
         _join(spec, channel_fd)
-        _run(spec, cache, imports)
+        _run(spec, cache, imports, heartbeat)
         status = 0
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -359,7 +390,26 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
         os._exit(status)
 
 
-def _run(spec: dict[str, Any], cache: CompileCache, imports: ImportPolicy) -> None:
+def _warm(cache: CompileCache, imports: ImportPolicy) -> None:
+    """Run a trivial connector through the whole path while waiting for a request.
+
+    A fork shares the zygote's pages until they are written, and each first
+    write costs a copy-on-write fault: taking them now keeps them off the
+    request's path. Trusted code only; the tripwire is reset by the next Guards.
+    """
+    logs = _Logs(1 << 10)
+    guards = Guards(imports, _make_log(logs), _make_printer(logs))
+    request = {"entry_point": "run", "params": {"warm": [1, "x"]}, "context": {}}
+    kind, message = _execute(cache.get(WARM_SOURCE), request, guards, logs, 1 << 10)
+    json.loads(proto.json_frame(kind, message)[proto.HEADER.size :])
+
+
+def _run(
+    spec: dict[str, Any],
+    cache: CompileCache,
+    imports: ImportPolicy,
+    heartbeat: _Heartbeat,
+) -> None:
     """Announce the pidfd, start the heartbeat, lock down, read the request, answer it."""
     sock = socket.socket(fileno=CHANNEL_FD)
     pidfd = os.pidfd_open(os.getpid())
@@ -367,12 +417,7 @@ def _run(spec: dict[str, Any], cache: CompileCache, imports: ImportPolicy) -> No
     os.close(pidfd)
     channel = _Channel(sock)
     logs = _Logs(spec["max_log_bytes"])
-    stop = _thread.allocate_lock()
-    stop.acquire()  # released when the answer is ready: the heartbeat thread then ends
-    # _thread rather than threading: Thread.start() waits for the thread to run first.
-    _thread.start_new_thread(
-        _heartbeat, (channel, logs, spec["heartbeat_interval_ms"] / 1000, stop)
-    )
+    heartbeat.begin(channel, logs, spec["heartbeat_interval_ms"] / 1000)
     _apply_rlimits(spec)
     frame = proto.read_frame(sock, MAX_REQUEST_BYTES)
     if frame is None or frame[0] != proto.REQUEST:
@@ -385,7 +430,7 @@ def _run(spec: dict[str, Any], cache: CompileCache, imports: ImportPolicy) -> No
         channel.send(proto.json_frame(proto.COMPILED, cost))
     guards = Guards(imports, _make_log(logs), _make_printer(logs))
     kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"])
-    stop.release()
+    heartbeat.end()
     message["logs"] = logs.take()
     message["cpu_ms"] = time.process_time() * 1000
     message["maxrss"] = _maxrss()

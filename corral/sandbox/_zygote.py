@@ -39,7 +39,7 @@ class Zygote:
         self.control = control
         self.imports = ImportPolicy(config["allowed_imports"])
         self.cache = CompileCache(COMPILE_CACHE_SIZE, COMPILE_CACHE_BYTES, _child.FILENAME)
-        self.cache.get("def run(params, context):\n    return params\n")  # warm the compiler
+        self.cache.get(_child.WARM_SOURCE)  # warms the compiler; every spare runs it once
         self.pid = os.getpid()
         self.initial_spares = int(config["spares"])
 
@@ -99,6 +99,8 @@ def main() -> None:
     config = json.loads(sys.argv[2])
     try:
         Zygote(control, config).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the host closed us while we were handing it a spare
     except Exception as exc:  # the host sees the zygote gone and says so
         print(f"corral zygote: {type(exc).__name__}: {exc}", file=sys.stderr)
     finally:
