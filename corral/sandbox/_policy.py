@@ -169,21 +169,40 @@ class ImportPolicy:
         self.allowed = tuple(sorted(set(allowed)))
         self.tripwire = Tripwire()
         self._modules = {name: importlib.import_module(name) for name in self.allowed}
-        self.views = self.fresh_views()  # fresh for every child forked after this
+        # Packages above dotted names ("urllib" for "urllib.parse") get a holder view.
+        self._packages = {
+            name.rsplit(".", depth)[0]
+            for name in self.allowed
+            for depth in range(1, name.count(".") + 1)
+        }
+
+    def view(self, name: str, made: dict[str, types.ModuleType]) -> types.ModuleType | None:
+        """The view of `name` for one execution, made on first use and kept in `made`.
+
+        None when `name` is not importable. A package holder shows only the allowed
+        modules below it.
+        """
+        if name in made:
+            return made[name]
+        if name in self._modules:
+            view = _module_view(self._modules[name], name, self.tripwire)
+        elif name in self._packages:
+            view = types.ModuleType(name)
+        else:
+            return None
+        made[name] = view
+        for child in (*self.allowed, *self._packages):
+            parent, _, attr = child.rpartition(".")
+            if parent == name:
+                setattr(view, attr, self.view(child, made))
+        return view
 
     def fresh_views(self) -> dict[str, types.ModuleType]:
-        """New views of every allowed module (and of the packages above dotted ones)."""
-        views = {
-            name: _module_view(module, name, self.tripwire)
-            for name, module in self._modules.items()
-        }
-        for name in self.allowed:
-            parts = name.split(".")
-            for depth in range(len(parts) - 1, 0, -1):
-                parent = ".".join(parts[:depth])
-                holder = views.setdefault(parent, types.ModuleType(parent))
-                setattr(holder, parts[depth], views[".".join(parts[: depth + 1])])
-        return views
+        """New views of every importable name."""
+        made: dict[str, types.ModuleType] = {}
+        for name in (*self.allowed, *self._packages):
+            self.view(name, made)
+        return made
 
 
 class _ReadOnly:
@@ -216,7 +235,7 @@ class Guards:
         self._tripwire.violations.clear()
         self.violations = self._tripwire.violations
         self._imports = imports
-        self._views = imports.views
+        self._views: dict[str, types.ModuleType] = {}  # made on import: fresh per execution
         self._log = log
         self._printer = printer
 
@@ -232,7 +251,7 @@ class Guards:
         fromlist: Any = (),
         level: int = 0,
     ) -> types.ModuleType:
-        view = self._views.get(name) if level == 0 else None
+        view = self._imports.view(name, self._views) if level == 0 else None
         if view is None:
             raise self.violation(
                 f"`{name}` is not importable in a connector; allowed modules are "
@@ -240,7 +259,9 @@ class Guards:
             )
         if fromlist:
             return view
-        return self._views[name.split(".")[0]]
+        top = self._imports.view(name.split(".")[0], self._views)
+        assert top is not None  # the package above an importable name is importable
+        return top
 
     def _checked_name(self, name: Any, action: str) -> str:
         """`name` as a plain str that is not private; a str subclass could lie about both."""
