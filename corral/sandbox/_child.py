@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
@@ -33,7 +34,10 @@ SPARE_FD = 4  # a waiting spare's socket to the zygote
 MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
 MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
 FILENAME = "<connector>"
-WARM_SOURCE = "import json\ndef run(params, context):\n    log('warm')\n    return json.loads(json.dumps(params))\n"
+WARM_SOURCE = (  # a trivial connector every spare runs once while it waits
+    "import json\ndef run(params, context):\n    log('warm')\n"
+    "    return json.loads(json.dumps(params))\n"
+)
 MAX_MESSAGE_CHARS = 64 << 10  # of an error message sent to the host (which shortens it)
 MAX_OUTPUT_DEPTH = 256  # nesting of the output: far past any record, well within the host's
 _REAL_TRACEBACK = BaseException.__dict__["__traceback__"]  # a class may shadow the attribute
@@ -148,46 +152,48 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _Heartbeat:
-    """The control thread: proves the child alive every interval and carries pending logs.
+class _Standby:
+    """A thread started while the spare waits (a thread start is slow here), for whatever
+    the request needs: a one-shot child's heartbeat, or a worker's execution thread.
 
-    Started while the spare waits (a thread start is slow here), it sleeps until
-    `begin()`. A loop in C that holds the GIL (a backtracking regex) stops this
-    thread too: the silence is what lets the host catch it.
+    It moves into the execution's cgroup with the process.
     """
 
     def __init__(self) -> None:
         self._go = _thread.allocate_lock()
         self._go.acquire()
-        self._stop = _thread.allocate_lock()
-        self._stop.acquire()
-        self._beat: tuple[_Channel, _Logs, float] | None = None
+        self._work: tuple[Callable[..., None], tuple[Any, ...]] | None = None
         # _thread rather than threading: Thread.start() waits for the thread to run first.
         _thread.start_new_thread(self._run, ())
 
-    def begin(self, channel: _Channel, logs: _Logs, interval_s: float) -> None:
-        """Start beating on `channel`."""
-        self._beat = (channel, logs, interval_s)
+    def run(self, target: Callable[..., None], *args: Any) -> None:
+        """Have the thread run `target(*args)`."""
+        self._work = (target, args)
         self._go.release()
-
-    def end(self) -> None:
-        """Stop beating: the answer is ready."""
-        self._stop.release()
 
     def _run(self) -> None:
         self._go.acquire()
-        assert self._beat is not None
-        channel, logs, interval_s = self._beat
-        while not self._stop.acquire(timeout=interval_s):
-            message = {
-                "logs": logs.take(),
-                "cpu_ms": time.process_time() * 1000,
-                "maxrss": _maxrss(),
-            }
-            try:
-                channel.send(proto.json_frame(proto.HEARTBEAT, message))
-            except OSError:
-                return
+        assert self._work is not None
+        target, args = self._work
+        target(*args)
+
+
+def _heartbeat(channel: _Channel, logs: _Logs, interval_s: float, stop: Any) -> None:
+    """Prove the child alive every interval and carry pending logs, until `stop` is released.
+
+    A loop in C that holds the GIL (a backtracking regex) stops this thread
+    too: the silence is what lets the host catch it.
+    """
+    while not stop.acquire(timeout=interval_s):
+        try:
+            channel.send(proto.json_frame(proto.HEARTBEAT, beat(logs)))
+        except OSError:
+            return
+
+
+def beat(logs: _Logs) -> dict[str, Any]:
+    """A heartbeat: the logs still pending and what the process used so far."""
+    return {"logs": logs.take(), "cpu_ms": time.process_time() * 1000, "maxrss": _maxrss()}
 
 
 def _prepare(zygote_pid: int, spare_fd: int) -> None:
@@ -371,7 +377,7 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
     try:
         _prepare(zygote_pid, spare_fd)
         _warm(cache, imports)
-        heartbeat = _Heartbeat()  # it moves into the execution's cgroup with the process
+        standby = _Standby()
         control = socket.socket(fileno=SPARE_FD)
         header, channel_fd = proto.recv_fd(control, proto.HEADER.size)
         if not header or channel_fd is None:
@@ -381,7 +387,12 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
         spec = json.loads(proto.recv_exactly(control, size))
         control.detach()
         _join(spec, channel_fd)
-        _run(spec, cache, imports, heartbeat)
+        if spec.get("worker"):
+            from corral.sandbox import _worker  # imported by the zygote already
+
+            _worker.serve(spec, cache, imports, standby.run)
+        else:
+            _run(spec, cache, imports, standby)
         status = 0
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -408,7 +419,7 @@ def _run(
     spec: dict[str, Any],
     cache: CompileCache,
     imports: ImportPolicy,
-    heartbeat: _Heartbeat,
+    standby: _Standby,
 ) -> None:
     """Announce the pidfd, start the heartbeat, lock down, read the request, answer it."""
     sock = socket.socket(fileno=CHANNEL_FD)
@@ -417,7 +428,9 @@ def _run(
     os.close(pidfd)
     channel = _Channel(sock)
     logs = _Logs(spec["max_log_bytes"])
-    heartbeat.begin(channel, logs, spec["heartbeat_interval_ms"] / 1000)
+    stop = _thread.allocate_lock()
+    stop.acquire()  # released when the answer is ready: the heartbeat then ends
+    standby.run(_heartbeat, channel, logs, spec["heartbeat_interval_ms"] / 1000, stop)
     _apply_rlimits(spec)
     frame = proto.read_frame(sock, MAX_REQUEST_BYTES)
     if frame is None or frame[0] != proto.REQUEST:
@@ -430,11 +443,16 @@ def _run(
         channel.send(proto.json_frame(proto.COMPILED, cost))
     guards = Guards(imports, _make_log(logs), _make_printer(logs))
     kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"])
-    heartbeat.end()
+    stop.release()
+    answer(channel, kind, message, logs)
+
+
+def answer(channel: _Channel, kind: int, message: dict[str, Any], logs: _Logs) -> None:
+    """Send the RESULT or ERROR frame, with the logs still pending and what was used."""
     message["logs"] = logs.take()
     message["cpu_ms"] = time.process_time() * 1000
     message["maxrss"] = _maxrss()
-    if kind == proto.RESULT:
+    if kind == proto.RESULT:  # the output is JSON already: spliced in, not encoded twice
         output = message.pop("output").encode()
         payload = b'{"output":%s,%s' % (output, json.dumps(message).encode()[1:])
         channel.send(proto.frame(kind, payload))
