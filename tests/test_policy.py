@@ -112,3 +112,18 @@ def test_compile_cache_is_bounded_in_bytes():
     assert cache.get(small) is not kept
     huge = "z = 3\n" * 50  # 300 bytes: compiled, never cached
     assert cache.get(huge) is not cache.get(huge)
+
+
+def test_views_hold_no_mutable_containers():
+    """Nothing a view shows (or a class in it) is a container one execution could fill for the
+    next one in a long-lived worker."""
+    for name, view in ImportPolicy(SAFE_MODULES).fresh_views().items():
+        for attr, value in vars(view).items():
+            if attr.startswith("_"):
+                continue
+            reachable = [(f"{name}.{attr}", value)]
+            if isinstance(value, type):
+                reachable += [(f"{name}.{attr}.{a}", getattr(value, a, None))
+                              for a in dir(value) if not a.startswith("_")]  # fmt: skip
+            for path, item in reachable:
+                assert not isinstance(item, dict | list | set | bytearray), path

@@ -8,7 +8,9 @@ caller names (`__globals__` included), `functools.singledispatch` evaluates
 string annotations with the plain compiler, `collections.UserString.format`
 walks attributes from a format string, `time.clock_settime` sets the host's
 clock. A name is listed here only when it cannot reach the host whatever it
-is called with. Names a Python version lacks are skipped.
+is called with, and no class listed holds a mutable container (one execution
+could leave something in it for the next in a worker). Names a Python
+version lacks are skipped.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ SAFE_MODULES: Mapping[str, str] = {
     "pstdev pvariance quantiles stdev variance",
     "string": "Template ascii_letters ascii_lowercase ascii_uppercase capwords digits hexdigits "
     "octdigits printable punctuation whitespace",
-    "textwrap": "TextWrapper dedent fill indent shorten wrap",
+    "textwrap": "dedent fill indent shorten wrap",  # not TextWrapper: it holds a class dict
     "time": "altzone asctime ctime daylight gmtime localtime mktime monotonic monotonic_ns "
     "perf_counter perf_counter_ns process_time process_time_ns sleep strftime strptime "
     "struct_time time time_ns timezone tzname",

@@ -191,9 +191,24 @@ def _heartbeat(channel: _Channel, logs: _Logs, interval_s: float, stop: Any) -> 
             return
 
 
-def beat(logs: _Logs) -> dict[str, Any]:
-    """A heartbeat: the logs still pending and what the process used so far."""
-    return {"logs": logs.take(), "cpu_ms": time.process_time() * 1000, "maxrss": _maxrss()}
+def beat(logs: _Logs, cpu_ms: float | None = None) -> dict[str, Any]:
+    """A heartbeat: the logs still pending and the CPU (the process's, unless given) and
+    peak memory used so far."""
+    cpu = time.process_time() * 1000 if cpu_ms is None else cpu_ms
+    return {"logs": logs.take(), "cpu_ms": cpu, "maxrss": _maxrss()}
+
+
+def compile_reporting(cache: CompileCache, source: str, channel: _Channel) -> Any:
+    """`source` compiled; when it was not compiled already, tell the host what that cost.
+
+    Sent before any connector code runs, so the host may trust it.
+    """
+    misses, started = cache.misses, time.process_time()
+    compiled = cache.get(source)
+    if cache.misses != misses:
+        cost = {"cpu_ms": (time.process_time() - started) * 1000, "maxrss": _maxrss()}
+        channel.send(proto.json_frame(proto.COMPILED, cost))
+    return compiled
 
 
 def _prepare(zygote_pid: int, spare_fd: int) -> None:
@@ -388,9 +403,7 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
         control.detach()
         _join(spec, channel_fd)
         if spec.get("worker"):
-            from corral.sandbox import _worker  # imported by the zygote already
-
-            _worker.serve(spec, cache, imports, standby.run)
+            sys.modules["corral.sandbox._worker"].serve(spec, cache, imports, standby.run)
         else:
             _run(spec, cache, imports, standby)
         status = 0
@@ -436,22 +449,22 @@ def _run(
     if frame is None or frame[0] != proto.REQUEST:
         return  # the host went away before sending the request
     request = json.loads(frame[1])
-    misses = cache.misses
-    compiled = cache.get(spec["source"])
-    if cache.misses != misses:  # sent before any connector code runs, so the host may trust it
-        cost = {"cpu_ms": time.process_time() * 1000, "maxrss": _maxrss()}
-        channel.send(proto.json_frame(proto.COMPILED, cost))
+    compiled = compile_reporting(cache, spec["source"], channel)
     guards = Guards(imports, _make_log(logs), _make_printer(logs))
     kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"])
     stop.release()
     answer(channel, kind, message, logs)
 
 
-def answer(channel: _Channel, kind: int, message: dict[str, Any], logs: _Logs) -> None:
+def answer(
+    channel: _Channel,
+    kind: int,
+    message: dict[str, Any],
+    logs: _Logs,
+    cpu_ms: float | None = None,
+) -> None:
     """Send the RESULT or ERROR frame, with the logs still pending and what was used."""
-    message["logs"] = logs.take()
-    message["cpu_ms"] = time.process_time() * 1000
-    message["maxrss"] = _maxrss()
+    message.update(beat(logs, cpu_ms))
     if kind == proto.RESULT:  # the output is JSON already: spliced in, not encoded twice
         output = message.pop("output").encode()
         payload = b'{"output":%s,%s' % (output, json.dumps(message).encode()[1:])

@@ -140,6 +140,17 @@ class Tripwire:
         return PolicyError(message)
 
 
+def _frozen(value: Any) -> Any:
+    """An immutable copy of a module's container (hashlib.algorithms_available is a set)."""
+    if isinstance(value, set):
+        return frozenset(value)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return types.MappingProxyType(dict(value))
+    return value
+
+
 def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> types.ModuleType:
     """A fresh module holding only the attributes SAFE_MODULES lists for `name`.
 
@@ -148,7 +159,7 @@ def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> typ
     view = types.ModuleType(name)
     shown = [attr for attr in view_attributes(name) if hasattr(module, attr)]
     for attr in shown:
-        setattr(view, attr, getattr(module, attr))
+        setattr(view, attr, _frozen(getattr(module, attr)))
 
     def hidden(attr: str) -> Any:
         if not attr.startswith("__") and hasattr(module, attr):

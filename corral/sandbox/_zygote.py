@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from corral.sandbox import _child
+from corral.sandbox import _child, _worker  # noqa: F401 - _worker: spares may become workers
 from corral.sandbox import _protocol as proto
 from corral.sandbox._cgroups import Hierarchy
 from corral.sandbox._policy import CompileCache, ImportPolicy

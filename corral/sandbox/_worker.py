@@ -1,0 +1,234 @@
+"""A long-lived sandbox worker, child side: one execution at a time, many in its life.
+
+A spare becomes a worker when its spec says so; it is confined exactly like
+a one-shot child. Its main thread is the control thread: it reads each
+request, runs it on the execution thread, sends heartbeats while it runs,
+and stops it cooperatively when it passes its wall time, CPU time or memory
+(an asynchronous exception raised in the execution thread; the verdict
+stands whatever the code does with it). What does not stop within GRACE_S —
+a loop in C that holds the GIL does not even let this thread run — the host
+ends by killing the worker.
+
+Nothing one execution leaves survives it: every execution gets fresh
+globals and fresh module views (which hold no mutable containers), and the
+execution thread's decimal context, the random module's state and the re
+module's caches are reset before it starts.
+"""
+
+from __future__ import annotations
+
+import _thread
+import ctypes
+import json
+import os
+import queue
+import socket
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from corral.sandbox import _protocol as proto
+from corral.sandbox._child import (
+    CHANNEL_FD,
+    MAX_REQUEST_BYTES,
+    _apply_rlimits,
+    _Channel,
+    _execute,
+    _Logs,
+    _make_log,
+    _make_printer,
+    answer,
+    beat,
+    compile_reporting,
+)
+from corral.sandbox._policy import CompileCache, Guards, ImportPolicy
+
+GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
+_CPU_CHECK_FLOOR_S = 0.002
+# PyThreadState_SetAsyncExc(thread id, exception type), and with NULL to withdraw it.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+class _Stopped(BaseException):
+    """Raised in the execution thread when the control thread stops it."""
+
+
+def _fresh_thread_state() -> None:
+    """Reset what allowed modules keep per thread or per process between executions."""
+    decimal = sys.modules.get("decimal")
+    if decimal is not None:
+        decimal.setcontext(decimal.Context())
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    re = sys.modules.get("re")
+    if re is not None:
+        re.purge()
+
+
+class _Job:
+    """One execution handed to the execution thread."""
+
+    def __init__(self, run: Callable[[], tuple[int, dict[str, Any]]]) -> None:
+        self._run = run
+        self.result: tuple[int, dict[str, Any]] | None = None
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
+
+    def __call__(self) -> None:
+        try:
+            _fresh_thread_state()
+            self.result = self._run()
+        finally:
+            self.done.release()
+
+
+class _ExecutionThread:
+    """The thread connector code runs on, fed one job at a time."""
+
+    def __init__(self, start: Callable[..., None]) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        ready = _thread.allocate_lock()
+        ready.acquire()
+        self.ident = 0
+        start(self._loop, ready)
+        ready.acquire()  # its ident is known from here on
+
+    def _loop(self, ready: Any) -> None:
+        self.ident = _thread.get_ident()
+        self._clock = time.pthread_getcpuclockid(self.ident)
+        ready.release()
+        while True:
+            try:
+                self._jobs.get()()
+            except _Stopped:
+                continue  # a stop that landed after its execution had ended
+
+    def submit(self, job: _Job) -> None:
+        """Run `job` on this thread."""
+        self._jobs.put(job)
+
+    def cpu_ns(self) -> int:
+        """CPU time this thread has used."""
+        return time.clock_gettime_ns(self._clock)
+
+    def stop(self) -> None:
+        """Raise _Stopped in this thread at its next bytecode."""
+        _set_async_exc(self.ident, _Stopped)
+
+    def unstop(self) -> None:
+        """Withdraw a stop that has not landed yet."""
+        _clear_async_exc(self.ident, None)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Verdict:
+    """The control thread's side of one execution: heartbeats and cooperative limits."""
+
+    def __init__(self, limits: dict[str, Any], executor: _ExecutionThread) -> None:
+        self.limits = limits
+        self.executor = executor
+        self.started = time.monotonic()
+        self.deadline = self.started + limits["timeout_ms"] / 1000
+        self.cpu_start = executor.cpu_ns()
+        self.rss_start = _rss()
+        self.error: dict[str, str] | None = None
+
+    def cpu_ms(self) -> float:
+        return (self.executor.cpu_ns() - self.cpu_start) / 1e6
+
+    def _broken(self, now: float) -> dict[str, str] | None:
+        limits = self.limits
+        if now >= self.deadline:
+            message = f"the execution did not finish within its {limits['timeout_ms']} ms time-out"
+            return {"type": "timeout", "message": message}
+        used = self.cpu_ms()
+        if limits["max_cpu_ms"] is not None and used >= limits["max_cpu_ms"]:
+            message = (
+                f"the execution used {used:.0f} ms of CPU time, "
+                f"over its {limits['max_cpu_ms']} ms limit"
+            )
+            return {"type": "cpu_limit", "message": message}
+        memory = limits["max_memory_bytes"]
+        if memory is not None and _rss() - self.rss_start > memory:
+            message = f"the execution used more than its {memory >> 20} MB memory limit"
+            return {"type": "memory_limit", "message": message}
+        return None
+
+    def _next_check(self, now: float) -> float:
+        limit = self.limits["max_cpu_ms"]
+        wake = self.deadline
+        if limit is not None:
+            wake = min(wake, now + max(_CPU_CHECK_FLOOR_S, (limit - self.cpu_ms()) / 1000))
+        return wake
+
+    def watch(self, job: _Job, channel: _Channel, logs: _Logs) -> bool:
+        """Wait for `job`, beating and enforcing; True when it would not stop."""
+        interval = self.limits["heartbeat_interval_ms"] / 1000
+        next_beat = self.started + interval
+        give_up = float("inf")
+        while True:
+            now = time.monotonic()
+            wake = min(next_beat, self._next_check(now) if self.error is None else give_up)
+            if job.done.acquire(timeout=max(0.0, wake - now)):
+                if self.error is not None:
+                    self.executor.unstop()
+                return False
+            now = time.monotonic()
+            if now >= next_beat:
+                channel.send(proto.json_frame(proto.HEARTBEAT, beat(logs, self.cpu_ms())))
+                next_beat = now + interval
+            if self.error is None:
+                self.error = self._broken(now)
+                if self.error is not None:
+                    self.executor.stop()
+                    give_up = now + GRACE_S
+            elif now >= give_up:
+                return True
+            else:
+                self.executor.stop()  # again: the code may have caught the first one
+
+
+def serve(
+    spec: dict[str, Any],
+    cache: CompileCache,
+    imports: ImportPolicy,
+    start_thread: Callable[..., None],
+) -> None:
+    """The worker's life: announce the pidfd, then answer requests until the host hangs up."""
+    sock = socket.socket(fileno=CHANNEL_FD)
+    pidfd = os.pidfd_open(os.getpid())
+    proto.send_fd(sock, proto.PID.pack(os.getpid()), pidfd)
+    os.close(pidfd)
+    channel = _Channel(sock)
+    executor = _ExecutionThread(start_thread)
+    _apply_rlimits(spec)
+    while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:
+        request = json.loads(frame[1])
+        limits = request["limits"]
+        logs = _Logs(limits["max_log_bytes"])
+        compiled = compile_reporting(cache, request["source"], channel)
+        guards = Guards(imports, _make_log(logs), _make_printer(logs))
+        job = _Job(partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"]))
+        verdict = _Verdict(limits, executor)
+        executor.submit(job)
+        stuck = verdict.watch(job, channel, logs)
+        if verdict.error is not None:
+            kind, message = proto.ERROR, dict(verdict.error)
+        else:
+            assert job.result is not None
+            kind, message = job.result
+        answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
+        if stuck:  # the host sees the answer, then the worker gone, and replaces it
+            os._exit(0)
