@@ -126,6 +126,22 @@ def default_roots(root: str | None) -> tuple[int, dict[str, Path]]:
     return 2, {"unified": _under(unified, base)}
 
 
+def _set_v1_memory(memory: Path, value: str) -> None:
+    """Set the v1 memory limit, and the memory+swap limit to the same (swap must not extend
+    it); memsw may never be below the plain limit, so the order depends on the direction."""
+    limit, swap = memory / "memory.limit_in_bytes", memory / "memory.memsw.limit_in_bytes"
+    if not swap.exists():  # no swap accounting on this kernel
+        _write(limit, value)
+        return
+    try:
+        _write(limit, value)
+    except OSError:  # raising the limit past the current memsw: memsw first
+        _write(swap, value)
+        _write(limit, value)
+    else:
+        _write(swap, value)
+
+
 @dataclass(frozen=True)
 class CgroupLimits:
     """What a cgroup enforces: None means no limit."""
@@ -290,24 +306,32 @@ class ExecutionCgroup:
             path.mkdir()
         _write(self._dir("pids") / "pids.max", str(PIDS_MAX))
 
-    def apply(self, limits: CgroupLimits) -> None:
-        """Write the memory limit and the CPU quota into the controllers."""
+    def apply(self, limits: CgroupLimits, *, reused: bool = False) -> None:
+        """Write the memory limit and the CPU quota into the controllers.
+
+        A fresh cgroup has neither; a `reused` one (a worker's) gets "no limit"
+        written where `limits` has none, and its memory limit counts from what it
+        holds now.
+        """
         memory, cpu = self._dir("memory"), self._dir("cpu")
+        memory_bytes = limits.memory_bytes
+        if memory_bytes is not None and reused:
+            memory_bytes += self.memory_bytes()
         if self.version == 1:
-            if limits.memory_bytes is not None:
-                _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
-                if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not extend it
-                    _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-            if limits.cpu_quota_us is not None:
+            if memory_bytes is not None or reused:
+                _set_v1_memory(memory, "-1" if memory_bytes is None else str(memory_bytes))
+            if limits.cpu_quota_us is not None or reused:
                 _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-                _write(cpu / "cpu.cfs_quota_us", str(limits.cpu_quota_us))
+                quota = "-1" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
+                _write(cpu / "cpu.cfs_quota_us", quota)
         else:
-            if limits.memory_bytes is not None:
-                _write(memory / "memory.max", str(limits.memory_bytes))
+            if memory_bytes is not None or reused:
+                _write(memory / "memory.max", "max" if memory_bytes is None else str(memory_bytes))
                 if (memory / "memory.swap.max").exists():
                     _write(memory / "memory.swap.max", "0")
-            if limits.cpu_quota_us is not None:
-                _write(cpu / "cpu.max", f"{limits.cpu_quota_us} {CFS_PERIOD_US}")
+            if limits.cpu_quota_us is not None or reused:
+                quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
+                _write(cpu / "cpu.max", f"{quota} {CFS_PERIOD_US}")
 
     def cpu_ns(self) -> int:
         """CPU time (user + sys) used by everything that ran in the cgroup."""
@@ -331,11 +355,17 @@ class ExecutionCgroup:
         except FileNotFoundError:  # memory.peak needs Linux 5.19
             return self._peak_seen
 
-    def oom_killed(self) -> bool:
-        """Whether the kernel's OOM killer killed a task of this cgroup."""
+    def oom_kills(self) -> int:
+        """How many tasks of this cgroup the kernel's OOM killer has killed."""
         if self.version == 1:
-            return _keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill") > 0
-        return _keyed(self.dirs["unified"] / "memory.events", "oom_kill") > 0
+            return _keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill")
+        return _keyed(self.dirs["unified"] / "memory.events", "oom_kill")
+
+    def reset_peak(self) -> None:
+        """Start the peak over, for the next execution in a reused cgroup (v1; v2 keeps it)."""
+        self._peak_seen = 0
+        if self.version == 1:
+            _write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
 
     def pids(self) -> list[int]:
         """The processes in the cgroup now (every v1 controller holds the same ones)."""

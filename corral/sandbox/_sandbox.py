@@ -15,8 +15,9 @@ from corral._exceptions import ConfigError, InvalidInput
 from corral._warnings import warn_once
 from corral.config import ExecutorKind, Settings, get_settings, parse_executor
 from corral.sandbox._limits import Limits
-from corral.sandbox._process import ExecutionRequest, ProcessBackend
+from corral.sandbox._process import ProcessBackend
 from corral.sandbox._result import ExecutionResult
+from corral.sandbox._supervisor import ExecutionRequest
 
 DEFAULT_TIMEOUT_MS = 15_000  # a connector call that takes longer is hung, not slow
 
