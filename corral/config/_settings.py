@@ -155,6 +155,21 @@ class Settings(BaseSettings):
         alias="CORRAL_MAX_LOG_BYTES",
         description="a positive whole number of bytes",
     )
+    worker_pool_size: PositiveMs = Field(
+        default_factory=lambda: os.cpu_count() or 1,  # one worker per core keeps them all busy
+        alias="CORRAL_WORKER_POOL_SIZE",
+        description="a positive whole number of worker processes",
+    )
+    worker_max_executions: PositiveMs = Field(
+        1000,  # bounds what a long-lived interpreter accumulates (caches, fragmentation)
+        alias="CORRAL_WORKER_MAX_EXECUTIONS",
+        description="a positive whole number of executions before a worker is replaced",
+    )
+    worker_max_memory_mb: PositiveMs = Field(
+        256,  # growth of a worker's resident memory past its start before it is replaced
+        alias="CORRAL_WORKER_MAX_MEMORY_MB",
+        description="a positive whole number of megabytes",
+    )
     max_code_bytes: PositiveMs = Field(
         512 << 10,  # connector sources are a few KiB; this bounds compile time and memory
         alias="CORRAL_MAX_CODE_BYTES",

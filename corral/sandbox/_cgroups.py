@@ -31,6 +31,7 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 V2_CONTROLLERS = ("memory", "cpu", "pids")
 CFS_PERIOD_US = 100_000  # the 100 ms period SANDBOX_CPU_QUOTA_MS is expressed in
 PIDS_MAX = 2  # the execution thread and the heartbeat thread: no new processes or threads
+_MEMORY_SLACK = 1 << 20  # a reused cgroup's memory limit is rewritten when it moves more
 READY_CGROUPS = 4  # made ahead of need: mkdir in four hierarchies is slow on some kernels
 _REMOVE_PATIENCE_S = 2.0  # how long a killed task may take to leave its cgroup
 
@@ -288,6 +289,7 @@ class ExecutionCgroup:
         self.version = version
         self.dirs = dirs
         self._peak_seen = 0
+        self._applied: tuple[int | None, int | None] = (-1, -1)  # memory, quota last written
 
     def __repr__(self) -> str:
         return f"ExecutionCgroup(v{self.version}, {next(iter(self.dirs.values()))})"
@@ -317,6 +319,16 @@ class ExecutionCgroup:
         memory_bytes = limits.memory_bytes
         if memory_bytes is not None and reused:
             memory_bytes += self.memory_bytes()
+        if reused:  # what is written already need not be written again (within 1 MiB)
+            last_memory, last_quota = self._applied
+            self._applied = (memory_bytes, limits.cpu_quota_us)
+            same_memory = memory_bytes == last_memory or (
+                memory_bytes is not None
+                and last_memory is not None
+                and abs(memory_bytes - last_memory) <= _MEMORY_SLACK
+            )
+            if same_memory and limits.cpu_quota_us == last_quota:
+                return
         if self.version == 1:
             if memory_bytes is not None or reused:
                 _set_v1_memory(memory, "-1" if memory_bytes is None else str(memory_bytes))

@@ -18,6 +18,7 @@ from corral.sandbox._limits import Limits
 from corral.sandbox._process import ProcessBackend
 from corral.sandbox._result import ExecutionResult
 from corral.sandbox._supervisor import ExecutionRequest
+from corral.sandbox._workers import WorkerBackend
 
 DEFAULT_TIMEOUT_MS = 15_000  # a connector call that takes longer is hung, not slow
 
@@ -49,11 +50,6 @@ class NodeSandbox:
             kind = parse_executor(executor) if executor is not None else self._settings.executor
         except ValueError as exc:
             raise ConfigError(f"executor={executor!r} is invalid: {exc}") from None
-        if kind is ExecutorKind.WORKER:
-            raise ConfigError(
-                "the worker backend is not available yet; use executor='process' "
-                "(or unset SANDBOX_EXECUTOR and WORKER_SANDBOX_ENABLED)"
-            )
         self._limits = Limits.from_settings(self._settings).merged(limits)
         if self._limits.max_memory_mb is None:
             warn_once(
@@ -61,7 +57,8 @@ class NodeSandbox:
                 "executions have no memory limit; set SANDBOX_MAX_MEMORY_MB "
                 "or pass Limits(max_memory_mb=...)",
             )
-        self._backend = ProcessBackend(self._settings)
+        backend = WorkerBackend if kind is ExecutorKind.WORKER else ProcessBackend
+        self._backend: ProcessBackend | WorkerBackend = backend(self._settings)
         self._lock = threading.Lock()
 
     @property

@@ -147,12 +147,12 @@ class Supervisor:
         self.started = self.last_beat = self.next_cpu_check = self.deadline = 0.0
         self.finished_at: float | None = None
         self.cpu_ms, self.peak, self.oom = 0.0, None, False
+        self.cgroup_counters = (0, 0)  # CPU ns and OOM kills of the cgroup when it ended
 
-    def begin_accounting(self) -> None:
-        """Take the baselines of a reused cgroup (a worker's) before its next execution."""
+    def begin_accounting(self, cpu_ns: int, oom_kills: int) -> None:
+        """Count from the given cgroup counters (a worker's, when its last execution ended)."""
         if self.cgroup is not None:
-            self.cpu_base_ns = self.cgroup.cpu_ns()
-            self.oom_base = self.cgroup.oom_kills()
+            self.cpu_base_ns, self.oom_base = cpu_ns, oom_kills
             self.cgroup.reset_peak()
         elif self.pid is not None:
             with contextlib.suppress(psutil.Error):
@@ -186,32 +186,16 @@ class Supervisor:
                 OutputLimitExceeded, f"the logs passed the {self.limits.max_log_bytes} byte cap"
             )
 
-    def _accept_pidfd(self, data: bytes, fd: int | None) -> bool:
-        """Take the child's first message: its pid and pidfd. False if it died first."""
-        if fd is not None:
-            # Only the spare we gave the request (or, once it exited, nobody: -1).
-            if _pidfd_target(fd) not in (self.expected_pid, -1):
-                os.close(fd)
-                raise Failure(SandboxCrash, "the sandbox sent a pidfd of another process")
-            self.pidfd = fd
-            if self.abort_reason is not None:  # closed while the child was starting
-                self.abort(self.abort_reason)
-        if len(data) < proto.PID.size or self.pidfd is None:
-            return False
-        self.pid = self.expected_pid
-        return True
-
     async def _read(self, sock: socket.socket) -> tuple[int, dict[str, Any]] | None:
         """Frames from the child until its answer; None when it died without one."""
         loop = asyncio.get_running_loop()
         if self.expected_pid is not None and self.pidfd is None:
-            await _readable(loop, sock)
-            try:
-                data, fd = proto.recv_fd(sock, proto.PID.size)
-            except ConnectionResetError:  # died with our request unread
+            self.pidfd = await receive_pidfd(sock, self.expected_pid)
+            if self.pidfd is None:
                 return None
-            if not self._accept_pidfd(data, fd):
-                return None
+            self.pid = self.expected_pid
+            if self.abort_reason is not None:  # closed while the child was starting
+                self.abort(self.abort_reason)
         buffer = bytearray()
         cap = self._frame_cap()
         while True:
@@ -335,7 +319,15 @@ class Supervisor:
             self.next_cpu_check = self.started + limits.max_cpu_ms / 1000
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        sender = asyncio.ensure_future(loop.sock_sendall(sock, request_frame))
+        try:  # most requests fit the socket's buffer: then no task is needed to send them
+            sent = sock.send(request_frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the child is already gone: the reader sees it
+            sent = len(request_frame)
+        sender = None
+        if sent < len(request_frame):
+            sender = asyncio.ensure_future(loop.sock_sendall(sock, request_frame[sent:]))
         reader = asyncio.ensure_future(self._read(sock))
         try:
             while True:
@@ -348,7 +340,7 @@ class Supervisor:
             self.failure = exc
         finally:
             self.finished_at = time.monotonic()
-            await _settle((sender, reader))
+            await _settle(task for task in (sender, reader) if task is not None)
 
     def kill(self) -> None:
         """SIGKILL the child through its pidfd (a no-op once it is gone)."""
@@ -360,9 +352,10 @@ class Supervisor:
         """What the execution used, from its cgroup (or, degraded, from polling and the child)."""
         if self.cgroup is not None:
             try:
-                self.cpu_ms = (self.cgroup.cpu_ns() - self.cpu_base_ns) / 1e6
+                self.cgroup_counters = (self.cgroup.cpu_ns(), self.cgroup.oom_kills())
+                self.cpu_ms = (self.cgroup_counters[0] - self.cpu_base_ns) / 1e6
                 self.peak = self.cgroup.peak_memory_bytes()
-                self.oom = self.cgroup.oom_kills() > self.oom_base
+                self.oom = self.cgroup_counters[1] > self.oom_base
             except FileNotFoundError:  # close() raced us: the zygote removed the cgroup
                 self.cpu_ms, self.peak, self.oom = self.child_cpu_ms, None, False
         else:
@@ -441,6 +434,25 @@ def _shortened(message: str) -> str:
         return message
     cut = len(message) - MAX_ERROR_MESSAGE_CHARS
     return f"{message[:MAX_ERROR_MESSAGE_CHARS]}… ({cut} more characters)"
+
+
+async def receive_pidfd(sock: socket.socket, expected_pid: int) -> int | None:
+    """A new child's first message: its pidfd, or None if it died before sending one.
+
+    Only a pidfd of the spare the zygote named (or, once that one exited, of
+    nobody: -1) is accepted; anything else is a Failure.
+    """
+    await _readable(asyncio.get_running_loop(), sock)
+    try:
+        data, fd = proto.recv_fd(sock, proto.PID.size)
+    except ConnectionResetError:  # died with our request unread
+        return None
+    if fd is None:
+        return None
+    if len(data) < proto.PID.size or _pidfd_target(fd) not in (expected_pid, -1):
+        os.close(fd)
+        raise Failure(SandboxCrash, "the sandbox sent a pidfd of another process")
+    return fd
 
 
 def _pidfd_target(fd: int) -> int | None:
