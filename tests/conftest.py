@@ -16,8 +16,8 @@ from corral import Limits, NodeSandbox
 from corral.config import load_settings
 from corral.sandbox._cgroups import CgroupUnavailable, default_roots
 
-#: The backends the conformance suite runs on (the worker backend joins with its issue).
-BACKENDS = ["process"]
+#: The backends the conformance suite runs on: every test that takes `sandbox` runs on both.
+BACKENDS = ["process", "worker"]
 LEAK_PATIENCE_S = 5.0  # killed children and their cgroups are gone well within this
 
 

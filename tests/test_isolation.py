@@ -131,12 +131,10 @@ def test_dead_zygote_is_restarted(sandbox):
 
 def _settled_fd_count(sandbox: NodeSandbox) -> int:
     """The host's open descriptors once the reaper is idle and every spare is back."""
-    from corral.sandbox._spawner import SPARES
-
     backend = sandbox._backend
     backend.reaper.drain()
     deadline = time.monotonic() + 10
-    while backend.zygote._spares.qsize() < SPARES:  # each spare holds one socket here
+    while backend.zygote._spares.qsize() < backend.zygote.spares:  # a socket each, here
         assert time.monotonic() < deadline, "the zygote stopped forking spares"
         time.sleep(0.01)
     return len(os.listdir("/proc/self/fd"))

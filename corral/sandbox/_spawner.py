@@ -69,6 +69,7 @@ class Spawner:
     """
 
     def __init__(self, config: dict[str, Any], spares: int = SPARES) -> None:
+        self.spares = spares  # kept forked ahead of need
         self._config = {**config, "spares": spares}
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None

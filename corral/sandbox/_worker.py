@@ -31,6 +31,7 @@ from typing import Any
 
 from corral.sandbox import _protocol as proto
 from corral.sandbox._child import (
+    _PR_SET_PDEATHSIG,
     CHANNEL_FD,
     MAX_REQUEST_BYTES,
     _apply_rlimits,
@@ -39,6 +40,7 @@ from corral.sandbox._child import (
     _Logs,
     _make_log,
     _make_printer,
+    _prctl,
     answer,
     beat,
     compile_reporting,
@@ -206,7 +208,12 @@ def serve(
     imports: ImportPolicy,
     start_thread: Callable[..., None],
 ) -> None:
-    """The worker's life: announce the pidfd, then answer requests until the host hangs up."""
+    """The worker's life: announce the pidfd, then answer requests until the host hangs up.
+
+    A worker outlives its zygote (the host may restart that one): it leaves when
+    its channel closes, and its cgroup holds it to its limits meanwhile.
+    """
+    _prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
     sock = socket.socket(fileno=CHANNEL_FD)
     pidfd = os.pidfd_open(os.getpid())
     proto.send_fd(sock, proto.PID.pack(os.getpid()), pidfd)

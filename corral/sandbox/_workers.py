@@ -209,9 +209,7 @@ class WorkerBackend:
         """Run one execution on a worker from the pool."""
         if self.closed:
             raise ConfigError("this NodeSandbox is closed; create a new one")
-        worker = await self.pool.take()
-        if worker is None:
-            worker = await self._start_worker()
+        worker = await self._worker()
         supervisor = Supervisor(
             request,
             executor=self.name,
@@ -247,6 +245,14 @@ class WorkerBackend:
             if supervisor.cheap_to_compile:
                 self.zygote.remember(request.code)
         return supervisor.conclude()
+
+    async def _worker(self) -> _Worker:
+        """A live worker from the pool, started if its place was free."""
+        while (worker := await self.pool.take()) is not None:
+            if worker.alive():
+                return worker
+            self._retire(worker)  # it died idle (its zygote went, or someone killed it)
+        return await self._start_worker()
 
     def _keeps(self, worker: _Worker, supervisor: Supervisor) -> bool:
         return (
