@@ -83,11 +83,14 @@ class _Pool:
         self._waiters = collections.deque()
         self._places = 0  # workers alive or being started
         self._lock = threading.Lock()
+        self._closed = False
 
     async def take(self) -> _Worker | None:
         """An idle worker, or None when the caller should start one in a free place."""
         loop = asyncio.get_running_loop()
         with self._lock:
+            if self._closed:
+                raise Aborted("the sandbox was closed before the execution started")
             if self._idle:
                 return self._idle.pop()
             if self._places < self.size:
@@ -131,11 +134,21 @@ class _Pool:
             if not self._hand(None):
                 self._places -= 1
 
-    def drain(self) -> list[_Worker]:
-        """Every idle worker, taken out of the pool."""
+    def close(self) -> list[_Worker]:
+        """Refuse new takes, abort the waiters, and hand back every idle worker."""
         with self._lock:
+            self._closed = True
+            waiters, self._waiters = list(self._waiters), collections.deque()
             idle, self._idle = list(self._idle), collections.deque()
-            return idle
+        for loop, waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there
+                loop.call_soon_threadsafe(_abort_waiter, waiter)
+        return idle
+
+
+def _abort_waiter(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(Aborted("the sandbox was closed while the execution waited"))
 
 
 class WorkerBackend:
@@ -278,7 +291,7 @@ class WorkerBackend:
             live = list(self._live)
         for supervisor in live:  # each then reports `aborted`, and retires its worker
             supervisor.abort("the sandbox was closed while the execution ran")
-        for worker in self.pool.drain():
+        for worker in self.pool.close():
             self._retire(worker)
         self.reaper.drain()
         self.zygote.stop()

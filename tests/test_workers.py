@@ -1,0 +1,265 @@
+"""What only the worker backend does: reuse, replacement, recycling, pooling, and no state
+crossing from one execution to the next."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import _corral_cgroups
+
+import corral
+from corral import Limits, NodeSandbox
+from corral.config import load_settings
+
+SLEEP = (
+    "import time\ndef run(params, context):\n    time.sleep(params.get('s', 30))\n    return 1\n"
+)
+
+
+def worker_pids() -> set[int]:
+    """The processes in this host's corral cgroups: with the worker backend, its workers."""
+    pids = set()
+    for cgroup in _corral_cgroups():
+        try:
+            pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
+        except FileNotFoundError:
+            continue
+    return pids
+
+
+@pytest.fixture
+def workers(clean_env) -> Iterator[NodeSandbox]:
+    """A worker sandbox with a pool of one, so consecutive executions share a worker."""
+    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "1")
+    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64),
+                     settings=load_settings()) as sandbox:  # fmt: skip
+        yield sandbox
+
+
+def test_executions_reuse_one_worker(workers):
+    """Back-to-back executions run in the same long-lived worker process."""
+    code = "def run(params, context):\n    return params\n"
+    workers.execute_sync(code, params=1)
+    first = worker_pids()
+    for n in range(5):
+        assert workers.execute_sync(code, params=n).output == n
+    assert worker_pids() == first and len(first) == 1
+
+
+def test_worker_stops_a_spin_itself_and_survives(workers):
+    """A CPU limit in pure Python is stopped by the worker's control thread; the worker lives."""
+    workers.execute_sync("def run(params, context):\n    return 1\n")
+    before = worker_pids()
+    spin = "def run(params, context):\n    while True:\n        pass\n"
+    with pytest.raises(corral.CpuLimitExceeded) as caught:
+        workers.execute_sync(spin, limits=Limits(max_cpu_ms=300))
+    assert 300 <= caught.value.usage.cpu_ms <= 600
+    assert workers.execute_sync("def run(params, context):\n    return 2\n").output == 2
+    assert worker_pids() == before
+
+
+def test_worker_killed_mid_execution_is_replaced(workers):
+    """A worker killed from outside fails its execution as sandbox_crash and is replaced."""
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(workers.execute(SLEEP, timeout_ms=20_000))
+        await asyncio.sleep(0.3)
+        (pid,) = worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(corral.SandboxCrash):
+            await task
+        assert (await workers.execute("def run(params, context):\n    return 3\n")).output == 3
+        assert pid not in worker_pids()
+
+    asyncio.run(scenario())
+
+
+def test_gil_holding_loop_gets_the_worker_replaced(workers):
+    """A regex backtracking in C cannot be stopped cooperatively: the host kills the worker."""
+    workers.execute_sync("def run(params, context):\n    return 1\n")
+    (before,) = worker_pids()
+    code = "import re\ndef run(params, context):\n    return re.match(r'(a+)+$', 'a' * 64 + 'b')\n"
+    limits = Limits(heartbeat_interval_ms=50, heartbeat_timeout_ms=300)
+    with pytest.raises(corral.HeartbeatTimeout):
+        workers.execute_sync(code, limits=limits, timeout_ms=20_000)
+    assert workers.execute_sync("def run(params, context):\n    return 4\n").output == 4
+    assert before not in worker_pids()
+
+
+def test_worker_recycled_after_max_executions(clean_env):
+    """After CORRAL_WORKER_MAX_EXECUTIONS executions a worker is replaced by a fresh one."""
+    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "1")
+    clean_env.setenv("CORRAL_WORKER_MAX_EXECUTIONS", "3")
+    code = "def run(params, context):\n    return 1\n"
+    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64),
+                     settings=load_settings()) as sandbox:  # fmt: skip
+        sandbox.execute_sync(code)
+        first = worker_pids()
+        sandbox.execute_sync(code)
+        assert worker_pids() == first
+        sandbox.execute_sync(code)  # the third: the worker retires after it
+        sandbox.execute_sync(code)
+        assert worker_pids().isdisjoint(first)
+
+
+def test_worker_recycled_when_its_memory_grows(clean_env):
+    """A worker whose peak memory grew past CORRAL_WORKER_MAX_MEMORY_MB is replaced."""
+    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "1")
+    clean_env.setenv("CORRAL_WORKER_MAX_MEMORY_MB", "8")
+    hog = "def run(params, context):\n    data = 'x' * (32 << 20)\n    return len(data)\n"
+    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=128),
+                     settings=load_settings()) as sandbox:  # fmt: skip
+        sandbox.execute_sync("def run(params, context):\n    return 1\n")
+        first = worker_pids()
+        assert sandbox.execute_sync(hog).output == 32 << 20
+        sandbox.execute_sync("def run(params, context):\n    return 1\n")
+        assert worker_pids().isdisjoint(first)
+
+
+@pytest.mark.parametrize(
+    ("store", "probe"),
+    [
+        # A module attribute (refused) never shows up later.
+        ("import json\ndef run(params, context):\n    try:\n        json.leak = 1\n"
+         "    except Exception:\n        pass\n    return 1\n",
+         "import json\ndef run(params, context):\n    return hasattr(json, 'leak')\n"),
+        # A default argument is fresh with every execution.
+        ("def run(params, context, seen=[]):\n    seen.append(1)\n    return len(seen)\n",
+         "def run(params, context, seen=[]):\n    seen.append(1)\n    return len(seen) > 1\n"),
+        # A cache belongs to the execution that made it.
+        ("import functools\n@functools.lru_cache\ndef f(x):\n    return x\n"
+         "def run(params, context):\n    f(1)\n    return f.cache_info().currsize\n",
+         "import functools\n@functools.lru_cache\ndef f(x):\n    return x\n"
+         "def run(params, context):\n    return f.cache_info().currsize > 0\n"),
+        # The decimal context of the execution thread (its flags, here) is reset.
+        ("import decimal\ndef run(params, context):\n"
+         "    return str(decimal.Decimal(1) / decimal.Decimal(3))\n",
+         "import decimal\ndef run(params, context):\n"
+         "    return decimal.getcontext().flags[decimal.Inexact]\n"),
+        # A container an allowed module shows cannot be filled.
+        ("import hashlib\ndef run(params, context):\n    try:\n"
+         "        hashlib.algorithms_available.add('leak')\n    except Exception:\n"
+         "        pass\n    return 1\n",
+         "import hashlib\ndef run(params, context):\n"
+         "    return 'leak' in hashlib.algorithms_available\n"),
+        # A class attribute of an allowed type cannot be set.
+        ("import collections\ndef run(params, context):\n    try:\n"
+         "        collections.OrderedDict.leak = 1\n    except Exception:\n        pass\n"
+         "    return 1\n",
+         "import collections\ndef run(params, context):\n"
+         "    return hasattr(collections.OrderedDict, 'leak')\n"),
+    ],
+    ids=["module-attribute", "default-argument", "lru-cache", "decimal-context",
+         "module-container", "class-attribute"],
+)  # fmt: skip
+def test_no_state_crosses_executions(workers, store, probe):
+    """What one execution stores is not visible to the next one in the same worker."""
+    with contextlib.suppress(corral.PolicyViolation):  # a refused write ends as one
+        workers.execute_sync(store)
+    pids = worker_pids()
+    assert workers.execute_sync(probe).output is False
+    assert worker_pids() == pids  # the same worker answered both
+
+
+def test_pool_runs_at_most_its_size_in_parallel_and_in_order(clean_env):
+    """With a pool of 2, six executions run two at a time, started in the order they came."""
+    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "2")
+    code = (
+        "import time\ndef run(params, context):\n    started = time.time()\n"
+        "    time.sleep(0.25)\n    return [params['n'], started, time.time()]\n"
+    )
+
+    async def scenario(sandbox: NodeSandbox) -> list[list[float]]:
+        tasks = []
+        for n in range(6):
+            tasks.append(asyncio.ensure_future(sandbox.execute(code, params={"n": n})))
+            await asyncio.sleep(0.01)  # a definite order of arrival
+        return [result.output for result in await asyncio.gather(*tasks)]
+
+    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64),
+                     settings=load_settings()) as sandbox:  # fmt: skip
+        sandbox.start()
+        runs = asyncio.run(scenario(sandbox))
+    for _, started, _ in runs:
+        overlapping = sum(1 for _, s, e in runs if s <= started < e)
+        assert overlapping <= 2
+    starts = [started for _, started, _ in runs]
+    assert starts[2:] == sorted(starts[2:])  # the waiting ones went in their order of arrival
+    assert max(e for *_, e in runs) - min(starts) >= 3 * 0.25
+
+
+def test_cancelled_wait_leaks_no_worker(workers):
+    """An execution cancelled while it waits for a worker leaves the pool whole."""
+
+    async def scenario() -> int:
+        busy = asyncio.ensure_future(workers.execute(SLEEP, params={"s": 0.4}))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(workers.execute(SLEEP, params={"s": 0}))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await busy
+        result = await asyncio.wait_for(
+            workers.execute("def run(params, context):\n    return 5\n"), timeout=5
+        )
+        return result.output
+
+    assert asyncio.run(scenario()) == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SANDBOX_EXECUTOR": "Worker_Thread"}, "worker"),
+        ({"WORKER_SANDBOX_ENABLED": "true"}, "worker"),
+        ({"WORKER_SANDBOX_ENABLED": "true", "SANDBOX_EXECUTOR": "proc"}, "process"),
+        ({}, "process"),
+    ],
+)
+def test_selection_from_the_environment(clean_env, env, expected):
+    """SANDBOX_EXECUTOR wins, else WORKER_SANDBOX_ENABLED picks worker, else process."""
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with NodeSandbox(limits=Limits(max_memory_mb=64), settings=load_settings()) as sandbox:
+        assert sandbox.executor == expected
+        result = sandbox.execute_sync("def run(params, context):\n    return 1\n")
+        assert result.executor == expected
+
+
+def test_cli_executor_flag_overrides_the_environment():
+    """`corral run --executor worker` runs on a worker even when the env says process."""
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "hello.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", "run", path, "--executor", "worker", "--json",
+         "--max-memory-mb", "64"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SANDBOX_EXECUTOR": "process"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["executor"] == "worker"
+
+
+def test_close_with_executions_in_flight_leaves_no_worker():
+    """close() while workers are busy aborts them and leaves no process behind."""
+    sandbox = NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64))
+
+    async def scenario() -> list[BaseException]:
+        tasks = [asyncio.ensure_future(sandbox.execute(SLEEP)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        sandbox.close()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    started = time.monotonic()
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(outcome, corral.Aborted) for outcome in outcomes), outcomes
+    assert time.monotonic() - started < 10
