@@ -24,7 +24,6 @@ import psutil
 
 from corral._exceptions import (
     Aborted,
-    ConfigError,
     CpuLimitExceeded,
     ExecutionTimeout,
     HeartbeatTimeout,
@@ -34,10 +33,8 @@ from corral._exceptions import (
     SandboxError,
     error_for_type,
 )
-from corral._warnings import warn_once
-from corral.config import CgroupMode, Settings
 from corral.sandbox import _protocol as proto
-from corral.sandbox._cgroups import CgroupUnavailable, ExecutionCgroup, Hierarchy
+from corral.sandbox._cgroups import ExecutionCgroup
 from corral.sandbox._limits import ResolvedLimits
 from corral.sandbox._redact import Redactor
 from corral.sandbox._result import ExecutionResult, LogEntry, Usage
@@ -496,24 +493,3 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         await ready
     finally:
         loop.remove_reader(sock.fileno())
-
-
-def detect_cgroups(settings: Settings) -> tuple[Hierarchy | None, str]:
-    """The hierarchy to use and the isolation label; warns once when degraded."""
-    if settings.cgroups is CgroupMode.OFF:
-        reason = "cgroups are switched off (CORRAL_CGROUPS=off)"
-    else:
-        try:
-            hierarchy = Hierarchy.detect(settings.sandbox_cgroup_root)
-        except CgroupUnavailable as exc:
-            if settings.cgroups is CgroupMode.REQUIRED:
-                raise ConfigError(f"corral: CORRAL_CGROUPS=required, but {exc}") from None
-            reason = str(exc)
-        else:
-            hierarchy.sweep()  # cgroups of corral hosts that died without cleaning up
-            return hierarchy, hierarchy.label
-    warn_once(
-        "degraded",
-        f"sandbox limits degraded to rlimits and polling: {reason}",
-    )
-    return None, f"degraded: {reason}"

@@ -24,17 +24,15 @@ from typing import Any
 
 from corral._exceptions import Aborted, ConfigError, SandboxCrash
 from corral.config import Settings
+from corral.sandbox._backend import Backend, cgroup_limits
 from corral.sandbox._cgroups import CgroupLimits, CgroupUnavailable, ExecutionCgroup
-from corral.sandbox._process import cgroup_limits, zygote_config
-from corral.sandbox._reaper import Reaper
 from corral.sandbox._result import ExecutionResult
-from corral.sandbox._spawner import ZYGOTE_START_TIMEOUT_S, Spawner
+from corral.sandbox._spawner import ZYGOTE_START_TIMEOUT_S
 from corral.sandbox._supervisor import (
     CHILD_ERROR_TYPES,
     ExecutionRequest,
     Failure,
     Supervisor,
-    detect_cgroups,
     receive_pidfd,
 )
 
@@ -151,21 +149,16 @@ def _abort_waiter(waiter: asyncio.Future[Any]) -> None:
         waiter.set_exception(Aborted("the sandbox was closed while the execution waited"))
 
 
-class WorkerBackend:
+class WorkerBackend(Backend):
     """Runs executions one at a time in each of a pool of long-lived workers."""
 
     name = "worker"
 
     def __init__(self, settings: Settings) -> None:
-        self.hierarchy, self.isolation = detect_cgroups(settings)
-        self.zygote = Spawner(zygote_config(settings, self.hierarchy), spares=1)
-        self.reaper = Reaper()
+        super().__init__(settings, spares=1)  # a spare only when a worker is replaced
         self.pool = _Pool(settings.worker_pool_size)
         self.max_executions = settings.worker_max_executions
         self.max_growth = settings.worker_max_memory_mb << 20
-        self._live: dict[Supervisor, _Worker] = {}
-        self._lock = threading.Lock()
-        self.closed = False
 
     def start(self) -> None:
         """Start the pool's workers now rather than on the first executions."""
@@ -233,19 +226,13 @@ class WorkerBackend:
             grace_s=WORKER_GRACE_S,
             child_errors=WORKER_ERROR_TYPES,
         )
-        with self._lock:
-            self._live[supervisor] = worker
         try:
-            if worker.cgroup is not None:
-                worker.cgroup.apply(cgroup_limits(request), reused=True)
-            supervisor.begin_accounting(worker.cpu_ns, worker.oom_kills)
-            if self.closed:
-                supervisor.abort("the sandbox was closed before the execution started")
-            else:
+            with self.in_flight(supervisor):
+                if worker.cgroup is not None:
+                    worker.cgroup.apply(cgroup_limits(request), reused=True)
+                supervisor.begin_accounting(worker.cpu_ns, worker.oom_kills)
                 await supervisor.watch(worker.sock, request.frame(with_source=True))
         finally:
-            with self._lock:
-                self._live.pop(supervisor, None)
             supervisor.read_usage()
             worker.executions += 1
             worker.cpu_ns, worker.oom_kills = supervisor.cgroup_counters
@@ -282,21 +269,9 @@ class WorkerBackend:
         self.reaper.submit(worker.pid, worker.pidfd, worker.cgroup)
         self.pool.leave()
 
-    def close(self) -> None:
-        """Abort executions in flight, stop every worker and the zygote, remove the cgroups."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-            live = list(self._live)
-        for supervisor in live:  # each then reports `aborted`, and retires its worker
-            supervisor.abort("the sandbox was closed while the execution ran")
-        for worker in self.pool.close():
+    def _release(self) -> None:
+        for worker in self.pool.close():  # waiters get `aborted`
             self._retire(worker)
-        self.reaper.drain()
-        self.zygote.stop()
-        if self.hierarchy is not None:
-            self.hierarchy.remove_roots()
 
 
 def _run_in_own_loop(coroutine: Any) -> None:
