@@ -36,12 +36,22 @@ def worker_pids() -> set[int]:
     return pids
 
 
+@contextlib.contextmanager
+def one_worker(
+    env: pytest.MonkeyPatch, max_memory_mb: int = 64, **settings: str
+) -> Iterator[NodeSandbox]:
+    """A worker sandbox with a pool of one (consecutive executions share a worker)."""
+    for name, value in {"CORRAL_WORKER_POOL_SIZE": "1", **settings}.items():
+        env.setenv(name, value)
+    limits = Limits(max_memory_mb=max_memory_mb)
+    with NodeSandbox(executor="worker", limits=limits, settings=load_settings()) as sandbox:
+        yield sandbox
+
+
 @pytest.fixture
 def workers(clean_env) -> Iterator[NodeSandbox]:
-    """A worker sandbox with a pool of one, so consecutive executions share a worker."""
-    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "1")
-    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64),
-                     settings=load_settings()) as sandbox:  # fmt: skip
+    """A worker sandbox with a pool of one."""
+    with one_worker(clean_env) as sandbox:
         yield sandbox
 
 
@@ -97,11 +107,8 @@ def test_gil_holding_loop_gets_the_worker_replaced(workers):
 
 def test_worker_recycled_after_max_executions(clean_env):
     """After CORRAL_WORKER_MAX_EXECUTIONS executions a worker is replaced by a fresh one."""
-    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "1")
-    clean_env.setenv("CORRAL_WORKER_MAX_EXECUTIONS", "3")
     code = "def run(params, context):\n    return 1\n"
-    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64),
-                     settings=load_settings()) as sandbox:  # fmt: skip
+    with one_worker(clean_env, CORRAL_WORKER_MAX_EXECUTIONS="3") as sandbox:
         sandbox.execute_sync(code)
         first = worker_pids()
         sandbox.execute_sync(code)
@@ -113,11 +120,8 @@ def test_worker_recycled_after_max_executions(clean_env):
 
 def test_worker_recycled_when_its_memory_grows(clean_env):
     """A worker whose peak memory grew past CORRAL_WORKER_MAX_MEMORY_MB is replaced."""
-    clean_env.setenv("CORRAL_WORKER_POOL_SIZE", "1")
-    clean_env.setenv("CORRAL_WORKER_MAX_MEMORY_MB", "8")
     hog = "def run(params, context):\n    data = 'x' * (32 << 20)\n    return len(data)\n"
-    with NodeSandbox(executor="worker", limits=Limits(max_memory_mb=128),
-                     settings=load_settings()) as sandbox:  # fmt: skip
+    with one_worker(clean_env, 128, CORRAL_WORKER_MAX_MEMORY_MB="8") as sandbox:
         sandbox.execute_sync("def run(params, context):\n    return 1\n")
         first = worker_pids()
         assert sandbox.execute_sync(hog).output == 32 << 20
