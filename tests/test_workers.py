@@ -267,3 +267,13 @@ def test_close_with_executions_in_flight_leaves_no_worker():
     outcomes = asyncio.run(scenario())
     assert all(isinstance(outcome, corral.Aborted) for outcome in outcomes), outcomes
     assert time.monotonic() - started < 10
+
+
+def test_sleep_past_the_time_out_is_cut_short(workers):
+    """A worker stops an execution sleeping past its time-out and lives on."""
+    workers.execute_sync("def run(params, context):\n    return 1\n")
+    before = worker_pids()
+    with pytest.raises(corral.ExecutionTimeout):
+        workers.execute_sync(SLEEP, timeout_ms=300)
+    assert workers.execute_sync("def run(params, context):\n    return 6\n").output == 6
+    assert worker_pids() == before

@@ -15,6 +15,7 @@ import collections
 import hashlib
 import importlib
 import operator
+import threading
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -151,6 +152,21 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+#: Set by a worker's control thread when it stops an execution: a sleep in C would not
+#: see the asynchronous exception until it ended by itself.
+SLEEP_CUT = threading.Event()
+
+
+def _sleep(seconds: float) -> None:
+    """time.sleep for connector code: the same, but cut short when the execution is stopped."""
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    SLEEP_CUT.wait(seconds)
+
+
+_REPLACEMENTS: dict[tuple[str, str], Any] = {("time", "sleep"): _sleep}
+
+
 def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> types.ModuleType:
     """A fresh module holding only the attributes SAFE_MODULES lists for `name`.
 
@@ -159,7 +175,8 @@ def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> typ
     view = types.ModuleType(name)
     shown = [attr for attr in view_attributes(name) if hasattr(module, attr)]
     for attr in shown:
-        setattr(view, attr, _frozen(getattr(module, attr)))
+        value = _REPLACEMENTS.get((name, attr)) or _frozen(getattr(module, attr))
+        setattr(view, attr, value)
 
     def hidden(attr: str) -> Any:
         if not attr.startswith("__") and hasattr(module, attr):

@@ -45,7 +45,7 @@ from corral.sandbox._child import (
     beat,
     compile_reporting,
 )
-from corral.sandbox._policy import CompileCache, Guards, ImportPolicy
+from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
 GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
 _CPU_CHECK_FLOOR_S = 0.002
@@ -86,6 +86,7 @@ class _Job:
 
     def __call__(self) -> None:
         try:
+            SLEEP_CUT.clear()
             _fresh_thread_state()
             self.result = self._run()
         finally:
@@ -122,8 +123,9 @@ class _ExecutionThread:
         return time.clock_gettime_ns(self._clock)
 
     def stop(self) -> None:
-        """Raise _Stopped in this thread at its next bytecode."""
+        """Raise _Stopped in this thread at its next bytecode (and cut a sleep short)."""
         _set_async_exc(self.ident, _Stopped)
+        SLEEP_CUT.set()
 
     def unstop(self) -> None:
         """Withdraw a stop that has not landed yet."""
