@@ -277,3 +277,89 @@ def test_sleep_past_the_time_out_is_cut_short(workers):
         workers.execute_sync(SLEEP, timeout_ms=300)
     assert workers.execute_sync("def run(params, context):\n    return 6\n").output == 6
     assert worker_pids() == before
+
+
+@pytest.mark.parametrize(
+    ("store", "probe", "expected"),
+    [
+        # A generator left in a cycle used to restore its precision-2 context in the next run.
+        ("import decimal\ndef gen(box):\n"
+         "    with decimal.localcontext(decimal.Context(prec=28)):\n        yield 1\n"
+         "def run(params, context):\n"
+         "    with decimal.localcontext(decimal.Context(prec=2)):\n"
+         "        box = []\n        g = gen(box)\n        box.append(g)\n        next(g)\n"
+         "    return 1\n",
+         "import decimal\ndef run(params, context):\n"
+         "    junk = [[i] for i in range(999)]\n"
+         "    return str(decimal.Decimal('1234.56') * decimal.Decimal('1.19'))\n",
+         "1469.1264"),
+        # ...or tripped the policy in the next run from its finally block.
+        ("def gen(box):\n    try:\n        yield 1\n    finally:\n"
+         "        getattr(box, '_secret', None)\n"
+         "def run(params, context):\n    box = []\n    g = gen(box)\n    box.append(g)\n"
+         "    next(g)\n    return 1\n",
+         "def run(params, context):\n    junk = [[i] for i in range(999)]\n    return 'clean'\n",
+         "clean"),
+    ],
+    ids=["decimal-context", "tripwire"],
+)  # fmt: skip
+def test_leftover_finalizers_run_within_their_own_execution(workers, store, probe, expected):
+    """What an execution leaves in cycles is finalized before its answer, not in the next."""
+    with contextlib.suppress(corral.PolicyViolation):
+        workers.execute_sync(store)
+    assert workers.execute_sync(probe).output == expected
+
+
+def test_cached_stdlib_functions_keep_no_history(workers):
+    """urllib.parse.urlsplit's cache is neither visible nor kept from one execution to the next."""
+    workers.execute_sync(
+        "import urllib.parse\ndef run(params, context):\n"
+        "    return urllib.parse.urlparse('https://tenant-b.example/?token=s3cr3t').netloc\n"
+    )
+    probe = (
+        "import urllib.parse\ndef run(params, context):\n"
+        "    return hasattr(urllib.parse.urlsplit, 'cache_info')\n"
+    )
+    assert workers.execute_sync(probe).output is False
+
+
+def test_wait_cancelled_after_hand_over_leaves_the_pool_whole(workers):
+    """A waiter cancelled between being handed a worker and resuming gives the worker on."""
+
+    async def scenario() -> int:
+        busy = asyncio.ensure_future(workers.execute(SLEEP, params={"s": 0.3}))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(workers.execute(SLEEP, params={"s": 0}))
+        await asyncio.sleep(0.05)
+        busy.add_done_callback(lambda _: waiting.cancel())  # after the hand-over, before resume
+        await busy
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        quick = workers.execute("def run(params, context):\n    return 7\n")
+        return (await asyncio.wait_for(quick, timeout=5)).output
+
+    assert asyncio.run(scenario()) == 7
+
+
+def test_waiter_on_a_closed_loop_is_skipped(workers):
+    """A waiter whose event loop was closed does not break the execution that frees a worker."""
+    import threading
+
+    def abandon() -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(workers.execute(SLEEP, params={"s": 0}))
+        loop.run_until_complete(asyncio.sleep(0.2))  # the task now waits in the pool
+        loop.close()  # with the task still waiting
+        del task
+
+    async def scenario() -> int:
+        busy = asyncio.ensure_future(workers.execute(SLEEP, params={"s": 0.6}))
+        await asyncio.sleep(0.1)
+        thread = threading.Thread(target=abandon)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        assert (await busy).output == 1
+        quick = workers.execute("def run(params, context):\n    return 8\n")
+        return (await asyncio.wait_for(quick, timeout=5)).output
+
+    assert asyncio.run(scenario()) == 8

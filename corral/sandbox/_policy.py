@@ -142,7 +142,17 @@ class Tripwire:
 
 
 def _frozen(value: Any) -> Any:
-    """An immutable copy of a module's container (hashlib.algorithms_available is a set)."""
+    """An immutable copy of a module's container (hashlib.algorithms_available is a set),
+    and a plain function in front of a cached one (urllib.parse.urlsplit): its cache would
+    tell one execution what an earlier one asked for."""
+    if callable(value) and hasattr(value, "cache_info"):
+        cached = value
+
+        def uncached(*args: Any, **kwargs: Any) -> Any:
+            return cached(*args, **kwargs)
+
+        uncached.__name__ = getattr(cached, "__name__", "function")
+        return uncached
     if isinstance(value, set):
         return frozenset(value)
     if isinstance(value, list):
@@ -191,11 +201,10 @@ def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> typ
 
 
 class ImportPolicy:
-    """The modules connector code may import, served as safe views, and their tripwire."""
+    """The modules connector code may import, served as safe views."""
 
     def __init__(self, allowed: Iterable[str]) -> None:
         self.allowed = tuple(sorted(set(allowed)))
-        self.tripwire = Tripwire()
         self._modules = {name: importlib.import_module(name) for name in self.allowed}
         # Packages above dotted names ("urllib" for "urllib.parse") get a holder view.
         self._packages = {
@@ -204,7 +213,9 @@ class ImportPolicy:
             for depth in range(1, name.count(".") + 1)
         }
 
-    def view(self, name: str, made: dict[str, types.ModuleType]) -> types.ModuleType | None:
+    def view(
+        self, name: str, made: dict[str, types.ModuleType], tripwire: Tripwire
+    ) -> types.ModuleType | None:
         """The view of `name` for one execution, made on first use and kept in `made`.
 
         None when `name` is not importable. A package holder shows only the allowed
@@ -213,7 +224,7 @@ class ImportPolicy:
         if name in made:
             return made[name]
         if name in self._modules:
-            view = _module_view(self._modules[name], name, self.tripwire)
+            view = _module_view(self._modules[name], name, tripwire)
         elif name in self._packages:
             view = types.ModuleType(name)
         else:
@@ -222,14 +233,14 @@ class ImportPolicy:
         for child in (*self.allowed, *self._packages):
             parent, _, attr = child.rpartition(".")
             if parent == name:
-                setattr(view, attr, self.view(child, made))
+                setattr(view, attr, self.view(child, made, tripwire))
         return view
 
     def fresh_views(self) -> dict[str, types.ModuleType]:
         """New views of every importable name."""
         made: dict[str, types.ModuleType] = {}
         for name in (*self.allowed, *self._packages):
-            self.view(name, made)
+            self.view(name, made, Tripwire())
         return made
 
 
@@ -259,8 +270,7 @@ class Guards:
     """
 
     def __init__(self, imports: ImportPolicy, log: Callable[..., None], printer: type) -> None:
-        self._tripwire = imports.tripwire
-        self._tripwire.violations.clear()
+        self._tripwire = Tripwire()  # this execution's own: nothing trips it after the answer
         self.violations = self._tripwire.violations
         self._imports = imports
         self._views: dict[str, types.ModuleType] = {}  # made on import: fresh per execution
@@ -279,7 +289,7 @@ class Guards:
         fromlist: Any = (),
         level: int = 0,
     ) -> types.ModuleType:
-        view = self._imports.view(name, self._views) if level == 0 else None
+        view = self._imports.view(name, self._views, self._tripwire) if level == 0 else None
         if view is None:
             raise self.violation(
                 f"`{name}` is not importable in a connector; allowed modules are "
@@ -287,7 +297,7 @@ class Guards:
             )
         if fromlist:
             return view
-        top = self._imports.view(name.split(".")[0], self._views)
+        top = self._imports.view(name.split(".")[0], self._views, self._tripwire)
         assert top is not None  # the package above an importable name is importable
         return top
 

@@ -137,6 +137,7 @@ class Supervisor:
         self.cpu_base_ns = 0  # a worker's cgroup has served executions before this one
         self.cpu_base_ms_polled = 0.0
         self.oom_base = 0
+        self.memory_base = 0
         self.rss_base = 0
         self.abort_reason: str | None = None
         self.outcome: tuple[int, dict[str, Any]] | None = None
@@ -151,6 +152,7 @@ class Supervisor:
         if self.cgroup is not None:
             self.cpu_base_ns, self.oom_base = cpu_ns, oom_kills
             self.cgroup.reset_peak()
+            self.memory_base = self.cgroup.memory_bytes()  # what the worker holds already
         elif self.pid is not None:
             with contextlib.suppress(psutil.Error):
                 process = psutil.Process(self.pid)
@@ -351,7 +353,7 @@ class Supervisor:
             try:
                 self.cgroup_counters = (self.cgroup.cpu_ns(), self.cgroup.oom_kills())
                 self.cpu_ms = (self.cgroup_counters[0] - self.cpu_base_ns) / 1e6
-                self.peak = self.cgroup.peak_memory_bytes()
+                self.peak = max(0, self.cgroup.peak_memory_bytes() - self.memory_base)
                 self.oom = self.cgroup_counters[1] > self.oom_base
             except FileNotFoundError:  # close() raced us: the zygote removed the cgroup
                 self.cpu_ms, self.peak, self.oom = self.child_cpu_ms, None, False

@@ -18,7 +18,9 @@ module's caches are reset before it starts.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import ctypes
+import gc
 import json
 import os
 import queue
@@ -62,6 +64,9 @@ class _Stopped(BaseException):
     """Raised in the execution thread when the control thread stops it."""
 
 
+_GC_ROUNDS = 3  # collections after an execution: cycles of cycles need more than one
+
+
 def _fresh_thread_state() -> None:
     """Reset what allowed modules keep per thread or per process between executions."""
     decimal = sys.modules.get("decimal")
@@ -73,6 +78,26 @@ def _fresh_thread_state() -> None:
     re = sys.modules.get("re")
     if re is not None:
         re.purge()
+    parse = sys.modules.get("urllib.parse")
+    if parse is not None:  # lru caches keyed by what connectors asked for
+        for cached in ("urlsplit", "_byte_quoter_factory"):
+            with contextlib.suppress(AttributeError):
+                getattr(parse, cached).cache_clear()
+    strptime = sys.modules.get("_strptime")
+    if strptime is not None:
+        with contextlib.suppress(AttributeError):
+            strptime._regex_cache.clear()
+
+
+def _leave_nothing_behind() -> None:
+    """Run now what the execution left to run later: the finalizers (a generator's
+    `finally`, a context's exit) of the objects it left in cycles, and clear what it
+    left in caches. While this runs, the execution is still watched and stoppable."""
+    _fresh_thread_state()
+    for _ in range(_GC_ROUNDS):
+        if not gc.collect():
+            break
+    _fresh_thread_state()
 
 
 class _Job:
@@ -89,6 +114,7 @@ class _Job:
             SLEEP_CUT.clear()
             _fresh_thread_state()
             self.result = self._run()
+            _leave_nothing_behind()
         finally:
             self.done.release()
 

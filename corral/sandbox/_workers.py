@@ -101,14 +101,24 @@ class _Pool:
         except asyncio.CancelledError:
             with self._lock, contextlib.suppress(ValueError):
                 self._waiters.remove((loop, waiter))
-            raise  # a worker already on its way comes back through _deliver
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed over, then cancelled before this task resumed: give it on.
+                item = waiter.result()
+                if item is None:
+                    self.leave()
+                else:
+                    self.put_back(item)
+            raise  # one still on its way comes back through _deliver
 
     def _hand(self, item: _Worker | None) -> bool:
         """Give `item` to the first waiter still waiting (lock held); False if there is none."""
         while self._waiters:
             loop, waiter = self._waiters.popleft()
             if not waiter.done():
-                loop.call_soon_threadsafe(self._deliver, waiter, item)
+                try:
+                    loop.call_soon_threadsafe(self._deliver, waiter, item)
+                except RuntimeError:  # its loop is closed: nobody waits there any more
+                    continue
                 return True
         return False
 
