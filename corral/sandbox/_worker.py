@@ -67,19 +67,13 @@ class _Stopped(BaseException):
 _GC_ROUNDS = 3  # collections after an execution: cycles of cycles need more than one
 
 
-def _fresh_thread_state() -> None:
-    """Reset what allowed modules keep per thread or per process between executions."""
-    decimal = sys.modules.get("decimal")
-    if decimal is not None:
-        decimal.setcontext(decimal.Context())
-    random = sys.modules.get("random")
-    if random is not None:
-        random.seed()
+def _clear_caches() -> None:
+    """Drop what allowed modules cached for connectors (the keys tell what they asked)."""
     re = sys.modules.get("re")
     if re is not None:
         re.purge()
     parse = sys.modules.get("urllib.parse")
-    if parse is not None:  # lru caches keyed by what connectors asked for
+    if parse is not None:
         for cached in ("urlsplit", "_byte_quoter_factory"):
             with contextlib.suppress(AttributeError):
                 getattr(parse, cached).cache_clear()
@@ -89,15 +83,25 @@ def _fresh_thread_state() -> None:
             strptime._regex_cache.clear()
 
 
+def _reset_state() -> None:
+    """Give the execution thread a fresh decimal context and the random module a new seed."""
+    decimal = sys.modules.get("decimal")
+    if decimal is not None:
+        decimal.setcontext(decimal.Context())
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+
+
 def _leave_nothing_behind() -> None:
-    """Run now what the execution left to run later: the finalizers (a generator's
-    `finally`, a context's exit) of the objects it left in cycles, and clear what it
-    left in caches. While this runs, the execution is still watched and stoppable."""
-    _fresh_thread_state()
+    """After an execution: clear the caches, run now the finalizers of what it left in
+    cycles (a generator's `finally`, a context's exit), then reset the state they may
+    have touched. While this runs, the execution is still watched and stoppable."""
+    _clear_caches()
     for _ in range(_GC_ROUNDS):
         if not gc.collect():
             break
-    _fresh_thread_state()
+    _reset_state()
 
 
 class _Job:
@@ -112,9 +116,8 @@ class _Job:
     def __call__(self) -> None:
         try:
             SLEEP_CUT.clear()
-            _fresh_thread_state()
             self.result = self._run()
-            _leave_nothing_behind()
+            _leave_nothing_behind()  # the next execution starts from here
         finally:
             self.done.release()
 
@@ -249,6 +252,8 @@ def serve(
     channel = _Channel(sock)
     executor = _ExecutionThread(start_thread)
     _apply_rlimits(spec)
+    _reset_state()
+    gc.freeze()  # the worker's own objects: the collection after each execution skips them
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:
         request = json.loads(frame[1])
         limits = request["limits"]
