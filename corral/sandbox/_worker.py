@@ -113,11 +113,19 @@ class _Job:
         self.done = _thread.allocate_lock()
         self.done.acquire()
 
+    #: False while an execution's clean-up has not finished: a stop that landed in it
+    #: leaves the clean-up to the start of the next execution.
+    clean_slate = True
+
     def __call__(self) -> None:
         try:
             SLEEP_CUT.clear()
+            if not _Job.clean_slate:
+                _leave_nothing_behind()
+            _Job.clean_slate = False
             self.result = self._run()
             _leave_nothing_behind()  # the next execution starts from here
+            _Job.clean_slate = True
         finally:
             self.done.release()
 
