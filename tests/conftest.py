@@ -16,6 +16,8 @@ from corral import Limits, NodeSandbox
 from corral.config import load_settings
 from corral.sandbox._cgroups import CgroupUnavailable, default_roots
 
+pytest_plugins = ["pytester"]
+
 #: The backends the conformance suite runs on: every test that takes `sandbox` runs on both.
 BACKENDS = ["process", "worker"]
 LEAK_PATIENCE_S = 5.0  # killed children and their cgroups are gone well within this
