@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.set_defaults(handler=_run)
+
+    selftest = commands.add_parser(
+        "selftest",
+        help="prove on this host that each limit is enforced",
+        description="Run real executions that break each limit and check the error each "
+        "one ends with. Exit status: 0 when no check failed, 1 otherwise.",
+    )
+    selftest.add_argument(
+        "--executor", choices=["process", "worker"], help="backend (default: from the env)"
+    )
+    selftest.add_argument("--json", action="store_true", help="print one JSON object")
+    selftest.set_defaults(handler=_selftest)
     return parser
 
 
@@ -153,6 +165,32 @@ def _run(args: argparse.Namespace) -> int:
             return 1
     _print_success(result, args.json)
     return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from corral.selftest import run_selftest
+
+    settings = get_settings()
+
+    def progress(index: int, total: int, name: str) -> None:
+        if not args.json or sys.stderr.isatty():
+            print(f"\rselftest: {index}/{total} {name:<20}", end="", file=sys.stderr, flush=True)
+
+    with NodeSandbox(executor=args.executor) as sandbox:
+        report = run_selftest(sandbox, settings, progress)
+    print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        rows = report["checks"]
+        widths = [max(len(str(row[key])) for row in rows) for key in ("check", "proves", "status")]
+        print(f"corral selftest: {report['executor']} backend, {report['isolation']}")
+        for row in rows:
+            cells = (row["check"], row["proves"] or "-", row["status"])
+            print("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=True)),
+                  " ", row["detail"])  # fmt: skip
+        print("ok" if report["ok"] else "FAILED: a limit does not hold on this host")
+    return 0 if report["ok"] else 1
 
 
 def _print_success(result: ExecutionResult, as_json: bool) -> None:

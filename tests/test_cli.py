@@ -169,3 +169,47 @@ def test_connector_text_cannot_drive_the_terminal(connector):
     assert "\\x1b[2Kok  fake" in done.stdout and "\\ud800" in done.stdout
     document = json.loads(corral("run", path, "--json").stdout)
     assert document["logs"][0]["message"].endswith("\\ud800")
+
+
+@pytest.mark.parametrize("executor", ["process", "worker"])
+def test_selftest_proves_every_limit_here(executor):
+    """`corral selftest --json` passes on this host: every limit row is enforced."""
+    done = corral("selftest", "--executor", executor, "--json",
+                  env={"SANDBOX_MAX_MEMORY_MB": "64"})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    rows = {row["proves"]: row["status"] for row in report["checks"] if row["proves"]}
+    assert rows == {
+        "cpu_limit": "enforced", "memory_limit": "enforced", "timeout": "enforced",
+        "heartbeat_timeout": "enforced", "output_limit": "enforced",
+        "policy_violation": "enforced",
+    }  # fmt: skip
+    assert report["executor"] == executor
+
+
+def test_selftest_table_reads_well():
+    """Without --json, selftest prints one row per check and a verdict."""
+    done = corral("selftest", env={"SANDBOX_MAX_MEMORY_MB": "64"})
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("corral selftest: process backend, ")
+    assert any(line.startswith("memory limit") and "enforced" in line for line in lines)
+    assert lines[-1] == "ok"
+
+
+def test_selftest_says_what_is_degraded_and_why():
+    """Without cgroups, selftest marks the rows that need them degraded and says what to do."""
+    done = corral(
+        "selftest", "--json", env={"CORRAL_CGROUPS": "off", "SANDBOX_MAX_MEMORY_MB": "64"}
+    )
+    report = json.loads(done.stdout)
+    rows = {row["check"]: row for row in report["checks"]}
+    assert rows["cgroups"]["status"] == "degraded"
+    assert (
+        "CORRAL_CGROUPS=off" in rows["cgroups"]["detail"]
+        and "run as root" in rows["cgroups"]["detail"]
+    )
+    assert rows["cpu quota"]["status"] == "degraded"
+    assert rows["memory limit"]["status"] == "degraded"
+    assert rows["cpu limit"]["status"] == "enforced"
+    assert done.returncode == 0  # degraded still holds; only a failed check fails the run

@@ -1,0 +1,228 @@
+"""`corral selftest`: prove on this host, with real executions, that each limit holds.
+
+Every check runs connector code that breaks one limit and expects the error
+type that limit promises. A check is `enforced`, `degraded` (it holds, but
+through a weaker mechanism, or a layer is missing; the row says why and what
+to do) or `failed`. Only a failed check fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from corral._exceptions import SandboxError
+from corral.config import Settings
+from corral.sandbox import Limits, NodeSandbox
+
+ENFORCED, DEGRADED, FAILED = "enforced", "degraded", "failed"
+CPU_LIMIT_MS = 200  # used when SANDBOX_MAX_CPU_MS is not set
+MEMORY_LIMIT_MB = 64  # used when SANDBOX_MAX_MEMORY_MB is not set
+QUOTA_MS = 20  # per 100 ms period: a 500 ms spin should get about 100 ms of CPU
+SPIN = "def run(params, context):\n    while True:\n        pass\n"
+HOG = "def run(params, context):\n    a = []\n    while True:\n        a.append('x' * 100_000)\n"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the report."""
+
+    check: str
+    proves: str  # the error type the check expects, or "" for a layer
+    status: str
+    detail: str
+
+
+def _error_of(sandbox: NodeSandbox, code: str, **execute: Any) -> SandboxError | None:
+    try:
+        sandbox.execute_sync(code, **execute)
+    except SandboxError as error:
+        return error
+    return None
+
+
+def _expect(sandbox: NodeSandbox, error_type: str, code: str, **execute: Any) -> tuple[bool, str]:
+    error = _error_of(sandbox, code, **execute)
+    if error is None:
+        return False, "the execution succeeded"
+    if error.type != error_type:
+        return False, f"ended as {error.type}: {error.message}"
+    return True, error.message
+
+
+@contextlib.contextmanager
+def _listener() -> Iterator[tuple[int, list[bool]]]:
+    """A TCP listener on 127.0.0.1 that records whether anything connected."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.1)
+    connected: list[bool] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            connected.append(True)
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], connected
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+class SelfTest:
+    """The checks, run in order against one sandbox."""
+
+    def __init__(self, sandbox: NodeSandbox, settings: Settings) -> None:
+        self.sandbox = sandbox
+        self.settings = settings
+        self.degraded = sandbox.isolation.startswith("degraded")
+
+    def checks(self) -> list[tuple[str, Callable[[], Check]]]:
+        return [
+            ("cgroups", self.cgroups),
+            ("cpu_limit", self.cpu_limit),
+            ("cpu quota", self.cpu_quota),
+            ("memory_limit", self.memory_limit),
+            ("timeout", self.timeout),
+            ("heartbeat_timeout", self.heartbeat),
+            ("output_limit", self.output),
+            ("egress", self.egress),
+            ("namespaces", self.namespaces),
+            ("seccomp", self.seccomp),
+        ]
+
+    def cgroups(self) -> Check:
+        if self.degraded:
+            reason = self.sandbox.isolation.removeprefix("degraded: ")
+            detail = (
+                f"{reason}; limits fall back to rlimits and polling (run as root, with "
+                "cgroup v1 or v2 controllers mounted)"
+            )
+            return Check("cgroups", "", DEGRADED, detail)
+        unit = "worker" if self.sandbox.executor == "worker" else "execution"
+        return Check("cgroups", "", ENFORCED, f"{self.sandbox.isolation}, one per {unit}")
+
+    def cpu_limit(self) -> Check:
+        limit = self.settings.sandbox_max_cpu_ms or CPU_LIMIT_MS
+        error = _error_of(self.sandbox, SPIN, limits=Limits(max_cpu_ms=limit))
+        if error is None or error.type != "cpu_limit" or error.usage is None:
+            return Check("cpu limit", "cpu_limit", FAILED, f"a spin was not stopped: {error!r}")
+        ratio = error.usage.cpu_ms / limit
+        status = ENFORCED if ratio <= 1.5 else FAILED
+        detail = (
+            f"a spin under {limit} ms was stopped after {error.usage.cpu_ms:.0f} ms ({ratio:.2f}x)"
+        )
+        return Check("cpu limit", "cpu_limit", status, detail)
+
+    def cpu_quota(self) -> Check:
+        if self.degraded:
+            return Check("cpu quota", "", DEGRADED, "needs cgroups: a quota cannot be set")
+        code = (
+            "import time\ndef run(params, context):\n    end = time.monotonic() + 0.5\n"
+            "    while time.monotonic() < end:\n        pass\n    return 1\n"
+        )
+        result = self.sandbox.execute_sync(code, limits=Limits(cpu_quota_ms=QUOTA_MS))
+        expected = 500 * QUOTA_MS / 100
+        used = result.usage.cpu_ms
+        status = ENFORCED if used <= expected * 2 else FAILED
+        detail = (
+            f"500 ms of spinning under {QUOTA_MS} ms/100 ms used {used:.0f} ms of CPU "
+            f"(about {expected:.0f} expected)"
+        )
+        return Check("cpu quota", "", status, detail)
+
+    def memory_limit(self) -> Check:
+        limit = self.settings.sandbox_max_memory_mb or MEMORY_LIMIT_MB
+        error = _error_of(self.sandbox, HOG, limits=Limits(max_memory_mb=limit))
+        if error is None or error.type != "memory_limit" or error.usage is None:
+            return Check(
+                "memory limit", "memory_limit", FAILED, f"a hoard was not stopped: {error!r}"
+            )
+        peak = (error.usage.peak_memory_bytes or 0) / (1 << 20)
+        accurate = 0.5 * limit <= peak <= 1.25 * limit
+        status = DEGRADED if self.degraded else ENFORCED if accurate else FAILED
+        detail = f"a hoard under {limit} MB was stopped at a peak of {peak:.0f} MB"
+        if self.degraded:
+            detail += " (RLIMIT_AS and polling, not a cgroup)"
+        return Check("memory limit", "memory_limit", status, detail)
+
+    def timeout(self) -> Check:
+        ok, detail = _expect(self.sandbox, "timeout",
+                             "import time\ndef run(params, context):\n    time.sleep(30)\n",
+                             timeout_ms=300)  # fmt: skip
+        return Check("wall time-out", "timeout", ENFORCED if ok else FAILED, detail)
+
+    def heartbeat(self) -> Check:
+        code = (
+            "import re\ndef run(params, context):\n    return re.match(r'(a+)+$', 'a' * 64 + 'b')\n"
+        )
+        limits = Limits(heartbeat_interval_ms=50, heartbeat_timeout_ms=300)
+        ok, detail = _expect(self.sandbox, "heartbeat_timeout", code, limits=limits)
+        return Check("heartbeat", "heartbeat_timeout", ENFORCED if ok else FAILED, detail)
+
+    def output(self) -> Check:
+        code = "def run(params, context):\n    return 'x' * 5000\n"
+        ok, detail = _expect(
+            self.sandbox, "output_limit", code, limits=Limits(max_output_bytes=1000)
+        )
+        return Check("output cap", "output_limit", ENFORCED if ok else FAILED, detail)
+
+    def egress(self) -> Check:
+        with _listener() as (port, connected):
+            code = (
+                "import socket\ndef run(params, context):\n"
+                f"    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            )
+            ok, detail = _expect(self.sandbox, "policy_violation", code)
+            time.sleep(0.05)
+        if connected:
+            detail = "a connection reached the listener"
+            return Check("egress", "policy_violation", FAILED, detail)
+        detail = f"nothing reached a listener on 127.0.0.1: {detail.split(';')[0]}"
+        return Check("egress", "policy_violation", ENFORCED if ok else FAILED, detail)
+
+    def namespaces(self) -> Check:
+        detail = (
+            "not in this corral version: sandbox processes share the host's namespaces "
+            "(cgroups and rlimits still apply)"
+        )
+        return Check("namespaces", "", DEGRADED, detail)
+
+    def seccomp(self) -> Check:
+        detail = "not in this corral version: no system-call filter below the language layer"
+        return Check("seccomp", "", DEGRADED, detail)
+
+
+def run_selftest(
+    sandbox: NodeSandbox, settings: Settings, progress: Callable[[int, int, str], None]
+) -> dict[str, Any]:
+    """Run every check; the report as JSON-ready data."""
+    selftest = SelfTest(sandbox, settings)
+    checks = selftest.checks()
+    rows = []
+    for index, (name, check) in enumerate(checks, 1):
+        progress(index, len(checks), name)
+        rows.append(check())
+    return {
+        "ok": all(row.status != FAILED for row in rows),
+        "executor": sandbox.executor,
+        "isolation": sandbox.isolation,
+        "checks": [asdict(row) for row in rows],
+    }
