@@ -24,7 +24,7 @@ ENFORCED, DEGRADED, FAILED = "enforced", "degraded", "failed"
 CPU_LIMIT_MS = 200  # used when SANDBOX_MAX_CPU_MS is not set
 MEMORY_LIMIT_MB = 64  # used when SANDBOX_MAX_MEMORY_MB is not set
 QUOTA_MS = 20  # per 100 ms period: a 500 ms spin should get about 100 ms of CPU
-SPIN = "def run(params, context):\n    while True:\n        pass\n"
+SPIN = "def run(params, context):\n    while True:\n        pass\n"  # burns CPU until stopped
 HOG = "def run(params, context):\n    a = []\n    while True:\n        a.append('x' * 100_000)\n"
 
 

@@ -24,12 +24,11 @@ import pytest
 
 from corral._exceptions import ConfigError, SandboxError
 from corral.sandbox import Limits, NodeSandbox
+from corral.selftest import SPIN
 
 #: The backends `corral_sandbox` runs every test on.
 BACKENDS = ("process", "worker")
 
-#: A connector that burns CPU until it is stopped.
-SPIN = "def run(params, context):\n    while True:\n        pass\n"
 
 __all__ = ["BACKENDS", "SPIN", "LimitPrecision", "cpu_limit_precision", "expect_error"]
 
