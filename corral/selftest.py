@@ -9,6 +9,7 @@ to do) or `failed`. Only a failed check fails the run.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 from corral._exceptions import SandboxError
 from corral.config import Settings
 from corral.sandbox import Limits, NodeSandbox
+from corral.sandbox._zygote import NAMESPACES
 
 ENFORCED, DEGRADED, FAILED = "enforced", "degraded", "failed"
 CPU_LIMIT_MS = 200  # used when SANDBOX_MAX_CPU_MS is not set
@@ -199,9 +201,21 @@ class SelfTest:
         return Check("egress", "policy_violation", ENFORCED if ok else FAILED, detail)
 
     def namespaces(self) -> Check:
+        self.sandbox.start()
+        zygote = self.sandbox._backend.zygote.pid  # every sandbox process shares its namespaces
+        own = [
+            name
+            for name in NAMESPACES
+            if zygote is not None
+            and os.readlink(f"/proc/{zygote}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}")
+        ]
+        missing = [name for name in NAMESPACES if name not in own]
+        if missing:
+            detail = f"no {', '.join(missing)} namespace of their own: run as root"
+            return Check("namespaces", "", DEGRADED, detail)
         detail = (
-            "not in this corral version: sandbox processes share the host's namespaces "
-            "(cgroups and rlimits still apply)"
+            f"{', '.join(own)} of their own (no network at all); user, mount and pid "
+            "namespaces are not in this corral version"
         )
         return Check("namespaces", "", DEGRADED, detail)
 

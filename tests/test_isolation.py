@@ -290,3 +290,18 @@ def test_slow_compile_never_reaches_the_zygote(sandbox):
     time.sleep(1.0)
     assert sum(zygote.cpu_times()[:2]) - before < 0.3
     assert sandbox.execute_sync("def run(params, context):\n    return 1\n").output == 1
+
+
+def test_child_has_no_network_of_the_host(sandbox):
+    """Sandbox processes live in network, IPC and UTS namespaces of their own."""
+
+    async def scenario() -> None:
+        async with in_flight(sandbox) as (_, pid):
+            for namespace in ("net", "ipc", "uts"):
+                assert os.readlink(f"/proc/{pid}/ns/{namespace}") != os.readlink(
+                    f"/proc/self/ns/{namespace}"
+                ), namespace
+            interfaces = _read(f"/proc/{pid}/net/dev").splitlines()[2:]
+            assert [line.split(":")[0].strip() for line in interfaces] == ["lo"]
+
+    asyncio.run(scenario())

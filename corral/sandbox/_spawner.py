@@ -164,6 +164,12 @@ class Spawner:
                 spare.sock.close()
         raise SandboxCrash("no spare sandbox process could take the execution")
 
+    @property
+    def pid(self) -> int | None:
+        """The zygote's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def start(self) -> None:
         """Start the zygote and wait until its first spare is ready."""
         spares = self._running()
