@@ -58,8 +58,8 @@ def _expect(sandbox: NodeSandbox, error_type: str, code: str, **execute: Any) ->
 
 
 @contextlib.contextmanager
-def _listener() -> Iterator[tuple[int, list[bool]]]:
-    """A TCP listener on 127.0.0.1 that records whether anything connected."""
+def loopback_listener() -> Iterator[tuple[int, list[bool]]]:
+    """A TCP listener on 127.0.0.1 that records whether anything connected: (port, record)."""
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -187,7 +187,7 @@ class SelfTest:
         return Check("output cap", "output_limit", ENFORCED if ok else FAILED, detail)
 
     def egress(self) -> Check:
-        with _listener() as (port, connected):
+        with loopback_listener() as (port, connected):
             code = (
                 "import socket\ndef run(params, context):\n"
                 f"    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"

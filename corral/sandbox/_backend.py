@@ -23,9 +23,13 @@ class Backend:
 
     name: ClassVar[str]
 
-    def __init__(self, settings: Settings, *, spares: int) -> None:
+    def __init__(
+        self, settings: Settings, *, spares: int, unsafe_plain_python: bool = False
+    ) -> None:
         self.hierarchy, self.isolation = detect_cgroups(settings)
-        self.zygote = Spawner(zygote_config(settings, self.hierarchy), spares=spares)
+        config = zygote_config(settings, self.hierarchy)
+        config["unsafe_plain_python"] = unsafe_plain_python
+        self.zygote = Spawner(config, spares=spares)
         self.reaper = Reaper(after_each=self._between_executions)
         self._live: set[Supervisor] = set()
         self._lock = threading.Lock()

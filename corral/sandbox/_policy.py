@@ -101,7 +101,8 @@ class CompileCache:
     The least recently used entries go first.
     """
 
-    def __init__(self, size: int, max_bytes: int, filename: str) -> None:
+    def __init__(self, size: int, max_bytes: int, filename: str, *, plain: bool = False) -> None:
+        self.plain = plain  # UNSAFE, for corral's own tests of the OS layers: no language layer
         self.size = size
         self.max_bytes = max_bytes
         self.filename = filename
@@ -120,7 +121,11 @@ class CompileCache:
             self._entries.move_to_end(key)
             return entry[1]
         self.misses += 1
-        compiled = compile_connector(source, self.filename)
+        compiled = (
+            (compile(source, self.filename, "exec"), None, "")
+            if self.plain
+            else compile_connector(source, self.filename)
+        )
         if len(raw) <= self.max_bytes:
             self._entries[key] = (len(raw), compiled)
             self._bytes += len(raw)
@@ -203,8 +208,11 @@ def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> typ
 class ImportPolicy:
     """The modules connector code may import, served as safe views."""
 
-    def __init__(self, allowed: Iterable[str]) -> None:
+    def __init__(self, allowed: Iterable[str], *, unsafe_plain_python: bool = False) -> None:
         self.allowed = tuple(sorted(set(allowed)))
+        # UNSAFE, for corral's own tests: connector code gets the real builtins and imports,
+        # so that a test can prove the OS layers hold with no language layer above them.
+        self.unsafe_plain_python = unsafe_plain_python
         self._modules = {name: importlib.import_module(name) for name in self.allowed}
         # Packages above dotted names ("urllib" for "urllib.parse") get a holder view.
         self._packages = {
@@ -342,6 +350,8 @@ class Guards:
 
     def globals(self) -> dict[str, Any]:
         """A fresh globals dict for one execution of compiled connector code."""
+        if self._imports.unsafe_plain_python:
+            return {"__builtins__": builtins, "__name__": CONNECTOR_MODULE, "log": self._log}
         allowed_builtins = dict(_BASE_BUILTINS)
         allowed_builtins.update(
             __import__=self._import,

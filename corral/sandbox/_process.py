@@ -27,8 +27,8 @@ class ProcessBackend(Backend):
 
     name = "process"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, spares=SPARES)
+    def __init__(self, settings: Settings, *, unsafe_plain_python: bool = False) -> None:
+        super().__init__(settings, spares=SPARES, unsafe_plain_python=unsafe_plain_python)
 
     def start(self) -> None:
         """Start the zygote (and make cgroups) now rather than on the first execution."""

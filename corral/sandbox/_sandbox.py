@@ -44,6 +44,7 @@ class NodeSandbox:
         limits: Limits | None = None,
         *,
         settings: Settings | None = None,
+        _unsafe_plain_python: bool = False,
     ) -> None:
         self._settings = settings if settings is not None else get_settings()
         try:
@@ -58,7 +59,11 @@ class NodeSandbox:
                 "or pass Limits(max_memory_mb=...)",
             )
         backend = WorkerBackend if kind is ExecutorKind.WORKER else ProcessBackend
-        self._backend: ProcessBackend | WorkerBackend = backend(self._settings)
+        # `_unsafe_plain_python` switches the language layer off: corral's own tests use it to
+        # prove that the OS layers hold on their own. Never use it for anything else.
+        self._backend: ProcessBackend | WorkerBackend = backend(
+            self._settings, unsafe_plain_python=_unsafe_plain_python
+        )
         self._lock = threading.Lock()
 
     @property

@@ -164,8 +164,10 @@ class WorkerBackend(Backend):
 
     name = "worker"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, spares=1)  # a spare only when a worker is replaced
+    def __init__(self, settings: Settings, *, unsafe_plain_python: bool = False) -> None:
+        super().__init__(
+            settings, spares=1, unsafe_plain_python=unsafe_plain_python
+        )  # a spare only when a worker is replaced
         self.pool = _Pool(settings.worker_pool_size)
         self.max_executions = settings.worker_max_executions
         self.max_growth = settings.worker_max_memory_mb << 20

@@ -41,8 +41,11 @@ class Zygote:
 
     def __init__(self, control: socket.socket, config: dict[str, Any]) -> None:
         self.control = control
-        self.imports = ImportPolicy(config["allowed_imports"])
-        self.cache = CompileCache(COMPILE_CACHE_SIZE, COMPILE_CACHE_BYTES, _child.FILENAME)
+        plain = bool(config.get("unsafe_plain_python"))  # corral's own tests only
+        self.imports = ImportPolicy(config["allowed_imports"], unsafe_plain_python=plain)
+        self.cache = CompileCache(
+            COMPILE_CACHE_SIZE, COMPILE_CACHE_BYTES, _child.FILENAME, plain=plain
+        )
         self.cache.get(_child.WARM_SOURCE)  # warms the compiler; every spare runs it once
         self.pid = os.getpid()
         self.initial_spares = int(config["spares"])
