@@ -64,12 +64,18 @@ class Reaper:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
 
+def exited(pidfd: int, timeout_s: float = 0.0) -> bool:
+    """Whether the process behind `pidfd` has exited (its pidfd turns readable), waiting up to
+    `timeout_s`."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
 def _reap(pid: int | None, pidfd: int | None, cgroup: ExecutionCgroup | None) -> None:
     if pidfd is not None:
         try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            if not poller.poll(EXIT_WAIT_S * 1000):
+            if not exited(pidfd, EXIT_WAIT_S):
                 logger.warning(
                     "corral: sandbox pid %s still running %.0f s after SIGKILL", pid, EXIT_WAIT_S
                 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import keyword
-import threading
 import warnings
 from collections.abc import Iterable
 from types import TracebackType
@@ -64,7 +63,6 @@ class NodeSandbox:
         self._backend: ProcessBackend | WorkerBackend = backend(
             self._settings, unsafe_plain_python=_unsafe_plain_python
         )
-        self._lock = threading.Lock()
 
     @property
     def executor(self) -> str:
@@ -103,9 +101,8 @@ class NodeSandbox:
                 f"the code is {size} bytes, over the {self._settings.max_code_bytes} byte cap "
                 "(CORRAL_MAX_CODE_BYTES)"
             )
-        if not (isinstance(entry_point, str) and entry_point.isidentifier()) or keyword.iskeyword(
-            entry_point
-        ):
+        is_name = isinstance(entry_point, str) and entry_point.isidentifier()
+        if not is_name or keyword.iskeyword(entry_point):
             raise InvalidInput(f"entry point {entry_point!r} is not a Python function name")
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
             raise ConfigError(f"timeout_ms={timeout_ms!r} is invalid: expected a positive integer")

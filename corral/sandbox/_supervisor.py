@@ -178,7 +178,9 @@ class Supervisor:
 
     def _take_logs(self, entries: list[tuple[str, str]]) -> None:
         for level, message in entries:
-            self.log_bytes += len(message.encode("utf-8", "replace")) + len(level)
+            # Counted as the child counts them, so both sides agree on the cap.
+            self.log_bytes += len(message.encode("utf-8", "replace"))
+            self.log_bytes += len(level.encode("utf-8", "replace"))
             self.logs.append((level, message))
         if self.log_bytes > self.limits.max_log_bytes:
             raise Failure(

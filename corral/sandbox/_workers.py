@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import select
 import signal
 import socket
 import threading
@@ -26,6 +25,7 @@ from corral._exceptions import Aborted, ConfigError, SandboxCrash
 from corral.config import Settings
 from corral.sandbox._backend import Backend, cgroup_limits
 from corral.sandbox._cgroups import CgroupLimits, CgroupUnavailable, ExecutionCgroup
+from corral.sandbox._reaper import exited
 from corral.sandbox._result import ExecutionResult
 from corral.sandbox._spawner import ZYGOTE_START_TIMEOUT_S
 from corral.sandbox._supervisor import (
@@ -55,10 +55,8 @@ class _Worker:
     oom_kills: int = 0  # the baselines of the next one
 
     def alive(self) -> bool:
-        """Whether the process is still running (its pidfd is readable once it exits)."""
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
+        """Whether the process is still running."""
+        return not exited(self.pidfd)
 
     def kill(self) -> None:
         """SIGKILL the worker; closing the channel also tells a live one to leave."""
