@@ -134,6 +134,35 @@ class Settings(BaseSettings):
     egress_default: Literal["allow", "deny"] = Field(
         "allow", alias="CORRAL_EGRESS_DEFAULT", description="allow or deny"
     )
+    http_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        alias="CORRAL_HTTP_TIMEOUT_S",
+        description="a positive number of seconds for one brokered HTTP request",
+    )
+    http_max_response_bytes: PositiveMs = Field(
+        10 << 20,  # 10 MiB: API responses, not downloads
+        alias="CORRAL_HTTP_MAX_RESPONSE_BYTES",
+        description="a positive whole number of bytes",
+    )
+    http_max_requests: PositiveMs = Field(
+        100,  # per execution: a connector pages through an API, it does not crawl it
+        alias="CORRAL_HTTP_MAX_REQUESTS",
+        description="a positive whole number of requests per execution",
+    )
+    http_max_redirects: int = Field(
+        5,
+        ge=0,
+        alias="CORRAL_HTTP_MAX_REDIRECTS",
+        description="a whole number of redirects the host follows, 0 for none",
+    )
+    sandbox_uid: int = Field(
+        0x5F000000,  # far above any account a distribution creates
+        ge=1,
+        le=(1 << 32) - 3,
+        alias="CORRAL_SANDBOX_UID",
+        description="the first of two unused host uids (and gids) sandbox processes run as",
+    )
     api_token: SecretStr | None = Field(
         None, alias="CORRAL_API_TOKEN", description="a bearer token"
     )
