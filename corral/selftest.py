@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
+
 from corral._exceptions import SandboxError
 from corral.config import Settings
 from corral.sandbox import Limits, NodeSandbox
-from corral.sandbox._zygote import NAMESPACES
+from corral.sandbox._confine import DENIED_SYSCALLS
 
 ENFORCED, DEGRADED, FAILED = "enforced", "degraded", "failed"
 CPU_LIMIT_MS = 200  # used when SANDBOX_MAX_CPU_MS is not set
@@ -95,6 +97,7 @@ class SelfTest:
         self.sandbox = sandbox
         self.settings = settings
         self.degraded = sandbox.isolation.startswith("degraded")
+        self._layers: dict[str, Any] | None = None
 
     def checks(self) -> list[tuple[str, Callable[[], Check]]]:
         return [
@@ -107,6 +110,8 @@ class SelfTest:
             ("output_limit", self.output),
             ("egress", self.egress),
             ("namespaces", self.namespaces),
+            ("filesystem", self.filesystem),
+            ("privileges", self.privileges),
             ("seccomp", self.seccomp),
         ]
 
@@ -200,28 +205,107 @@ class SelfTest:
         detail = f"nothing reached a listener on 127.0.0.1: {detail.split(';')[0]}"
         return Check("egress", "policy_violation", ENFORCED if ok else FAILED, detail)
 
+    def _probe(self) -> dict[str, Any]:
+        """What a running sandbox child looks like from the host: its namespaces, its
+        filesystem view, its credentials and its system-call filter (cached)."""
+        if self._layers is None:
+            self._layers = _inspect_running_child(self.sandbox)
+        return self._layers
+
     def namespaces(self) -> Check:
-        self.sandbox.start()
-        zygote = self.sandbox._backend.zygote.pid  # every sandbox process shares its namespaces
-        own = [
-            name
-            for name in NAMESPACES
-            if zygote is not None
-            and os.readlink(f"/proc/{zygote}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}")
-        ]
+        probe = self._probe()
+        own = [name for name in NAMESPACES if probe["namespaces"].get(name)]
         missing = [name for name in NAMESPACES if name not in own]
         if missing:
-            detail = f"no {', '.join(missing)} namespace of their own: run as root"
+            fix = "run as root" if os.geteuid() != 0 else "allow user namespaces (sysctl "
+            fix += "" if os.geteuid() != 0 else "user.max_user_namespaces)"
+            detail = f"no {', '.join(missing)} namespace of their own: {fix}"
             return Check("namespaces", "", DEGRADED, detail)
-        detail = (
-            f"{', '.join(own)} of their own (no network at all); user, mount and pid "
-            "namespaces are not in this corral version"
-        )
-        return Check("namespaces", "", DEGRADED, detail)
+        detail = f"{', '.join(own)} of their own: no network at all, no host process in sight"
+        return Check("namespaces", "", ENFORCED, detail)
+
+    def filesystem(self) -> Check:
+        probe = self._probe()
+        if probe["sees_host_files"]:
+            detail = "the child sees the host's files (/etc/passwd): run as root"
+            return Check("filesystem", "", DEGRADED, detail)
+        detail = f"an empty read-only root holding only {', '.join(probe['root'])}"
+        return Check("filesystem", "", ENFORCED, detail)
+
+    def privileges(self) -> Check:
+        status = self._probe()["status"]
+        uids = set(status.get("Uid", "0").split())
+        unprivileged = "0" not in uids and int(status.get("CapEff", "1"), 16) == 0
+        if not unprivileged or status.get("NoNewPrivs") != "1":
+            detail = f"the child runs as uid {status.get('Uid')}: run as root so corral can drop it"
+            return Check("privileges", "", DEGRADED, detail)
+        detail = f"uid {uids.pop()}, no capabilities, no_new_privs, not dumpable"
+        return Check("privileges", "", ENFORCED, detail)
 
     def seccomp(self) -> Check:
-        detail = "not in this corral version: no system-call filter below the language layer"
-        return Check("seccomp", "", DEGRADED, detail)
+        status = self._probe()["status"]
+        if status.get("Seccomp") != "2":
+            detail = "no system-call filter on the child (libseccomp missing?)"
+            return Check("seccomp", "", FAILED, detail)
+        detail = (
+            f"filter on every thread: {len(DENIED_SYSCALLS)} system calls refused "
+            "(sockets, exec, new processes, ptrace, mount, bpf, ...)"
+        )
+        return Check("seccomp", "", ENFORCED, detail)
+
+
+#: The namespaces a sandbox child should not share with the host.
+NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts")
+_PROBE_CODE = "import time\ndef run(params, context):\n    time.sleep(0.4)\n"
+
+
+def _inspect_running_child(sandbox: NodeSandbox) -> dict[str, Any]:
+    """Run an execution and look at its process from the host while it sleeps."""
+    sandbox.start()
+    zygote = sandbox._backend.zygote.pid
+    worker = threading.Thread(target=sandbox.execute_sync, args=(_PROBE_CODE,), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for child in psutil.Process(zygote).children(recursive=True) if zygote else []:
+                with contextlib.suppress(OSError, psutil.Error):
+                    if _status(child.pid).get("NoNewPrivs") == "1":  # locking down
+                        return _layers_of(child.pid, _locked_down(child.pid))
+            time.sleep(0.01)
+        raise RuntimeError("no sandbox child could be seen running")
+    finally:
+        worker.join()
+
+
+def _locked_down(pid: int) -> dict[str, str]:
+    """The status of a child that set no_new_privs, once its filter is on (the last step
+    of locking down), or as it is after a moment without one."""
+    deadline = time.monotonic() + 0.5
+    while (status := _status(pid)).get("Seccomp") != "2" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return status
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return dict(
+            (key, value.strip()) for key, _, value in (line.partition(":") for line in status)
+        )
+
+
+def _layers_of(pid: int, status: dict[str, str]) -> dict[str, Any]:
+    namespaces = {
+        name: os.readlink(f"/proc/{pid}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}")
+        for name in NAMESPACES
+    }
+    root = f"/proc/{pid}/root"
+    return {
+        "namespaces": namespaces,
+        "status": status,
+        "root": sorted(os.listdir(root)),
+        "sees_host_files": os.path.exists(f"{root}/etc/passwd"),
+    }
 
 
 def run_selftest(

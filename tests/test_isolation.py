@@ -34,9 +34,9 @@ def _status(pid: int) -> dict[str, str]:
 
 
 def _wait_until_confined(pid: int, timeout: float = 10.0) -> None:
-    """Wait for no_new_privs, the last step before the child reads its request."""
+    """Wait for the system-call filter, the last step before the child reads its request."""
     deadline = time.monotonic() + timeout
-    while _status(pid)["NoNewPrivs"].strip() != "1":
+    while _status(pid)["Seccomp"].strip() != "2":
         assert time.monotonic() < deadline, "the child never finished confining itself"
         time.sleep(0.01)
 

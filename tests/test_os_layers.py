@@ -1,9 +1,12 @@
 """The OS layers on their own: with the language layer switched off (a test-only switch),
-plain Python in a sandbox child still cannot reach the network, start processes, see the
-host's environment or descriptors, or outgrow its limits."""
+plain Python in a sandbox child still cannot reach the network, exec a program, start
+processes, read the host's files, see or signal the host's processes, or outgrow its
+limits. With the system-call filter switched off too, the namespaces, the filesystem
+view and the uid drop still hold by themselves."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,17 +17,43 @@ from corral import Limits, NodeSandbox
 from corral.config import load_settings
 from corral.selftest import loopback_listener
 
+EPERM, ENOENT, EAGAIN, EROFS = 1, 2, 11, 30
+LAYERS_OFF = {"plain": {"language"}, "bare": {"language", "seccomp"}}
+
+
+def _sandbox(executor: str, layers_off: set[str]) -> NodeSandbox:
+    return NodeSandbox(
+        executor=executor,
+        limits=Limits(max_memory_mb=64),
+        settings=load_settings(),
+        _unsafe_layers_off=layers_off,
+    )
+
 
 @pytest.fixture(params=BACKENDS)
 def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
     """A sandbox that runs connector code as plain Python: only the OS layers stand."""
-    with NodeSandbox(
-        executor=request.param,
-        limits=Limits(max_memory_mb=64),
-        settings=load_settings(),
-        _unsafe_plain_python=True,
-    ) as sandbox:
+    with _sandbox(request.param, LAYERS_OFF["plain"]) as sandbox:
         yield sandbox
+
+
+@pytest.fixture(params=[(b, layers) for b in BACKENDS for layers in LAYERS_OFF], ids=str)
+def below(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
+    """Plain Python, with and without the system-call filter: each layer must hold alone."""
+    executor, layers = request.param
+    with _sandbox(executor, LAYERS_OFF[layers]) as sandbox:
+        yield sandbox
+
+
+def _errno_of(sandbox: NodeSandbox, body: str) -> int | str:
+    """Run `body` (indented code, may use os and socket) and return the errno it failed
+    with, or what it returned."""
+    code = (
+        "import os, socket, signal\ndef run(params, context):\n    try:\n"
+        + "".join(f"        {line}\n" for line in body.splitlines())
+        + "    except OSError as exc:\n        return exc.errno\n"
+    )
+    return sandbox.execute_sync(code).output
 
 
 def test_the_switch_really_removes_the_language_layer(plain):
@@ -36,27 +65,73 @@ def test_the_switch_really_removes_the_language_layer(plain):
     assert plain.execute_sync(code).output == [True, "tuple"]
 
 
-def test_no_network_even_to_the_hosts_loopback(plain):
-    """A socket to a listener on the host's 127.0.0.1 fails: the child has no network."""
+def test_no_network_even_to_the_hosts_loopback(below):
+    """Nothing reaches a listener on the host's 127.0.0.1: the filter refuses the socket,
+    and without it the child's network namespace has no route to the host."""
     with loopback_listener() as (port, connected):
-        code = (
-            "import socket\ndef run(params, context):\n    try:\n"
-            f"        socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-            "    except OSError as exc:\n        return type(exc).__name__\n"
-            "    return 'connected'\n"
+        outcome = _errno_of(
+            below,
+            f"socket.create_connection(('127.0.0.1', {port}), timeout=1)\nreturn 'connected'",
         )
-        outcome = plain.execute_sync(code).output
     assert outcome != "connected" and not connected
 
 
-def test_no_new_processes(plain):
-    """fork() fails: the cgroup admits no process beyond the child's own two threads."""
-    code = (
-        "import os\ndef run(params, context):\n    try:\n        pid = os.fork()\n"
-        "    except OSError as exc:\n        return exc.errno\n"
-        "    if pid == 0:\n        os._exit(0)\n    return 'forked'\n"
+def test_the_filter_refuses_any_new_socket(plain):
+    """socket() itself fails with EPERM, whatever the family."""
+    for family in ("AF_INET", "AF_UNIX", "AF_NETLINK", "AF_PACKET"):
+        assert _errno_of(plain, f"socket.socket(socket.{family})\nreturn 'made'") == EPERM
+
+
+def test_no_program_can_be_executed(below):
+    """exec fails: the filter refuses it; without it no program is in the child's view, and
+    the dropped uid's process limit refuses an exec anyway."""
+    outcome = _errno_of(below, "os.execv('/bin/sh', ['sh', '-c', 'true'])")
+    assert outcome in (EPERM, ENOENT, EAGAIN)
+    assert _errno_of(below, "return os.path.exists('/bin/sh')") is False
+
+
+def test_no_new_processes(below):
+    """fork() fails: EPERM from the filter; without it EAGAIN, the dropped uid may own
+    no more processes (RLIMIT_NPROC) and the cgroup admits none (pids.max)."""
+    outcome = _errno_of(below, "pid = os.fork()\nif pid == 0:\n    os._exit(0)\nreturn 'forked'")
+    assert outcome in (EPERM, EAGAIN)
+
+
+def test_host_files_are_out_of_sight(below):
+    """/etc/passwd and the host's other files are not in the child's filesystem view; the
+    view is read-only."""
+    assert _errno_of(below, "open('/etc/passwd').read()\nreturn 'read'") == ENOENT
+    assert _errno_of(below, "open('/root/.bashrc').read()\nreturn 'read'") == ENOENT
+    assert _errno_of(below, "open('/canary', 'w')\nreturn 'written'") == EROFS
+    top = set(_errno_of(below, "return os.listdir('/')"))
+    assert {"etc", "home", "bin", "usr", "var", "tmp"}.isdisjoint(top)
+    assert {"dev", "proc"} <= top
+
+
+def test_host_processes_are_out_of_sight_and_out_of_reach(below):
+    """The child sees only its own PID namespace (no host process), and cannot signal the
+    zygote (its namespace's init, under another uid)."""
+    cmdlines = _errno_of(
+        below,
+        "found = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n"
+        "        with open(f'/proc/{pid}/cmdline', 'rb') as f:\n"
+        "            found.append(f.read().decode(errors='replace'))\nreturn found",
     )
-    assert plain.execute_sync(code).output == 11  # EAGAIN
+    assert cmdlines and not any("pytest" in line for line in cmdlines)
+    assert str(os.getpid()) not in str(_errno_of(below, "return os.listdir('/proc')"))
+    assert _errno_of(below, "os.kill(1, signal.SIGKILL)\nreturn 'signalled'") == EPERM
+
+
+def test_the_child_runs_unprivileged(below):
+    """Not root, no capability, no_new_privs."""
+    status = _errno_of(
+        below,
+        "lines = open('/proc/self/status').read().splitlines()\n"
+        "return dict(line.split(':\\t', 1) for line in lines)",
+    )
+    assert int(status["Uid"].split()[0]) != 0
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
 
 
 def test_no_environment_and_no_stray_descriptors(plain):

@@ -17,6 +17,9 @@ from corral.sandbox._reaper import Reaper
 from corral.sandbox._spawner import Spawner
 from corral.sandbox._supervisor import ExecutionRequest, Supervisor
 
+#: Layers corral's own tests may switch off, to prove that the others hold on their own.
+UNSAFE_LAYERS = frozenset({"language", "seccomp"})
+
 
 class Backend:
     """A way to run executions: `execute(request)` and `close()`; the rest is shared here."""
@@ -24,11 +27,14 @@ class Backend:
     name: ClassVar[str]
 
     def __init__(
-        self, settings: Settings, *, spares: int, unsafe_plain_python: bool = False
+        self, settings: Settings, *, spares: int, unsafe_layers_off: frozenset[str] = frozenset()
     ) -> None:
+        unknown = unsafe_layers_off - UNSAFE_LAYERS
+        if unknown:
+            raise ConfigError(f"no such layer to switch off: {', '.join(sorted(unknown))}")
         self.hierarchy, self.isolation = detect_cgroups(settings)
         config = zygote_config(settings, self.hierarchy)
-        config["unsafe_plain_python"] = unsafe_plain_python
+        config["unsafe_layers_off"] = sorted(unsafe_layers_off)
         self.zygote = Spawner(config, spares=spares)
         self.reaper = Reaper(after_each=self._between_executions)
         self._live: set[Supervisor] = set()
@@ -84,6 +90,8 @@ def zygote_config(settings: Settings, hierarchy: Hierarchy | None) -> dict[str, 
     config: dict[str, Any] = {
         "allowed_imports": list(settings.allowed_imports),
         "host_pid": os.getpid(),
+        "sandbox_uid": settings.sandbox_uid,
+        "unsafe_layers_off": [],
         "cgroup": None,
     }
     if hierarchy is not None:
@@ -108,6 +116,7 @@ def detect_cgroups(settings: Settings) -> tuple[Hierarchy | None, str]:
             reason = str(exc)
         else:
             hierarchy.sweep()  # cgroups of corral hosts that died without cleaning up
+            hierarchy.owner = settings.sandbox_uid  # the zygote's uid: its children join
             return hierarchy, hierarchy.label
     warn_once(
         "degraded",

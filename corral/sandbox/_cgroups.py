@@ -162,6 +162,9 @@ class Hierarchy:
         # and the pid tells a later host whether the owner is gone.
         self.prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
         self._ready: collections.deque[ExecutionCgroup] = collections.deque()
+        #: The host uid sandbox processes join their cgroup as (the zygote's, which is root
+        #: only in its own user namespace): it gets the join files. None: root joins.
+        self.owner: int | None = None
 
     @property
     def label(self) -> str:
@@ -206,11 +209,11 @@ class Hierarchy:
         cgroup = ExecutionCgroup(self.version, {c: root / name for c, root in self.roots.items()})
         try:
             try:
-                cgroup.make()
+                cgroup.make(self.owner)
             except FileNotFoundError:  # another corral host removed the idle shared root
                 cgroup.remove()
                 self._prepare_roots()
-                cgroup.make()
+                cgroup.make(self.owner)
         except OSError as exc:
             cgroup.remove()
             raise CgroupUnavailable(f"cannot set up cgroup {name}: {exc}") from exc
@@ -302,10 +305,13 @@ class ExecutionCgroup:
     def _dir(self, controller: str) -> Path:
         return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
 
-    def make(self) -> None:
-        """Create the directories, limited only in processes (pids.max)."""
+    def make(self, owner: int | None = None) -> None:
+        """Create the directories, limited only in processes (pids.max); the join files
+        are given to `owner` when one is named."""
         for path in dict.fromkeys(self.dirs.values()):
             path.mkdir()
+            if owner is not None:
+                os.chown(path / "cgroup.procs", owner, owner)
         _write(self._dir("pids") / "pids.max", str(PIDS_MAX))
 
     def apply(self, limits: CgroupLimits, *, reused: bool = False) -> None:

@@ -5,7 +5,8 @@ modules (`_policy`, `_protocol`, the import table in `corral.config`). The
 order matters: a spare confines itself (session, death signal, descriptors,
 environment) while it waits; with its request it joins the execution's
 cgroup, hands the host a pidfd, starts the heartbeat, sets rlimits and
-no_new_privs, and only then compiles and runs connector code.
+no_new_privs, drops its uid, installs the system-call filter (`_confine`),
+and only then compiles and runs connector code.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
+from corral.sandbox._confine import Confinement
 from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyError
 
 CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
@@ -244,13 +246,15 @@ def _join(spec: dict[str, Any], channel_fd: int) -> None:
     os.close(SPARE_FD)
 
 
-def _apply_rlimits(spec: dict[str, Any]) -> None:
-    """Backstops that hold without cgroups (and are the only limits in degraded mode)."""
+def lock_down(spec: dict[str, Any], confinement: Confinement) -> None:
+    """The last step before connector code: rlimits (backstops that hold without cgroups,
+    and the only limits in degraded mode), no_new_privs, then the uid drop and the
+    system-call filter."""
     limits = {
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: 0,
         resource.RLIMIT_NOFILE: MAX_OPEN_FILES,
-        resource.RLIMIT_NPROC: 0,  # no new processes or threads (for non-root uids)
+        resource.RLIMIT_NPROC: 0,  # no new processes or threads, once the uid is dropped
     }
     if spec.get("rlimit_cpu_s"):
         limits[resource.RLIMIT_CPU] = spec["rlimit_cpu_s"]
@@ -262,6 +266,7 @@ def _apply_rlimits(spec: dict[str, Any]) -> None:
         resource.setrlimit(which, (value, value))
     if _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    confinement.apply()
 
 
 def _where(exc: BaseException) -> str:
@@ -381,7 +386,13 @@ def _log_cap_message(logs: _Logs) -> str:
     return f"the logs passed the {logs.max_bytes} byte cap"
 
 
-def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid: int) -> NoReturn:
+def spare(
+    spare_fd: int,
+    cache: CompileCache,
+    imports: ImportPolicy,
+    zygote_pid: int,
+    confinement: Confinement,
+) -> NoReturn:
     """The whole life of a sandbox child. Never returns.
 
     Forked ahead of need by the zygote, it confines itself, waits for one
@@ -403,9 +414,10 @@ def spare(spare_fd: int, cache: CompileCache, imports: ImportPolicy, zygote_pid:
         control.detach()
         _join(spec, channel_fd)
         if spec.get("worker"):
-            sys.modules["corral.sandbox._worker"].serve(spec, cache, imports, standby.run)
+            worker = sys.modules["corral.sandbox._worker"]
+            worker.serve(spec, cache, imports, standby.run, confinement)
         else:
-            _run(spec, cache, imports, standby)
+            _run(spec, cache, imports, standby, confinement)
         status = 0
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -433,6 +445,7 @@ def _run(
     cache: CompileCache,
     imports: ImportPolicy,
     standby: _Standby,
+    confinement: Confinement,
 ) -> None:
     """Announce the pidfd, start the heartbeat, lock down, read the request, answer it."""
     sock = socket.socket(fileno=CHANNEL_FD)
@@ -444,7 +457,7 @@ def _run(
     stop = _thread.allocate_lock()
     stop.acquire()  # released when the answer is ready: the heartbeat then ends
     standby.run(_heartbeat, channel, logs, spec["heartbeat_interval_ms"] / 1000, stop)
-    _apply_rlimits(spec)
+    lock_down(spec, confinement)
     frame = proto.read_frame(sock, MAX_REQUEST_BYTES)
     if frame is None or frame[0] != proto.REQUEST:
         return  # the host went away before sending the request

@@ -27,8 +27,10 @@ class ProcessBackend(Backend):
 
     name = "process"
 
-    def __init__(self, settings: Settings, *, unsafe_plain_python: bool = False) -> None:
-        super().__init__(settings, spares=SPARES, unsafe_plain_python=unsafe_plain_python)
+    def __init__(
+        self, settings: Settings, *, unsafe_layers_off: frozenset[str] = frozenset()
+    ) -> None:
+        super().__init__(settings, spares=SPARES, unsafe_layers_off=unsafe_layers_off)
 
     def start(self) -> None:
         """Start the zygote (and make cgroups) now rather than on the first execution."""

@@ -6,7 +6,7 @@ import asyncio
 import json
 import keyword
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -43,7 +43,7 @@ class NodeSandbox:
         limits: Limits | None = None,
         *,
         settings: Settings | None = None,
-        _unsafe_plain_python: bool = False,
+        _unsafe_layers_off: Collection[str] = (),
     ) -> None:
         self._settings = settings if settings is not None else get_settings()
         try:
@@ -58,10 +58,11 @@ class NodeSandbox:
                 "or pass Limits(max_memory_mb=...)",
             )
         backend = WorkerBackend if kind is ExecutorKind.WORKER else ProcessBackend
-        # `_unsafe_plain_python` switches the language layer off: corral's own tests use it to
-        # prove that the OS layers hold on their own. Never use it for anything else.
+        # `_unsafe_layers_off` switches layers off ("language": connector code runs as plain
+        # Python; "seccomp": no system-call filter). corral's own tests use it to prove that
+        # each layer holds on its own. Never use it for anything else.
         self._backend: ProcessBackend | WorkerBackend = backend(
-            self._settings, unsafe_plain_python=_unsafe_plain_python
+            self._settings, unsafe_layers_off=frozenset(_unsafe_layers_off)
         )
 
     @property

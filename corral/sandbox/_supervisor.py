@@ -191,10 +191,10 @@ class Supervisor:
         """Frames from the child until its answer; None when it died without one."""
         loop = asyncio.get_running_loop()
         if self.expected_pid is not None and self.pidfd is None:
-            self.pidfd = await receive_pidfd(sock, self.expected_pid)
-            if self.pidfd is None:
+            received = await receive_pidfd(sock, self.expected_pid)
+            if received is None:
                 return None
-            self.pid = self.expected_pid
+            self.pidfd, self.pid = received
             if self.abort_reason is not None:  # closed while the child was starting
                 self.abort(self.abort_reason)
         buffer = bytearray()
@@ -437,11 +437,15 @@ def _shortened(message: str) -> str:
     return f"{message[:MAX_ERROR_MESSAGE_CHARS]}… ({cut} more characters)"
 
 
-async def receive_pidfd(sock: socket.socket, expected_pid: int) -> int | None:
-    """A new child's first message: its pidfd, or None if it died before sending one.
+async def receive_pidfd(
+    sock: socket.socket, expected_pid: int
+) -> tuple[int, int | None] | None:
+    """A new child's first message: its pidfd and its pid as this host sees it (None once
+    it exited), or None if it died before sending one.
 
-    Only a pidfd of the spare the zygote named (or, once that one exited, of
-    nobody: -1) is accepted; anything else is a Failure.
+    `expected_pid` is the spare's pid as the zygote sees it (in the sandbox's PID
+    namespace). Only a pidfd of that spare (or, once it exited, of nobody) is
+    accepted; anything else is a Failure.
     """
     await _readable(asyncio.get_running_loop(), sock)
     try:
@@ -450,22 +454,24 @@ async def receive_pidfd(sock: socket.socket, expected_pid: int) -> int | None:
         return None
     if fd is None:
         return None
-    if len(data) < proto.PID.size or _pidfd_target(fd) not in (expected_pid, -1):
+    pids = _pidfd_targets(fd)
+    if len(data) < proto.PID.size or not pids or pids[-1] not in (expected_pid, -1):
         os.close(fd)
         raise Failure(SandboxCrash, "the sandbox sent a pidfd of another process")
-    return fd
+    return fd, pids[0] if pids[0] > 0 else None
 
 
-def _pidfd_target(fd: int) -> int | None:
-    """The pid a pidfd refers to: -1 once that process has exited, None if `fd` is no pidfd."""
+def _pidfd_targets(fd: int) -> list[int]:
+    """The pids of the process a pidfd refers to, from this host's PID namespace down to
+    its own ([-1] once it has exited); [] if `fd` is no pidfd."""
     try:
         with open(f"/proc/self/fdinfo/{fd}") as info:
             for line in info:
-                if line.startswith("Pid:"):
-                    return int(line.split()[1])
+                if line.startswith("NSpid:"):
+                    return [int(pid) for pid in line.split()[1:]]
     except (OSError, ValueError):
         pass
-    return None
+    return []
 
 
 def _reported_error(

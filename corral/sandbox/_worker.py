@@ -36,7 +36,6 @@ from corral.sandbox._child import (
     _PR_SET_PDEATHSIG,
     CHANNEL_FD,
     MAX_REQUEST_BYTES,
-    _apply_rlimits,
     _Channel,
     _execute,
     _Logs,
@@ -46,7 +45,9 @@ from corral.sandbox._child import (
     answer,
     beat,
     compile_reporting,
+    lock_down,
 )
+from corral.sandbox._confine import Confinement
 from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
 GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
@@ -246,6 +247,7 @@ def serve(
     cache: CompileCache,
     imports: ImportPolicy,
     start_thread: Callable[..., None],
+    confinement: Confinement,
 ) -> None:
     """The worker's life: announce the pidfd, then answer requests until the host hangs up.
 
@@ -259,7 +261,7 @@ def serve(
     os.close(pidfd)
     channel = _Channel(sock)
     executor = _ExecutionThread(start_thread)
-    _apply_rlimits(spec)
+    lock_down(spec, confinement)
     _reset_state()
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:

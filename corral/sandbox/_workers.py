@@ -162,10 +162,11 @@ class WorkerBackend(Backend):
 
     name = "worker"
 
-    def __init__(self, settings: Settings, *, unsafe_plain_python: bool = False) -> None:
-        super().__init__(
-            settings, spares=1, unsafe_plain_python=unsafe_plain_python
-        )  # a spare only when a worker is replaced
+    def __init__(
+        self, settings: Settings, *, unsafe_layers_off: frozenset[str] = frozenset()
+    ) -> None:
+        # A spare only when a worker is replaced.
+        super().__init__(settings, spares=1, unsafe_layers_off=unsafe_layers_off)
         self.pool = _Pool(settings.worker_pool_size)
         self.max_executions = settings.worker_max_executions
         self.max_growth = settings.worker_max_memory_mb << 20
@@ -204,13 +205,14 @@ class WorkerBackend(Backend):
             expected = await self.zygote.spawn(spec, theirs)
             theirs.close()
             try:
-                pidfd = await asyncio.wait_for(
+                received = await asyncio.wait_for(
                     receive_pidfd(ours, expected), ZYGOTE_START_TIMEOUT_S
                 )
             except Failure as exc:
                 raise SandboxCrash(exc.message) from None
-            if pidfd is None:
+            if received is None or received[1] is None:
                 raise SandboxCrash("a new sandbox worker died before it was ready")
+            pidfd, pid = received
         except BaseException:
             ours.close()
             if cgroup is not None:
@@ -219,7 +221,7 @@ class WorkerBackend(Backend):
             raise
         finally:
             theirs.close()
-        return _Worker(expected, pidfd, ours, cgroup)
+        return _Worker(pid, pidfd, ours, cgroup)
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one execution on a worker from the pool."""

@@ -1,17 +1,24 @@
 """The zygote: a warm, single-threaded process that forks the sandbox children.
 
 Runs in its own interpreter, started by the host with `python -I`; it never
-runs connector code itself. It keeps a few spare children forked ahead of
-need (each already confined as far as it can be without a request), hands
-each request to a spare, and forks a replacement while the spare runs, so
-the fork is off the caller's path. Children are reaped by the kernel
-(SIGCHLD ignored) and die with the zygote (PR_SET_PDEATHSIG). When the
+runs connector code itself. The process the host starts stays outside the
+sandbox: it forks the zygote into a new PID namespace, maps the zygote's
+user namespace, waits for it, and then cleans up after it (the janitor).
+The zygote enters every namespace its children inherit (see `_confine`),
+keeps a few spare children forked ahead of need (each already confined as
+far as it can be without a request), hands each request to a spare, and
+forks a replacement while the spare runs, so the fork is off the caller's
+path. Children are reaped by the kernel (SIGCHLD ignored) and die with the
+zygote (PR_SET_PDEATHSIG, and the end of its PID namespace). When the
 host's end of the control socket closes (the host exited, even by SIGKILL),
-the zygote kills what is left in the host's cgroups, removes them and exits.
+the zygote exits and the janitor kills what is left in the host's cgroups,
+removes them and exits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.sandbox import _child, _worker  # noqa: F401 - _worker: spares may become workers
+from corral.sandbox import _confine as confine
 from corral.sandbox import _protocol as proto
 from corral.sandbox._cgroups import Hierarchy
 from corral.sandbox._policy import CompileCache, ImportPolicy
@@ -30,18 +38,20 @@ COMPILE_CACHE_SIZE = 256  # distinct connector sources kept compiled
 COMPILE_CACHE_BYTES = 8 << 20  # of source; compiled code is about ten times larger
 MAX_REQUEST_BYTES = 64 << 20
 _PR_SET_THP_DISABLE = 41
-#: Namespaces the zygote enters once, so every child inherits them at no cost per execution:
-#: a network namespace whose only interface is a loopback that is down (no network at all),
-#: and IPC and UTS namespaces of their own.
-NAMESPACES = {"net": 0x40000000, "ipc": 0x08000000, "uts": 0x04000000}
+#: Entered with the user namespace: a network namespace whose only interface is a loopback
+#: that is down (no network at all), and IPC and UTS namespaces of their own.
+_WITH_USER_NAMESPACE = confine.CLONE_NEWNET | confine.CLONE_NEWIPC | confine.CLONE_NEWUTS
 
 
 class Zygote:
     """The fork server: spares, the compile cache and the import policy they inherit."""
 
-    def __init__(self, control: socket.socket, config: dict[str, Any]) -> None:
+    def __init__(
+        self, control: socket.socket, config: dict[str, Any], confinement: confine.Confinement
+    ) -> None:
         self.control = control
-        plain = bool(config.get("unsafe_plain_python"))  # corral's own tests only
+        self.confinement = confinement
+        plain = "language" in config["unsafe_layers_off"]  # corral's own tests only
         self.imports = ImportPolicy(config["allowed_imports"], unsafe_plain_python=plain)
         self.cache = CompileCache(
             COMPILE_CACHE_SIZE, COMPILE_CACHE_BYTES, _child.FILENAME, plain=plain
@@ -55,7 +65,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
-            _child.spare(theirs.fileno(), self.cache, self.imports, self.pid)
+            _child.spare(theirs.fileno(), self.cache, self.imports, self.pid, self.confinement)
         theirs.close()
         try:
             proto.send_fd(self.control, proto.PID.pack(pid), ours.fileno())
@@ -85,7 +95,7 @@ class Zygote:
 
 
 def _janitor(config: dict[str, Any]) -> None:
-    """The host is gone (or closed us): kill and remove every cgroup it made through us."""
+    """The zygote is gone: kill and remove every cgroup the host made through it."""
     cgroup = config.get("cgroup")
     if not cgroup:
         return
@@ -94,24 +104,85 @@ def _janitor(config: dict[str, Any]) -> None:
     hierarchy.remove_roots()
 
 
-def main() -> None:
-    """Entry point: `python -I -c ...` with the control fd and the JSON config in argv."""
-    # Huge pages would make every copy-on-write fault in a child copy 2 MiB.
-    import ctypes
+def _confined(config: dict[str, Any], ask_for_map: int, mapped: int) -> confine.Confinement:
+    """Enter the namespaces and the filesystem view; what each child will apply after.
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
-    for flag in NAMESPACES.values():
-        libc.unshare(flag)  # where the host refuses (not root), `corral selftest` says so
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps children
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the host
-    control = socket.socket(fileno=int(sys.argv[1]))
-    config = json.loads(sys.argv[2])
+    Layers the host refuses are left out and said on stderr; `corral selftest`
+    shows which hold. `ask_for_map`/`mapped` are pipes to the parent, which maps
+    the user namespace.
+    """
+    layers_off = set(config["unsafe_layers_off"])
+    program = None if "seccomp" in layers_off else confine.filter_program()
+    confinement = confine.Confinement(None, program, confine.syscall_number("seccomp"))
     try:
-        Zygote(control, config).serve()
+        if os.geteuid() != 0:
+            raise OSError(1, "not running as root: run the host as root for the OS layers")
+        cgroup = config.get("cgroup") or {"roots": {}}
+        confine.unshare(confine.CLONE_NEWNS, "mount namespace")
+        confine.enter_filesystem_view(confine.interpreter_paths(), cgroup["roots"].values())
+    except OSError as exc:
+        print(f"corral zygote: no filesystem view: {exc}", file=sys.stderr)
+    try:
+        confine.unshare(confine.CLONE_NEWUSER | _WITH_USER_NAMESPACE, "user namespace")
+        os.write(ask_for_map, b"u")
+        if os.read(mapped, 1) != b"1":
+            raise OSError(1, "the parent could not map the user namespace")
+        confine.become_namespace_root()
+        confinement.uid = 1  # the namespace's second uid: the host's sandbox uid + 1
+    except OSError as exc:
+        os.write(ask_for_map, b"-")
+        print(f"corral zygote: no user namespace: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # not root: none of these either
+            confine.unshare(_WITH_USER_NAMESPACE, "network, IPC and UTS namespaces")
+        if os.geteuid() == 0:
+            confinement.uid = int(config["sandbox_uid"]) + 1
+    return confinement
+
+
+def _zygote(control: socket.socket, config: dict[str, Any], ask_for_map: int, mapped: int) -> int:
+    """The zygote's life, in the new PID namespace (as its init where the host allows)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_child._PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return 70
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps children
+    try:
+        Zygote(control, config, _confined(config, ask_for_map, mapped)).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the host closed us while we were handing it a spare
     except Exception as exc:  # the host sees the zygote gone and says so
         print(f"corral zygote: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """Entry point: `python -I -c ...` with the control fd and the JSON config in argv."""
+    # Huge pages would make every copy-on-write fault in a child copy 2 MiB.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the host
+    control = socket.socket(fileno=int(sys.argv[1]))
+    config = json.loads(sys.argv[2])
+    with contextlib.suppress(OSError):  # not root: the host's PID namespace it is
+        confine.unshare(confine.CLONE_NEWPID, "PID namespace")
+    ask_for_map, asked = os.pipe()
+    answer, mapped = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ask_for_map)
+        os.close(mapped)
+        os._exit(_zygote(control, config, asked, answer))
+    for fd in (asked, answer):
+        os.close(fd)
+    control.close()  # the zygote's now: its end reads EOF when the host goes
+    try:
+        if os.read(ask_for_map, 1) == b"u":
+            try:
+                confine.map_user_namespace(pid, int(config["sandbox_uid"]))
+                os.write(mapped, b"1")
+            except OSError as exc:
+                print(f"corral zygote: cannot map the user namespace: {exc}", file=sys.stderr)
+                os.write(mapped, b"0")
+        os.waitpid(pid, 0)
     finally:
         _janitor(config)
