@@ -11,7 +11,8 @@
     ├── CodeError                "code_error"         the code failed on its own
     ├── InvalidInput             "invalid_input"      the request was wrong; nothing ran
     ├── Aborted                  "aborted"            the sandbox was closed or the host stopped
-    └── SandboxCrash             "sandbox_crash"      the sandbox died without an answer
+    ├── SandboxCrash             "sandbox_crash"      the sandbox died without an answer
+    └── HttpError                "http_error"         an HTTP error status left uncaught
 
     ConfigError                  a setting or argument is invalid, or the API is misused
 
@@ -33,6 +34,7 @@ __all__ = [
     "CpuLimitExceeded",
     "ExecutionTimeout",
     "HeartbeatTimeout",
+    "HttpError",
     "InvalidInput",
     "LimitExceeded",
     "MemoryLimitExceeded",
@@ -139,6 +141,21 @@ class SandboxCrash(SandboxError):
     type = "sandbox_crash"
 
 
+class HttpError(SandboxError):
+    """The code left an HTTP error uncaught (`raise_for_status()`); `status` is the HTTP
+    status, which the retry policy treats as such (a 503 is retried, a 404 is not)."""
+
+    type = "http_error"
+
+    def __init__(self, message: str, *, status: int | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.status = status
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"type", "message", "status"}`."""
+        return {**super().to_dict(), "status": self.status}
+
+
 _BY_TYPE: dict[str, type[SandboxError]] = {
     cls.type: cls
     for cls in (
@@ -152,6 +169,7 @@ _BY_TYPE: dict[str, type[SandboxError]] = {
         InvalidInput,
         Aborted,
         SandboxCrash,
+        HttpError,
     )
 }
 

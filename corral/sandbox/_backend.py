@@ -13,6 +13,7 @@ from corral._exceptions import ConfigError
 from corral._warnings import warn_once
 from corral.config import CgroupMode, Settings
 from corral.sandbox._cgroups import CgroupLimits, CgroupUnavailable, Hierarchy
+from corral.sandbox._egress import EgressPolicy, HttpBroker
 from corral.sandbox._reaper import Reaper
 from corral.sandbox._spawner import Spawner
 from corral.sandbox._supervisor import ExecutionRequest, Supervisor
@@ -32,6 +33,8 @@ class Backend:
         unknown = unsafe_layers_off - UNSAFE_LAYERS
         if unknown:
             raise ConfigError(f"no such layer to switch off: {', '.join(sorted(unknown))}")
+        self.egress = EgressPolicy.from_settings(settings)
+        self._settings = settings
         self.hierarchy, self.isolation = detect_cgroups(settings)
         config = zygote_config(settings, self.hierarchy)
         config["unsafe_layers_off"] = sorted(unsafe_layers_off)
@@ -40,6 +43,17 @@ class Backend:
         self._live: set[Supervisor] = set()
         self._lock = threading.Lock()
         self.closed = False
+
+    def new_broker(self) -> HttpBroker:
+        """The `http` capability of one execution: this deployment's egress policy and caps."""
+        settings = self._settings
+        return HttpBroker(
+            self.egress,
+            timeout_s=settings.http_timeout_s,
+            max_response_bytes=settings.http_max_response_bytes,
+            max_requests=settings.http_max_requests,
+            max_redirects=settings.http_max_redirects,
+        )
 
     def _between_executions(self) -> None:
         """Work for the reaper thread after each child it reaped: off the caller's path."""

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
 from corral.sandbox._confine import Confinement
+from corral.sandbox._http import Http, HTTPStatusError, make_http
 from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyError
 
 CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
@@ -328,6 +329,7 @@ def _execute(
     guards: Guards,
     logs: _Logs,
     max_output_bytes: int,
+    http: Http | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run the connector (and its output's serialisation); the frame kind and message to send."""
     code, compile_error, compile_message = compiled
@@ -335,6 +337,8 @@ def _execute(
         return proto.ERROR, {"type": compile_error, "message": compile_message}
     entry_point = request["entry_point"]
     namespace = guards.globals()
+    if http is not None:
+        namespace["http"] = http
     encoded = ""
     try:
         exec(code, namespace)
@@ -360,6 +364,13 @@ def _execute(
             guards.violations.append(str(exc))
     except MemoryError:
         return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
+    except HTTPStatusError as exc:  # raise_for_status() left uncaught
+        if not guards.violations:
+            return proto.ERROR, {
+                "type": "http_error",
+                "status": exc.status_code,
+                "message": _describe(exc),
+            }
     except _Unserialisable as exc:
         if not guards.violations:
             message = f"the return value is not JSON-serialisable: {_truncated(str(exc))}"
@@ -464,7 +475,8 @@ def _run(
     request = json.loads(frame[1])
     compiled = compile_reporting(cache, spec["source"], channel)
     guards = Guards(imports, _make_log(logs), _make_printer(logs))
-    kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"])
+    http = make_http(channel.send, sock, guards.violation)
+    kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"], http)
     stop.release()
     answer(channel, kind, message, logs)
 

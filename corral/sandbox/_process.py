@@ -62,7 +62,9 @@ class ProcessBackend(Backend):
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one execution in a fresh child."""
-        supervisor = Supervisor(request, executor=self.name, isolation=self.isolation)
+        supervisor = Supervisor(
+            request, executor=self.name, isolation=self.isolation, broker=self.new_broker()
+        )
         with self.in_flight(supervisor):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

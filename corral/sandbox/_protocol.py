@@ -12,6 +12,10 @@ with the execution's channel attached. The channel then carries, in order:
     child -> host   COMPILED   {"cpu_ms": float, "maxrss": int}: what compiling cost, when the
                                source was not compiled already; sent before any connector code
     child -> host   HEARTBEAT  {"logs": [[level, message], ...], "cpu_ms": float, "maxrss": int}
+    child -> host   HTTP       {"id", "method", "url", "headers", "params", "json", "data",
+                               "timeout"}: one request at a time, while the code runs
+    host  -> child  HTTP_REPLY {"id", "status", "headers", "text", "url"}, or {"id", "refused"}
+                               (egress policy: a policy_violation), or {"id", "error"}
     child -> host   RESULT     {"output": ..., "logs": [...], "cpu_ms": float, "maxrss": int}
                  or ERROR      {"type": str, "message": str, "logs": [...], "cpu_ms": ..., ...}
 
@@ -36,6 +40,8 @@ HEARTBEAT = ord("h")
 COMPILED = ord("c")
 RESULT = ord("r")
 ERROR = ord("e")
+HTTP = ord("t")  # child -> host: a request for the `http` capability
+HTTP_REPLY = ord("u")  # host -> child: its response, refusal or error
 SPAWN = ord("s")  # host -> spare: the spec of its one execution (SCM_RIGHTS: the channel)
 SPARES = ord("f")  # host -> zygote: {"count": n, "source": str | None}: fork n spares
 

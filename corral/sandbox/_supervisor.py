@@ -27,6 +27,7 @@ from corral._exceptions import (
     CpuLimitExceeded,
     ExecutionTimeout,
     HeartbeatTimeout,
+    HttpError,
     MemoryLimitExceeded,
     OutputLimitExceeded,
     SandboxCrash,
@@ -35,6 +36,7 @@ from corral._exceptions import (
 )
 from corral.sandbox import _protocol as proto
 from corral.sandbox._cgroups import ExecutionCgroup
+from corral.sandbox._egress import HttpBroker
 from corral.sandbox._limits import ResolvedLimits
 from corral.sandbox._redact import Redactor
 from corral.sandbox._result import ExecutionResult, LogEntry, Usage
@@ -47,8 +49,9 @@ _FRAME_SLACK = 64 << 10  # JSON framing around the output and log text
 
 #: The error types a child may report itself; the host decides every other one.
 CHILD_ERROR_TYPES = frozenset(
-    {"code_error", "policy_violation", "invalid_input", "output_limit", "memory_limit"}
-)
+    {"code_error", "policy_violation", "invalid_input", "output_limit", "memory_limit",
+     "http_error"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,11 @@ class Supervisor:
         pidfd: int | None = None,
         grace_s: float = 0.0,
         child_errors: frozenset[str] = CHILD_ERROR_TYPES,
+        broker: HttpBroker | None = None,
     ) -> None:
         self.request = request
+        self.broker = broker  # the `http` capability; None: the code has none
+        self._http: asyncio.Future[None] | None = None  # the request being brokered
         self.limits = request.limits
         self.executor = executor
         self.isolation = isolation
@@ -230,6 +236,8 @@ class Supervisor:
                     ) from None
                 if kind == proto.HEARTBEAT:
                     self.last_beat = time.monotonic()
+                elif kind == proto.HTTP:
+                    self._broker_request(sock, message)
                 elif kind == proto.COMPILED:
                     self.compile_cost = (self.child_cpu_ms, self.child_maxrss)
                 elif kind in (proto.RESULT, proto.ERROR):
@@ -239,6 +247,21 @@ class Supervisor:
                     return kind, message
                 else:
                     raise Failure(SandboxCrash, f"the sandbox sent an unknown frame ({kind})")
+
+    def _broker_request(self, sock: socket.socket, message: dict[str, Any]) -> None:
+        """Send the child's HTTP request through the broker, and the reply back, in a task."""
+        if self.broker is None:
+            raise Failure(SandboxCrash, "the sandbox sent an HTTP request, but has no `http`")
+        if self._http is not None and not self._http.done():
+            raise Failure(SandboxCrash, "the sandbox sent a second HTTP request before a reply")
+        broker = self.broker
+
+        async def broker_and_reply() -> None:
+            reply = await broker.handle(message)
+            frame = proto.json_frame(proto.HTTP_REPLY, reply)
+            await asyncio.get_running_loop().sock_sendall(sock, frame)
+
+        self._http = asyncio.ensure_future(broker_and_reply())
 
     # -- the limits the host enforces ----------------------------------------------
 
@@ -341,7 +364,11 @@ class Supervisor:
             self.failure = exc
         finally:
             self.finished_at = time.monotonic()
-            await _settle(task for task in (sender, reader) if task is not None)
+            if self._http is not None and not self._http.done():
+                self.trailing = True  # a reply may be cut short: nothing may use the channel
+            await _settle(task for task in (sender, reader, self._http) if task is not None)
+            if self.broker is not None:
+                await self.broker.aclose()
 
     def kill(self) -> None:
         """SIGKILL the child through its pidfd (a no-op once it is gone)."""
@@ -404,9 +431,11 @@ class Supervisor:
                 usage=usage,
                 isolation=self.isolation,
             )
-        raise error(
-            _shortened(redact.text(message)), logs=logs, usage=usage, executor=self.executor
-        )
+        details: dict[str, Any] = {"logs": logs, "usage": usage, "executor": self.executor}
+        if error is HttpError and outcome is not None:
+            status = outcome[1].get("status")
+            details["status"] = status if type(status) is int and 100 <= status < 600 else None
+        raise error(_shortened(redact.text(message)), **details)
 
     def _death_cause(self) -> tuple[type[SandboxError], str]:
         """Why a child died without an answer."""

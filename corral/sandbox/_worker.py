@@ -48,6 +48,7 @@ from corral.sandbox._child import (
     lock_down,
 )
 from corral.sandbox._confine import Confinement
+from corral.sandbox._http import make_http
 from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
 GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
@@ -265,12 +266,17 @@ def serve(
     _reset_state()
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:
+        if frame[0] != proto.REQUEST:
+            continue  # an HTTP reply to an execution that was stopped while it waited
         request = json.loads(frame[1])
         limits = request["limits"]
         logs = _Logs(limits["max_log_bytes"])
         compiled = compile_reporting(cache, request["source"], channel)
         guards = Guards(imports, _make_log(logs), _make_printer(logs))
-        job = _Job(partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"]))
+        http = make_http(channel.send, sock, guards.violation)
+        job = _Job(
+            partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http)
+        )
         verdict = _Verdict(limits, executor)
         executor.submit(job)
         stuck = verdict.watch(job, channel, logs)

@@ -237,6 +237,7 @@ class WorkerBackend(Backend):
             pidfd=worker.pidfd,
             grace_s=WORKER_GRACE_S,
             child_errors=WORKER_ERROR_TYPES,
+            broker=self.new_broker(),
         )
         try:
             with self.in_flight(supervisor):
