@@ -192,17 +192,19 @@ class SelfTest:
         return Check("output cap", "output_limit", ENFORCED if ok else FAILED, detail)
 
     def egress(self) -> Check:
+        """The brokered `http` refuses the host's loopback, and nothing reaches it."""
         with loopback_listener() as (port, connected):
-            code = (
-                "import socket\ndef run(params, context):\n"
-                f"    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-            )
+            code = f"def run(params, context):\n    http.get('http://127.0.0.1:{port}/')\n"
             ok, detail = _expect(self.sandbox, "policy_violation", code)
             time.sleep(0.05)
         if connected:
-            detail = "a connection reached the listener"
-            return Check("egress", "policy_violation", FAILED, detail)
-        detail = f"nothing reached a listener on 127.0.0.1: {detail.split(';')[0]}"
+            allowed = ",".join(self.settings.egress_allow)
+            detail = (
+                f"a request reached a listener on 127.0.0.1: CORRAL_EGRESS_ALLOW={allowed} "
+                "lets the host's loopback through"
+            )
+            return Check("egress", "policy_violation", DEGRADED if allowed else FAILED, detail)
+        detail = f"nothing reached a listener on 127.0.0.1: {detail}"
         return Check("egress", "policy_violation", ENFORCED if ok else FAILED, detail)
 
     def _probe(self) -> dict[str, Any]:

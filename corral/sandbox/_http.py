@@ -92,9 +92,13 @@ def _await_reply(sock: socket.socket, request_id: int) -> dict[str, Any]:
 
 class Http:
     """Brokered HTTP: request(method, url, ...), and get, post, put, patch, delete, head,
-    options(url, ...); options are params, headers, json, data and timeout."""
+    options(url, ...); options are params, headers, json, data and timeout. A request
+    that gets no response raises http.HTTPError; raise_for_status() raises its subclass
+    http.HTTPStatusError, which carries status_code."""
 
     __slots__ = ("_send",)
+    HTTPError = HTTPError  # `except http.HTTPError:` catches every failed request
+    HTTPStatusError = HTTPStatusError  # ... and this one only raise_for_status()
 
     def __init__(self, send: Callable[[dict[str, Any]], Response]) -> None:
         self._send = send  # out of connector code's reach: no name with _ resolves there
