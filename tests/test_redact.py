@@ -78,3 +78,21 @@ def test_base32_and_base85_at_any_offset(secret, encode, prefix):
     """base32 and base85 of a value holding the secret, wherever it starts, are masked."""
     text = encode(prefix + secret.encode() + b"zz").decode()
     assert MASK in Redactor([secret]).text(text)
+
+
+def test_a_secret_split_across_consecutive_texts_is_masked_in_each_piece():
+    """Log lines (or output strings) that spell a secret one after another are masked
+    where they hold part of it; the rest of each text stays."""
+    redactor = Redactor(["hunter2-secret"])
+    masked = redactor.texts(["user=hun", "ter2-se", "cret; done", "unrelated"])
+    assert masked == ["user=" + MASK, MASK, MASK + "; done", "unrelated"]
+    assert "".join(masked).count("hunter") == 0
+
+
+def test_a_secret_split_across_output_strings_is_masked():
+    """Strings that follow one another in the output, nested or not, count as consecutive."""
+    redactor = Redactor(["hunter2-secret"])
+    output = {"a": ["hun", {"b": "ter2-"}], "c": "secret", "d": "kept", "e": 42}
+    masked = redactor.value(output)
+    assert masked == {"a": [MASK, {"b": MASK}], "c": MASK, "d": "kept", "e": 42}
+    assert "ter2" not in json.dumps(masked)

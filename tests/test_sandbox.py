@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -215,6 +216,24 @@ def test_secrets_are_redacted_everywhere(sandbox):
                    secrets=[secret])  # fmt: skip
     assert secret not in error.message and "[redacted]" in error.message
     assert all(secret not in entry.message for entry in error.logs)
+
+
+def test_a_secret_the_code_splits_or_reassembles_stays_masked(sandbox):
+    """Pieces of a secret logged one after another or returned side by side are masked, and
+    so is the secret rebuilt from pieces (also printed a character at a time)."""
+    secret = "tok-5ecret-9f8e7d"
+    code = (
+        "def run(params, context):\n"
+        "    s = context['token']\n"
+        "    log(s[:6])\n    log(s[6:])\n"
+        "    for ch in s:\n        print(ch, end='')\n"
+        "    print()\n"
+        "    return {'pieces': [s[:4], s[4:9], s[9:]], 'rebuilt': ''.join([s[:3], s[3:]])}\n"
+    )
+    result = sandbox.execute_sync(code, context={"token": secret}, secrets=[secret])
+    shown = json.dumps(result.output) + json.dumps([entry.message for entry in result.logs])
+    assert secret not in shown and "5ecret" not in shown and "9f8e7d" not in shown
+    assert result.output["rebuilt"] == "[redacted]"
 
 
 def test_cancelling_the_awaiting_task_kills_the_execution(sandbox):

@@ -6,7 +6,10 @@ escapes, hex and base32, all in any letter case; and base64 (standard and
 URL-safe, also percent-encoded) and base85, case-exact. Encoded forms are
 found at any byte offset inside a longer encoded value (`Basic
 base64(user:secret)`) and across the line breaks of `encodebytes`. A secret
-rebuilt from pieces by the code is not caught here.
+split into consecutive pieces (log lines one after another, strings one after
+another in the output) is masked in each piece that holds part of it. What
+is not caught: a secret the code transformed some other way (reversed,
+interleaved with other text, encrypted).
 """
 
 from __future__ import annotations
@@ -119,6 +122,25 @@ class Redactor:
         """`text` with every secret masked and lone surrogates escaped."""
         return encodable(text if self._pattern is None else self._pattern.sub(MASK, text))
 
+    def texts(self, texts: list[str]) -> list[str]:
+        """Each text masked, and the parts of a secret split across consecutive texts too."""
+        masked = [self.text(text) for text in texts]
+        if self._pattern is None or len(masked) < 2:
+            return masked
+        joined = "".join(masked)
+        spans = [match.span() for match in self._pattern.finditer(joined)]
+        if not spans:
+            return masked
+        result, start = [], 0
+        for text in masked:
+            end = start + len(text)
+            cuts = [(max(a, start), min(b, end)) for a, b in spans if a < end and b > start]
+            for cut_start, cut_end in reversed(cuts):
+                text = f"{text[: cut_start - start]}{MASK}{text[cut_end - start :]}"
+            result.append(text)
+            start = end
+        return result
+
     def value(self, value: Any, *, may_hold_surrogates: bool = True) -> Any:
         """A JSON value (as json.loads makes it) passed through `text` in strings, keys and
         numbers. Returned as it is when there is nothing to mask or escape.
@@ -144,4 +166,24 @@ class Redactor:
                 shown = repr(item)
                 if self.text(shown) != shown:
                     holder[key] = self.text(shown)
+        if self._pattern is not None:
+            self._across_strings(root)
         return root[0]
+
+    def _across_strings(self, root: list[Any]) -> None:
+        """Mask a secret split across string values that follow one another in `root[0]`."""
+        slots: list[tuple[Any, Any]] = []
+        pending: list[tuple[Any, Any]] = [(root, 0)]
+        while pending:  # depth first, in document order
+            holder, key = pending.pop()
+            item = holder[key]
+            if isinstance(item, str):
+                slots.append((holder, key))
+            elif isinstance(item, list):
+                pending.extend((item, index) for index in reversed(range(len(item))))
+            elif isinstance(item, dict):
+                pending.extend((item, name) for name in reversed(list(item)))
+        if len(slots) < 2:
+            return
+        for (holder, key), text in zip(slots, self.texts([h[k] for h, k in slots]), strict=True):
+            holder[key] = text

@@ -411,7 +411,11 @@ class Supervisor:
     def conclude(self) -> ExecutionResult:
         """The result, or raise the SandboxError the execution ended with."""
         redact = Redactor(self.request.secrets)
-        logs = [LogEntry(redact.text(level), redact.text(message)) for level, message in self.logs]
+        messages = redact.texts([message for _, message in self.logs])
+        logs = [
+            LogEntry(redact.text(level), message)
+            for (level, _), message in zip(self.logs, messages, strict=True)
+        ]
         usage = self._usage()
         outcome = self.outcome
         if self.abort_reason is not None:
