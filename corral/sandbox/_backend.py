@@ -130,7 +130,7 @@ def detect_cgroups(settings: Settings) -> tuple[Hierarchy | None, str]:
             reason = str(exc)
         else:
             hierarchy.sweep()  # cgroups of corral hosts that died without cleaning up
-            hierarchy.owner = settings.sandbox_uid  # the zygote's uid: its children join
+            hierarchy.owner = settings.sandbox_uid + 1  # the uid sandbox children join as
             return hierarchy, hierarchy.label
     warn_once(
         "degraded",

@@ -162,8 +162,8 @@ class Hierarchy:
         # and the pid tells a later host whether the owner is gone.
         self.prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
         self._ready: collections.deque[ExecutionCgroup] = collections.deque()
-        #: The host uid sandbox processes join their cgroup as (the zygote's, which is root
-        #: only in its own user namespace): it gets the join files. None: root joins.
+        #: The host uid sandbox processes join their cgroup as (they dropped privileges
+        #: before): it gets the join files. None: root joins.
         self.owner: int | None = None
 
     @property

@@ -3,10 +3,11 @@
 Child side: imports only the standard library and the other child-side
 modules (`_policy`, `_protocol`, the import table in `corral.config`). The
 order matters: a spare confines itself (session, death signal, descriptors,
-environment) while it waits; with its request it joins the execution's
-cgroup, hands the host a pidfd, starts the heartbeat, sets rlimits and
-no_new_privs, drops its uid, installs the system-call filter (`_confine`),
-and only then compiles and runs connector code.
+environment, and where the cgroup version allows it its uid, no_new_privs
+and the system-call filter of `_confine`) while it waits; with its request
+it joins the execution's cgroup, hands the host a pidfd, starts the
+heartbeat, sets rlimits (and drops its uid and installs the filter, if it
+could not earlier), and only then compiles and runs connector code.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyErr
 
 CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
 SPARE_FD = 4  # a waiting spare's socket to the zygote
+PIDFD_FD = 5  # the spare's own pidfd, until it hands it to the host
 MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
 MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
 FILENAME = "<connector>"
@@ -225,7 +227,7 @@ def _prepare(zygote_pid: int, spare_fd: int) -> None:
     for std in (0, 1, 2):
         os.dup2(null, std)
     os.dup2(spare_fd, SPARE_FD)
-    os.closerange(SPARE_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(PIDFD_FD, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     with contextlib.suppress(OSError):  # free fd 3 for the execution's channel
         os.close(CHANNEL_FD)
     os.environ.clear()
@@ -249,8 +251,8 @@ def _join(spec: dict[str, Any], channel_fd: int) -> None:
 
 def lock_down(spec: dict[str, Any], confinement: Confinement) -> None:
     """The last step before connector code: rlimits (backstops that hold without cgroups,
-    and the only limits in degraded mode), no_new_privs, then the uid drop and the
-    system-call filter."""
+    and the only limits in degraded mode); then, unless the spare did it while it waited,
+    no_new_privs, the uid drop and the system-call filter."""
     limits = {
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: 0,
@@ -265,9 +267,20 @@ def lock_down(spec: dict[str, Any], confinement: Confinement) -> None:
         limits[resource.RLIMIT_AS] = mapped + spec["rlimit_as_bytes"]
     for which, value in limits.items():
         resource.setrlimit(which, (value, value))
+    if not confinement.before_request:
+        _no_new_privs()
+        confinement.apply()
+
+
+def _no_new_privs() -> None:
     if _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    confinement.apply()
+
+
+def announce(sock: socket.socket) -> None:
+    """Hand the host this process's pidfd (opened while it waited) on its channel."""
+    proto.send_fd(sock, proto.PID.pack(os.getpid()), PIDFD_FD)
+    os.close(PIDFD_FD)
 
 
 def _where(exc: BaseException) -> str:
@@ -415,6 +428,11 @@ def spare(
         _prepare(zygote_pid, spare_fd)
         _warm(cache, imports)
         standby = _Standby()
+        os.dup2(pidfd := os.pidfd_open(os.getpid()), PIDFD_FD)  # before the filter refuses it
+        os.close(pidfd)
+        if confinement.before_request:  # the cgroup's join file is the dropped uid's
+            _no_new_privs()
+            confinement.apply()
         control = socket.socket(fileno=SPARE_FD)
         header, channel_fd = proto.recv_fd(control, proto.HEADER.size)
         if not header or channel_fd is None:
@@ -460,9 +478,7 @@ def _run(
 ) -> None:
     """Announce the pidfd, start the heartbeat, lock down, read the request, answer it."""
     sock = socket.socket(fileno=CHANNEL_FD)
-    pidfd = os.pidfd_open(os.getpid())
-    proto.send_fd(sock, proto.PID.pack(os.getpid()), pidfd)
-    os.close(pidfd)
+    announce(sock)
     channel = _Channel(sock)
     logs = _Logs(spec["max_log_bytes"])
     stop = _thread.allocate_lock()

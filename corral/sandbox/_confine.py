@@ -14,9 +14,10 @@ children inherit, once, at no cost per execution:
   host uid CORRAL_SANDBOX_UID (it owns nothing on the host), and with it
   network (loopback only, down), IPC and UTS namespaces.
 
-Each child, once in its execution's cgroup, drops to the next uid (no
-capabilities left), becomes non-dumpable, and installs the system-call
-filter built by the zygote (`filter_program`) on all its threads.
+Each child drops to the next uid (no capabilities left), becomes
+non-dumpable, and installs the system-call filter built by the zygote
+(`filter_program`) on all its threads: while it waits as a spare (it then
+joins its cgroup as that uid), or with cgroup v2 once it joined.
 
 Where the host refuses a layer (not root, user namespaces disabled), the
 zygote goes on without it and `corral selftest` reports it.
@@ -152,6 +153,9 @@ class Confinement:
     uid: int | None
     program: bytes | None
     seccomp_nr: int
+    #: Whether a spare applies it while it waits (it then joins its cgroup as the dropped
+    #: uid), or only after joining (cgroup v2: joining needs root in the host's namespace).
+    before_request: bool = True
 
     def apply(self) -> None:
         """Drop to the uid for good (every capability goes) and become non-dumpable (the

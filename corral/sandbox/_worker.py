@@ -42,6 +42,7 @@ from corral.sandbox._child import (
     _make_log,
     _make_printer,
     _prctl,
+    announce,
     answer,
     beat,
     compile_reporting,
@@ -257,9 +258,7 @@ def serve(
     """
     _prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
     sock = socket.socket(fileno=CHANNEL_FD)
-    pidfd = os.pidfd_open(os.getpid())
-    proto.send_fd(sock, proto.PID.pack(os.getpid()), pidfd)
-    os.close(pidfd)
+    announce(sock)
     channel = _Channel(sock)
     executor = _ExecutionThread(start_thread)
     lock_down(spec, confinement)

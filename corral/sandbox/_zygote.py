@@ -115,6 +115,7 @@ def _confined(config: dict[str, Any], ask_for_map: int, mapped: int) -> confine.
     program = None if "seccomp" in layers_off else confine.filter_program()
     confinement = confine.Confinement(None, program, confine.syscall_number("seccomp"))
     cgroup = config.get("cgroup") or {"roots": {}}
+    confinement.before_request = cgroup.get("version") != 2
     try:
         if os.geteuid() != 0:
             raise OSError(1, "not running as root: run the host as root for the OS layers")
