@@ -42,6 +42,7 @@ import math
 import re
 import socket
 import ssl
+import urllib.parse
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -423,7 +424,9 @@ def _checked_url(raw: Any) -> tuple[httpx.URL, str | IPAddress]:
     try:
         url = httpx.URL(raw)
     except httpx.InvalidURL as exc:
-        raise _Failure(f"invalid url {str(raw)[:200]!r}: {exc}") from None
+        url = _legacy_numeric(str(raw))  # 0177.0.0.1: valid to inet_aton, not to httpx
+        if url is None:
+            raise _Failure(f"invalid url {str(raw)[:200]!r}: {exc}") from None
     if url.scheme not in _DEFAULT_PORTS:
         raise _Failure(f"only http and https URLs are allowed, not {str(raw)[:200]!r}")
     try:
@@ -435,6 +438,22 @@ def _checked_url(raw: Any) -> tuple[httpx.URL, str | IPAddress]:
     if url.port is not None and not 0 < url.port < 65536:
         raise _Failure(f"invalid port in url {str(raw)[:200]!r}")
     return url, host
+
+
+def _legacy_numeric(raw: str) -> httpx.URL | None:
+    """`raw` with a numeric IPv4 host httpx refuses (octal, zero-padded) written as the
+    address inet_aton reads it; None when the host is not such a spelling."""
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        host, colon, port = hostport.partition(":")
+        address = parse_host(host)
+        if not isinstance(address, ipaddress.IPv4Address):
+            return None
+        netloc = f"{userinfo}{at}{address}{colon}{port}"
+        return httpx.URL(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    except (ValueError, httpx.InvalidURL):
+        return None
 
 
 @dataclass
@@ -469,7 +488,7 @@ def _parse(message: dict[str, Any], max_timeout: float) -> _Request:
             raise _Failure(f"the {name} header is set by the host, not by the connector")
         if not isinstance(value, str) or _BAD_VALUE_CHARS.search(value):
             raise _Failure(f"the {name} header must be a string without control characters")
-        headers.append((name, value.encode("utf-8")))
+        headers.append((name, value.encode()))
         size += len(name) + len(headers[-1][1])
     if size > MAX_HEADER_BYTES:
         raise _Failure(f"the headers pass {MAX_HEADER_BYTES} bytes")
@@ -496,9 +515,9 @@ def _body(message: dict[str, Any]) -> tuple[bytes | None, str | None]:
             text = json.dumps(message["json"], ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise _Failure(f"json is not JSON-serialisable: {exc}") from None
-        body, content_type = text.encode("utf-8", "surrogatepass"), "application/json"
+        body, content_type = text.encode(), "application/json"
     elif isinstance(data, str):
-        body, content_type = data.encode("utf-8", "surrogatepass"), None
+        body, content_type = data.encode(), None
     elif data is not None:
         form = str(httpx.QueryParams(_fields(data, "data")))
         body, content_type = form.encode(), "application/x-www-form-urlencoded"
@@ -551,46 +570,43 @@ class HttpBroker:
         if isinstance(request_id, bool) or not isinstance(request_id, int):
             request_id = None
         self.requests += 1
+        return {"id": request_id, **await self._answer(message, request_id is not None)}
+
+    async def _answer(self, message: Any, has_id: bool) -> dict[str, Any]:
+        """The reply's fields: the response, or why there is none. The one place where what
+        goes wrong (httpx's errors included) becomes a reply."""
         if self.requests > self.max_requests:
             return {
-                "id": request_id,
                 "refused": f"more than {self.max_requests} HTTP requests in one execution "
-                "(CORRAL_HTTP_MAX_REQUESTS)",
+                "(CORRAL_HTTP_MAX_REQUESTS)"
             }
-        request: _Request | None = None
+        what, timeout = "the request", self.timeout_s
         try:
             if self._closed:
                 raise _Failure("the execution's HTTP broker is closed")
             if not isinstance(message, dict):
                 raise _Failure("an HTTP request must be a JSON object")
-            if request_id is None:
+            if not has_id:
                 raise _Failure("an HTTP request needs an integer id")
             request = _parse(message, self.timeout_s)
-            async with asyncio.timeout(request.timeout):
-                return {"id": request_id, **await self._fetch(request)}
+            what, timeout = f"{request.method} {request.url}", request.timeout
+            async with asyncio.timeout(timeout):
+                return await self._fetch(request)
         except EgressRefused as exc:
-            return {"id": request_id, "refused": str(exc)}
+            return {"refused": str(exc)}
         except _Failure as exc:
-            return {"id": request_id, "error": str(exc)}
+            return {"error": str(exc)}
         except (TimeoutError, httpx.TimeoutException):
-            assert request is not None
-            return {
-                "id": request_id,
-                "error": f"{request.method} {request.url} timed out after {request.timeout:g} s",
-            }
+            return {"error": f"{what} timed out after {timeout:g} s"}
         except _ResponseTooLarge:
             return {
-                "id": request_id,
                 "error": f"the response passed the {self.max_response_bytes} byte cap "
-                "(CORRAL_HTTP_MAX_RESPONSE_BYTES)",
+                "(CORRAL_HTTP_MAX_RESPONSE_BYTES)"
             }
-        except socket.gaierror as exc:
-            assert request is not None
-            return {"id": request_id, "error": f"could not resolve {request.host}: {exc}"}
+        except UnicodeError as exc:  # a lone surrogate in the URL, a header or the body
+            return {"error": f"{what} holds text that is not valid Unicode: {exc.reason}"}
         except (httpx.HTTPError, OSError, zlib.error) as exc:
-            assert request is not None
-            reason = str(exc) or type(exc).__name__
-            return {"id": request_id, "error": f"{request.method} {request.url} failed: {reason}"}
+            return {"error": f"{what} failed: {exc or type(exc).__name__}"}
 
     async def _fetch(self, request: _Request) -> dict[str, Any]:
         """Send `request`, following redirects under the policy; the reply's fields."""
@@ -645,7 +661,10 @@ class HttpBroker:
         timeout: float,
     ) -> httpx.Response:
         """One hop: resolve and check the host, connect to a checked address, stream back."""
-        addresses = await self.policy.resolve(str(host), url.port or _DEFAULT_PORTS[url.scheme])
+        try:
+            addresses = await self.policy.resolve(str(host), url.port or _DEFAULT_PORTS[url.scheme])
+        except socket.gaierror as exc:
+            raise _Failure(f"could not resolve {host}: {exc.strerror or exc}") from None
         tls_name = host if url.scheme == "https" and isinstance(host, str) else None
         hop_headers = [*headers, ("Host", url.netloc)]
         if url.userinfo and not any(n.lower() == "authorization" for n, _ in headers):
