@@ -427,12 +427,12 @@ def spare(
     try:
         _prepare(zygote_pid, spare_fd)
         _warm(cache, imports)
-        standby = _Standby()
         os.dup2(pidfd := os.pidfd_open(os.getpid()), PIDFD_FD)  # before the filter refuses it
         os.close(pidfd)
         if confinement.before_request:  # the cgroup's join file is the dropped uid's
             _no_new_privs()
-            confinement.apply()
+            confinement.apply()  # single-threaded still: a uid change need not visit threads
+        standby = _Standby()
         control = socket.socket(fileno=SPARE_FD)
         header, channel_fd = proto.recv_fd(control, proto.HEADER.size)
         if not header or channel_fd is None:
