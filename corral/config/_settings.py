@@ -163,6 +163,33 @@ class Settings(BaseSettings):
         alias="CORRAL_SANDBOX_UID",
         description="the first of two unused host uids (and gids) sandbox processes run as",
     )
+    connectors_dir: CommaList = Field(
+        default_factory=list,
+        alias="CORRAL_CONNECTORS_DIR",
+        description="colon-separated catalog folders, searched before the shipped one",
+    )
+    retry_max_attempts: PositiveMs = Field(
+        3, alias="CORRAL_RETRY_MAX_ATTEMPTS", description="a positive whole number of attempts"
+    )
+    retry_initial_ms: PositiveMs = Field(
+        200, alias="CORRAL_RETRY_INITIAL_MS", description="a positive whole number of milliseconds"
+    )
+    retry_max_ms: PositiveMs = Field(
+        10_000, alias="CORRAL_RETRY_MAX_MS", description="a positive whole number of milliseconds"
+    )
+    breaker_failure_threshold: PositiveMs = Field(
+        5,
+        alias="CORRAL_BREAKER_FAILURE_THRESHOLD",
+        description="a positive whole number of consecutive failed executions",
+    )
+    breaker_reset_ms: PositiveMs = Field(
+        30_000,
+        alias="CORRAL_BREAKER_RESET_MS",
+        description="a positive whole number of milliseconds",
+    )
+    idempotency_ttl_s: PositiveMs = Field(
+        86_400, alias="CORRAL_IDEMPOTENCY_TTL_S", description="a positive whole number of seconds"
+    )
     api_token: SecretStr | None = Field(
         None, alias="CORRAL_API_TOKEN", description="a bearer token"
     )
@@ -214,6 +241,13 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("connectors_dir", mode="before")
+    @classmethod
+    def _colon_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(":") if part.strip()]
+        return value
 
     @field_validator("allowed_imports")
     @classmethod
