@@ -147,9 +147,17 @@ class HttpError(SandboxError):
 
     type = "http_error"
 
-    def __init__(self, message: str, *, status: int | None = None, **details: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        **details: Any,
+    ) -> None:
         super().__init__(message, **details)
         self.status = status
+        self.retry_after_s = retry_after_s  # from the response's Retry-After, if any
 
     def to_dict(self) -> dict[str, Any]:
         """`{"type", "message", "status"}`."""

@@ -382,6 +382,7 @@ def _execute(
             return proto.ERROR, {
                 "type": "http_error",
                 "status": exc.status_code,
+                "retry_after": exc.retry_after,
                 "message": _describe(exc),
             }
     except _Unserialisable as exc:

@@ -31,9 +31,10 @@ class HTTPStatusError(HTTPError):
     """raise_for_status() on a 4xx or 5xx response; uncaught, the execution ends as
     `http_error` carrying the status."""
 
-    def __init__(self, message: str, status_code: int) -> None:
+    def __init__(self, message: str, status_code: int, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after  # the response's Retry-After header, if it had one
 
 
 class Response:
@@ -59,7 +60,9 @@ class Response:
         if self.status_code >= 400:
             kind = "client" if self.status_code < 500 else "server"
             raise HTTPStatusError(
-                f"{kind} error {self.status_code} from {self.url}", self.status_code
+                f"{kind} error {self.status_code} from {self.url}",
+                self.status_code,
+                self.headers.get("retry-after"),
             )
         return self
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import os
 import signal
@@ -437,8 +438,9 @@ class Supervisor:
             )
         details: dict[str, Any] = {"logs": logs, "usage": usage, "executor": self.executor}
         if error is HttpError and outcome is not None:
-            status = outcome[1].get("status")
+            status, retry_after = outcome[1].get("status"), outcome[1].get("retry_after")
             details["status"] = status if type(status) is int and 100 <= status < 600 else None
+            details["retry_after_s"] = retry_after_seconds(retry_after)
         raise error(_shortened(redact.text(message)), **details)
 
     def _death_cause(self) -> tuple[type[SandboxError], str]:
@@ -460,6 +462,23 @@ class Supervisor:
         """Kill the child from any thread; the verdict is `aborted`."""
         self.abort_reason = reason
         self.kill()
+
+
+def retry_after_seconds(value: Any, now: float | None = None) -> float | None:
+    """A Retry-After header (delay-seconds or an HTTP date) as seconds from now, at least 0;
+    None when absent or unreadable."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _shortened(message: str) -> str:
