@@ -12,7 +12,10 @@
     ├── InvalidInput             "invalid_input"      the request was wrong; nothing ran
     ├── Aborted                  "aborted"            the sandbox was closed or the host stopped
     ├── SandboxCrash             "sandbox_crash"      the sandbox died without an answer
-    └── HttpError                "http_error"         an HTTP error status left uncaught
+    ├── HttpError                "http_error"         an HTTP error status left uncaught
+    ├── CircuitOpen              "circuit_open"       the connector's breaker is open: not run
+    ├── NotSupported             "not_supported"      no bespoke handler and no fallback allowed
+    └── IdempotencyConflict      "idempotency_conflict"  a key reused with other params
 
     ConfigError                  a setting or argument is invalid, or the API is misused
 
@@ -29,15 +32,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Aborted",
+    "CircuitOpen",
     "CodeError",
     "ConfigError",
     "CpuLimitExceeded",
     "ExecutionTimeout",
     "HeartbeatTimeout",
     "HttpError",
+    "IdempotencyConflict",
     "InvalidInput",
     "LimitExceeded",
     "MemoryLimitExceeded",
+    "NotSupported",
     "OutputLimitExceeded",
     "PolicyViolation",
     "SandboxCrash",
@@ -164,6 +170,24 @@ class HttpError(SandboxError):
         return {**super().to_dict(), "status": self.status}
 
 
+class CircuitOpen(SandboxError):
+    """The circuit breaker of the connector/node pair is open: the call failed fast."""
+
+    type = "circuit_open"
+
+
+class NotSupported(SandboxError):
+    """The function has no bespoke handler, and the generic fallback is not allowed."""
+
+    type = "not_supported"
+
+
+class IdempotencyConflict(SandboxError):
+    """The idempotency key was used before with different params; nothing ran."""
+
+    type = "idempotency_conflict"
+
+
 _BY_TYPE: dict[str, type[SandboxError]] = {
     cls.type: cls
     for cls in (
@@ -178,6 +202,9 @@ _BY_TYPE: dict[str, type[SandboxError]] = {
         Aborted,
         SandboxCrash,
         HttpError,
+        CircuitOpen,
+        NotSupported,
+        IdempotencyConflict,
     )
 }
 

@@ -18,11 +18,13 @@ def test_all_is_exactly_the_public_names():
 
 
 def test_every_error_type_has_a_class():
-    """Each stable error type string of DESIGN §5 maps to a SandboxError subclass."""
+    """Each stable error type string of DESIGN §5 (sandbox and runtime) maps to a
+    SandboxError subclass."""
     from corral._exceptions import error_for_type
 
     for error_type in ("timeout", "cpu_limit", "memory_limit", "heartbeat_timeout",
                        "policy_violation", "code_error", "invalid_input", "output_limit",
-                       "aborted", "sandbox_crash"):  # fmt: skip
+                       "aborted", "sandbox_crash", "http_error", "circuit_open",
+                       "not_supported", "idempotency_conflict"):  # fmt: skip
         cls = error_for_type(error_type)
         assert issubclass(cls, corral.SandboxError) and cls.type == error_type
