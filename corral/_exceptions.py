@@ -12,7 +12,7 @@
     ├── InvalidInput             "invalid_input"      the request was wrong; nothing ran
     ├── Aborted                  "aborted"            the sandbox was closed or the host stopped
     ├── SandboxCrash             "sandbox_crash"      the sandbox died without an answer
-    ├── HttpError                "http_error"         an HTTP error status left uncaught
+    ├── HttpError                "http_error"         an HTTP error (or no response) left uncaught
     ├── CircuitOpen              "circuit_open"       the connector's breaker is open: not run
     ├── NotSupported             "not_supported"      no bespoke handler and no fallback allowed
     └── IdempotencyConflict      "idempotency_conflict"  a key reused with other params
@@ -148,8 +148,9 @@ class SandboxCrash(SandboxError):
 
 
 class HttpError(SandboxError):
-    """The code left an HTTP error uncaught (`raise_for_status()`); `status` is the HTTP
-    status, which the retry policy treats as such (a 503 is retried, a 404 is not)."""
+    """The code left an HTTP error uncaught: `raise_for_status()` (`status` is the HTTP
+    status, which the retry policy treats as such: a 503 is retried, a 404 is not) or a
+    request that got no response (`status` None: a connection error, retried)."""
 
     type = "http_error"
 

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
 from corral.sandbox._confine import Confinement
-from corral.sandbox._http import Http, HTTPStatusError, make_http
+from corral.sandbox._http import Http, HTTPError, HTTPStatusError, make_http
 from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyError
 
 CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
@@ -377,12 +377,13 @@ def _execute(
             guards.violations.append(str(exc))
     except MemoryError:
         return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
-    except HTTPStatusError as exc:  # raise_for_status() left uncaught
+    except HTTPError as exc:  # raise_for_status() or a failed request, left uncaught
         if not guards.violations:
+            status = exc.status_code if isinstance(exc, HTTPStatusError) else None
             return proto.ERROR, {
                 "type": "http_error",
-                "status": exc.status_code,
-                "retry_after": exc.retry_after,
+                "status": status,
+                "retry_after": getattr(exc, "retry_after", None),
                 "message": _describe(exc),
             }
     except _Unserialisable as exc:
