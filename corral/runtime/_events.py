@@ -1,0 +1,54 @@
+"""Actionable runtime events: one JSON log line each, and Prometheus counters.
+
+Every failed attempt, retry, fallback, breaker transition and replay is an
+event (DESIGN §7). The line goes to the `corral.events` logger (the service
+sends it to stderr); fields are plain values and never hold credentials
+(error messages have been through the sandbox's redaction).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+logger = logging.getLogger("corral.events")
+
+ATTEMPTS = Counter(
+    "corral_node_attempts_total",
+    "Node executions attempted, by outcome (ok or the error type).",
+    ["connector", "node", "outcome"],
+)
+RETRIES = Counter(
+    "corral_node_retries_total", "Attempts that were retried.", ["connector", "node", "error"]
+)
+FALLBACKS = Counter(
+    "corral_node_fallbacks_total",
+    "Calls that fell back to the generic executor.",
+    ["connector", "node"],
+)
+REPLAYS = Counter(
+    "corral_node_replays_total",
+    "Node results replayed from the idempotency store.",
+    ["connector", "node"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "corral_breaker_transitions_total",
+    "Circuit breaker state changes.",
+    ["connector", "node", "from_state", "to_state"],
+)
+DURATION = Histogram(
+    "corral_node_duration_seconds",
+    "Wall time of node executions (each attempt), by executor.",
+    ["connector", "node", "executor"],
+)
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Log one event as a JSON line: `{"event": "corral.node.retry", "ts": ..., ...}`."""
+    if logger.isEnabledFor(logging.INFO):
+        record = {"event": f"corral.{event}", "ts": round(time.time(), 3), **fields}
+        logger.info(json.dumps(record, default=str, separators=(",", ":")))

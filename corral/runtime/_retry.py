@@ -1,0 +1,291 @@
+"""RetryManager: the retry policy, the circuit breaker and idempotent replays (DESIGN §7).
+
+Host side. `execute_with_retry` claims the node's idempotency key (a
+finished key replays its stored result without running; a key held by
+another live run waits for it; the same key with other params is
+`idempotency_conflict`), then attempts the call under the breaker of its
+connector/node pair, whose state lives in the store so that every process
+shares it, retrying what is worth retrying with exponential backoff and full
+jitter. Each failed attempt, retry, breaker transition and replay is an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from corral._exceptions import (
+    CircuitOpen,
+    HttpError,
+    IdempotencyConflict,
+    InvalidInput,
+    SandboxError,
+)
+from corral.config import Settings
+from corral.runtime import _events as events
+from corral.runtime._store import BreakerState, Store
+
+#: Retried whatever the policy says about others: the failure is likely to pass.
+RETRYABLE_TYPES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash", "aborted"})
+RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx; a connection error has no status
+#: Failures that say nothing about the connector's health: they leave the breaker alone.
+NOT_THE_CONNECTOR = frozenset({"invalid_input", "not_supported", "idempotency_conflict"})
+LEASE_S = 60.0  # a claimed key is held this long without renewal before another run may take it
+_IN_FLIGHT_POLL_S = (0.05, 1.0)  # waiting for another run that holds the key: first, longest
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a node is retried. Bounded defaults: 3 attempts, 200 ms doubling up to 10 s."""
+
+    max_attempts: int = 3
+    initial_interval_ms: int = 200
+    backoff_coefficient: float = 2.0
+    max_interval_ms: int = 10_000
+    non_retryable: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        """CORRAL_RETRY_MAX_ATTEMPTS, CORRAL_RETRY_INITIAL_MS and CORRAL_RETRY_MAX_MS."""
+        return cls(
+            max_attempts=settings.retry_max_attempts,
+            initial_interval_ms=settings.retry_initial_ms,
+            max_interval_ms=settings.retry_max_ms,
+        )
+
+    def with_overrides(self, overrides: Any, where: str = "retry") -> RetryPolicy:
+        """A copy with a node's `"retry"` object applied; InvalidInput naming a bad field."""
+        return _overridden(self, overrides, where)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.initial_interval_ms < 0 or self.max_interval_ms < 0:
+            raise ValueError("max_attempts must be at least 1 and intervals not negative")
+        if self.backoff_coefficient < 1:
+            raise ValueError("backoff_coefficient must be at least 1")
+        object.__setattr__(self, "non_retryable", frozenset(self.non_retryable))
+
+    def retryable(self, error: SandboxError) -> bool:
+        """Whether `error` is worth another attempt (DESIGN §7)."""
+        if error.type in self.non_retryable:
+            return False
+        if isinstance(error, HttpError):
+            return error.status is None or error.status in RETRYABLE_STATUSES or (
+                error.status >= 500
+            )
+        return error.type in RETRYABLE_TYPES
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Full jitter: uniform between 0 and the capped exponential interval of `attempt`."""
+        ceiling = min(
+            self.max_interval_ms,
+            self.initial_interval_ms * self.backoff_coefficient ** (attempt - 1),
+        )
+        return rng.uniform(0, ceiling) / 1000
+
+
+@dataclass(frozen=True)
+class CircuitBreakerPolicy:
+    """When a connector/node pair's breaker opens (consecutive failures) and for how long."""
+
+    failure_threshold: int = 5
+    reset_ms: int = 30_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CircuitBreakerPolicy:
+        """CORRAL_BREAKER_FAILURE_THRESHOLD and CORRAL_BREAKER_RESET_MS."""
+        return cls(settings.breaker_failure_threshold, settings.breaker_reset_ms)
+
+    def with_overrides(self, overrides: Any, where: str = "breaker") -> CircuitBreakerPolicy:
+        """A copy with a node's `"breaker"` object applied; InvalidInput naming a bad field."""
+        return _overridden(self, overrides, where)
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.reset_ms < 1:
+            raise ValueError("failure_threshold and reset_ms must be at least 1")
+
+
+def _overridden(policy: Any, overrides: Any, where: str) -> Any:
+    if overrides is None:
+        return policy
+    if not isinstance(overrides, dict):
+        raise InvalidInput(f"{where}: must be an object")
+    known = {f.name: f.type for f in fields(policy)}
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise InvalidInput(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}"
+        )
+    try:
+        values = {
+            name: frozenset(value) if name == "non_retryable" else value
+            for name, value in overrides.items()
+        }
+        return replace(policy, **values)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What execute_with_retry ended with: the stored record or the error, and how."""
+
+    record: dict[str, Any] | None  # {"output", "executor", "fallback_reason", "execution_ms"}
+    error: SandboxError | None
+    attempts: int
+    replayed: bool
+    circuit_state: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the node succeeded (ran or replayed)."""
+        return self.error is None
+
+
+class RetryManager:
+    """Runs a node's call with idempotency, its breaker and its retry policy."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        idempotency_ttl_s: int = 86_400,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    async def execute_with_retry(
+        self,
+        call: Callable[[], Awaitable[dict[str, Any]]],
+        *,
+        connector: str,
+        node: str,
+        key: str,
+        fingerprint: str,
+        policy: RetryPolicy,
+        breaker: CircuitBreakerPolicy,
+        context: dict[str, Any] | None = None,
+    ) -> RetryOutcome:
+        """Run `call` (which returns the record to store) at most once per `key`.
+
+        `context` adds fields (run id, ...) to every event.
+        """
+        about = {"connector": connector, "node": node, **(context or {})}
+        name = f"{connector}/{node}"
+        claim = await self._claim(key, fingerprint, about)
+        if claim is not None:
+            state = await self.store.breaker_state(name)
+            return RetryOutcome(claim, None, 0, True, state.state)
+        attempt, state = 0, "closed"
+        try:
+            while True:
+                attempt += 1
+                admitted, before, after = await self.store.breaker_admit(
+                    name, reset_ms=breaker.reset_ms
+                )
+                self._transition(about, before, after)
+                state = after.state
+                if not admitted:
+                    retry_at = (after.opened_at or time.time()) + breaker.reset_ms / 1000
+                    error = CircuitOpen(
+                        f"the circuit breaker of {name} is {after.state.replace('_', '-')} after "
+                        f"{after.failures} consecutive failures; it lets a probe through in "
+                        f"{max(0.0, retry_at - time.time()):.1f} s"
+                    )
+                    events.ATTEMPTS.labels(connector, node, error.type).inc()
+                    events.emit("node.circuit_open", **about, attempt=attempt, error=error.message)
+                    await self.store.release(key)
+                    return RetryOutcome(None, error, attempt, False, state)
+                try:
+                    record = await call()
+                except SandboxError as error:
+                    state = await self._failed(name, about, error, breaker)
+                    delay = self._next_delay(policy, attempt, error)
+                    events.ATTEMPTS.labels(connector, node, error.type).inc()
+                    events.emit(
+                        "node.attempt_failed", **about, attempt=attempt, error_type=error.type,
+                        error=error.message[:500], status=getattr(error, "status", None),
+                        next_delay_s=None if delay is None else round(delay, 3),
+                    )  # fmt: skip
+                    if delay is None:
+                        await self.store.release(key)
+                        return RetryOutcome(None, error, attempt, False, state)
+                    events.RETRIES.labels(connector, node, error.type).inc()
+                    events.emit("node.retry", **about, attempt=attempt + 1, delay_s=round(delay, 3))
+                    await self._sleep(delay)
+                    continue
+                before, after = await self.store.breaker_record(
+                    name, success=True, threshold=breaker.failure_threshold
+                )
+                self._transition(about, before, after)
+                events.ATTEMPTS.labels(connector, node, "ok").inc()
+                await self.store.finish(key, fingerprint, record, ttl_s=self.idempotency_ttl_s)
+                return RetryOutcome(record, None, attempt, False, after.state)
+        except BaseException:
+            await asyncio.shield(self.store.release(key))  # cancelled: another run may try
+            raise
+
+    async def _claim(
+        self, key: str, fingerprint: str, about: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """None once this run holds `key`; the stored record when it is a replay."""
+        wait = _IN_FLIGHT_POLL_S[0]
+        while True:
+            claim = await self.store.claim(
+                key, fingerprint, lease_s=LEASE_S, ttl_s=self.idempotency_ttl_s
+            )
+            if claim.state == "claimed":
+                return None
+            if claim.state == "replay":
+                assert claim.result is not None
+                events.REPLAYS.labels(about["connector"], about["node"]).inc()
+                events.emit("node.replay", **about, key=key)
+                return claim.result
+            if claim.state == "conflict":
+                raise IdempotencyConflict(
+                    f"the idempotency key {key!r} was used before with other params: "
+                    "give this call its own key, or the same params"
+                )
+            await self._sleep(wait)  # another run holds it: wait for its result
+            wait = min(wait * 2, _IN_FLIGHT_POLL_S[1])
+
+    async def _failed(
+        self, name: str, about: dict[str, Any], error: SandboxError, breaker: CircuitBreakerPolicy
+    ) -> str:
+        if error.type in NOT_THE_CONNECTOR:
+            return (await self.store.breaker_state(name)).state
+        before, after = await self.store.breaker_record(
+            name, success=False, threshold=breaker.failure_threshold
+        )
+        self._transition(about, before, after)
+        return after.state
+
+    def _next_delay(self, policy: RetryPolicy, attempt: int, error: SandboxError) -> float | None:
+        """The wait before the next attempt; None when there is none."""
+        if attempt >= policy.max_attempts or not policy.retryable(error):
+            return None
+        delay = policy.delay_s(attempt, self._rng)
+        retry_after = getattr(error, "retry_after_s", None)
+        if retry_after is not None:
+            if retry_after * 1000 > policy.max_interval_ms:
+                return None  # the server asks for longer than the policy waits: give up now
+            delay = max(delay, retry_after)
+        return delay
+
+    @staticmethod
+    def _transition(about: dict[str, Any], before: BreakerState, after: BreakerState) -> None:
+        if before.state != after.state:
+            events.BREAKER_TRANSITIONS.labels(
+                about["connector"], about["node"], before.state, after.state
+            ).inc()
+            events.emit(
+                "breaker.transition", **about, from_state=before.state, to_state=after.state,
+                failures=after.failures,
+            )  # fmt: skip
