@@ -371,12 +371,14 @@ def _execute(
         encoded = _encode(entry(request["params"], request["context"]))
         logs.flush()
     except _LogOverflow:
-        return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
+        if not guards.violations:  # (a violation the code caught, then re-raised as this)
+            return proto.ERROR, {"type": "output_limit", "message": _log_cap_message(logs)}
     except PolicyError as exc:  # reported below from the tripwire, even when the code caught it
         if not guards.violations:
             guards.violations.append(str(exc))
     except MemoryError:
-        return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
+        if not guards.violations:
+            return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
     except HTTPError as exc:  # raise_for_status() or a failed request, left uncaught
         if not guards.violations:
             status = exc.status_code if isinstance(exc, HTTPStatusError) else None

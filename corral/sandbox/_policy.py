@@ -10,11 +10,13 @@ layer: the OS layers (cgroups, rlimits, a fresh process) hold without it.
 
 from __future__ import annotations
 
+import abc
 import builtins
 import collections
 import hashlib
 import importlib
 import operator
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterable
@@ -304,10 +306,32 @@ class Guards:
                 f"{', '.join(self._imports.allowed)}; to allow more set CORRAL_ALLOWED_IMPORTS"
             )
         if fromlist:
+            self._check_fromlist(name, view, fromlist)
             return view
         top = self._imports.view(name.split(".")[0], self._views, self._tripwire)
         assert top is not None  # the package above an importable name is importable
         return top
+
+    def _check_fromlist(self, name: str, view: types.ModuleType, fromlist: Any) -> None:
+        """Every name of `from name import ...` must be in the view.
+
+        When a view lacks one, CPython's `from ... import` falls back on
+        `sys.modules[f"{name}.{attr}"]` (for circular imports) and would hand
+        over a real submodule the child happens to have loaded
+        (`from urllib import request`): refuse here, before that can happen.
+        """
+        real = sys.modules.get(name)
+        for attr in fromlist:
+            if type(attr) is not str:
+                raise self.violation(f"`from {name} import` needs plain str names")
+            if attr in vars(view):
+                continue
+            if f"{name}.{attr}" in sys.modules or (real is not None and hasattr(real, attr)):
+                raise self.violation(
+                    f"`{name}.{attr}` is not available to connector code; {name} offers "
+                    f"{', '.join(a for a in vars(view) if not a.startswith('_')) or 'nothing'}"
+                )
+            raise ImportError(f"cannot import name {attr!r} from {name!r}")
 
     def _checked_name(self, name: Any, action: str) -> str:
         """`name` as a plain str that is not private; a str subclass could lie about both."""
@@ -319,6 +343,14 @@ class Guards:
 
     def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
         name = self._checked_name(name, "getattr")
+        if name == "register" and isinstance(obj, abc.ABCMeta):
+            # An abstract base class is shared by every execution a worker serves (and
+            # `ChainMap.mro()` reaches collections.abc): `Mapping.register(list)` would
+            # change what isinstance() answers, and so what library code does, for them all.
+            raise self.violation(
+                f"`register` of the abstract base class {obj.__name__} is off limits: "
+                "it would change the class for every later execution"
+            )
         try:
             return safer_getattr(obj, name, *(default or (raise_,)))
         except NotImplementedError as exc:

@@ -175,6 +175,7 @@ class Supervisor:
             and self.failure is None
             and self.abort_reason is None
             and not self.trailing
+            and not self.outcome[1].get("leaving")  # a worker that could not stop its code
         )
 
     # -- the child's frames --------------------------------------------------------

@@ -284,6 +284,8 @@ def serve(
         else:
             assert job.result is not None
             kind, message = job.result
+        if stuck:
+            message["leaving"] = True  # the host must not hand this worker another execution
         answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
         if stuck:  # the host sees the answer, then the worker gone, and replaces it
             os._exit(0)

@@ -1,0 +1,1420 @@
+"""Adversarial corpus: known ways out of Python sandboxes, each tried on both backends.
+
+Every case is a payload that, if the technique worked, would produce evidence only
+an escape can produce:
+
+- `LEAK`: the names of the child's `sys.modules` ("corral.sandbox._child" among
+  them), reached through `sys`, `os`, a host function's globals or a host frame;
+- `FILE`: the child's `/proc/self/status` ("NoNewPrivs" in it), read through
+  `open`, `io`, `posix` or a module loader;
+- `TAMPER`: "TAMPERED", logged once a shared object (a module, a class, the
+  builtins, the decimal context) was changed; these cases also run a clean
+  execution afterwards that must see the object intact (the same worker serves it).
+
+Payloads log the evidence before returning it, so an escape that is only caught
+later (a tripwire recorded after the fact) still shows in the logs. A case passes
+when the execution is refused with its documented error type and no evidence
+reached the output, the logs or the error message.
+
+`test_payload_escapes_without_the_language_layer` runs the same payloads with the
+language layer switched off (a test-only switch, see test_os_layers.py) and checks
+that they then do produce their evidence: no case can pass merely because its
+payload was broken.
+
+The filesystem the child sees is not the host's (test_os_layers.py), so a canary
+file on the host could not be written even by an escape: evidence travels back
+through the output and the logs instead.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import BACKENDS
+
+import corral
+from corral import Limits, NodeSandbox
+from corral.config import DEFAULT_ALLOWED_IMPORTS, load_settings
+from corral.sandbox._policy import Guards, ImportPolicy, PolicyError, compile_connector
+
+LEAK = "corral.sandbox._child"  # a key of the child's sys.modules
+FILE = "NoNewPrivs"  # a line of the child's /proc/self/status
+TAMPER = "TAMPERED"
+EVIDENCE = (LEAK, FILE, TAMPER)
+
+LIMITS = Limits(max_memory_mb=64, max_cpu_ms=2_000)
+TIMEOUT_MS = 3_000
+
+
+@dataclass(frozen=True)
+class Case:
+    """A payload, the error type that must refuse it, and the evidence an escape would give.
+
+    `plain`: the payload escapes (produces `evidence`) when the language layer is off;
+    False only where the technique can show nothing on this interpreter whatever the policy
+    (a source given as str ignores its coding cookie, built-in types refuse new attributes,
+    breakpoint() has no stdin to read).
+    `after`: a clean execution run next, in the same sandbox, and the output it must give.
+    """
+
+    code: str
+    expect: tuple[str, ...] = ("policy_violation",)
+    evidence: str = LEAK
+    plain: bool = True
+    after: tuple[str, Any] | None = None
+
+
+def case(
+    id: str,
+    code: str,
+    expect: str | tuple[str, ...] = "policy_violation",
+    evidence: str = LEAK,
+    plain: bool = True,
+    after: tuple[str, Any] | None = None,
+) -> Any:
+    expected = (expect,) if isinstance(expect, str) else expect
+    body = textwrap.dedent(code).lstrip("\n")
+    return pytest.param(Case(body, expected, evidence, plain, after), id=id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks the payloads share. Each family reaches the host its own way; what it does
+# once there is the same: list sys.modules.
+
+#: From a frame of connector code, up to the first host frame (corral.sandbox._child).
+FRAME_WALK = """
+def host_modules(frame):
+    while frame.f_globals['__name__'] == 'connector':
+        frame = frame.f_back
+    return list(frame.f_globals['sys'].modules)
+"""
+
+#: From `object`, to os._wrap_close and the os module's globals.
+SUBCLASS_WALK = """
+def host_modules(base):
+    for sub in base.__subclasses__():
+        if sub.__name__ == '_wrap_close':
+            return list(sub.__init__.__globals__['sys'].modules)
+"""
+
+
+def getter_walk(setup: str, get: str = "getattr(obj, N(name))") -> str:
+    """The subclass walk with every dunder read through `get` (a computed-name getattr).
+
+    `setup` defines N (turns a name into what is passed) and anything `get` needs.
+    """
+    return (
+        textwrap.dedent(setup).strip()
+        + f"""
+def get(obj, name):
+    return {get}
+def run(params, context):
+    base = get(get((), '__cl' + 'ass__'), '__mr' + 'o__')[-1]
+    for sub in get(base, '__subcl' + 'asses__')():
+        if get(sub, '__na' + 'me__') == '_wrap_close':
+            found = list(get(get(sub, '__in' + 'it__'), '__glo' + 'bals__')['sys'].modules)
+            log(found)
+            return found
+"""
+    )
+
+
+def tamper(
+    module: str, attempt: str, check: str, after: tuple[str, Any], swallow: bool = True
+) -> dict[str, Any]:
+    """A payload that tries `attempt`, then logs TAMPERED if `check` holds.
+
+    With `swallow`, the attempt's errors are caught (a refusal must count all the same).
+    """
+    body = textwrap.dedent(attempt).strip()
+    if swallow:
+        body = f"try:\n{textwrap.indent(body, '    ')}\nexcept Exception:\n    pass"
+    code = f"""
+import {module}
+def run(params, context):
+{textwrap.indent(body, " " * 4)}
+    if {check}:
+        log('TAMPERED')
+        return 'TAMPERED'
+"""
+    after_code = f"import {module}\ndef run(params, context):\n    return {after[0]}\n"
+    return {"code": code, "evidence": TAMPER, "after": (after_code, after[1])}
+
+
+JSON_INTACT = ("json.loads('1')", 1)
+
+
+def fullwidth(code: str, *words: str) -> str:
+    """`code` with `words` spelt in fullwidth letters (and underscores, past the first)."""
+
+    def widen(word: str) -> str:
+        lead = len(word) - len(word.lstrip("_"))
+        return word[:lead] + "".join(
+            chr(ord(c) + 0xFEE0) if c.isalpha() or c == "_" else c for c in word[lead:]
+        )
+
+    for word in words:
+        code = code.replace(word, widen(word))
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus.
+
+# fmt: off
+FRAMES = [
+    case("generator-gi_frame-f_back", FRAME_WALK + """
+def run(params, context):
+    def gen():
+        yield host_modules(g.gi_frame)
+    g = gen()
+    found = next(g)
+    log(found)
+    return found
+"""),
+    case("generator-send-itself-then-gi_frame", FRAME_WALK + """
+def run(params, context):
+    def gen():
+        me = yield
+        yield host_modules(me.gi_frame)
+    g = gen()
+    next(g)
+    found = g.send(g)
+    log(found)
+    return found
+"""),
+    case("generator-throw-then-tb_frame", FRAME_WALK + """
+def run(params, context):
+    def gen():
+        try:
+            yield 1
+        except ValueError as exc:
+            yield host_modules(exc.__traceback__.tb_frame)
+    g = gen()
+    next(g)
+    found = g.throw(ValueError('in'))
+    log(found)
+    return found
+"""),
+    case("generator-expression-gi_frame", FRAME_WALK + """
+def run(params, context):
+    ge = (host_modules(ge.gi_frame) for _ in [0])
+    found = next(ge)
+    log(found)
+    return found
+"""),
+    case("generator-gi_yieldfrom-builtins", """
+def run(params, context):
+    def inner():
+        yield 1
+    def middle():
+        yield from inner()
+    outer = middle()
+    next(outer)
+    frame = outer.gi_yieldfrom.gi_frame
+    found = list(frame.f_builtins['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("generator-frame-via-computed-getattr", """
+def run(params, context):
+    def gen():
+        frame = getattr(g, 'gi_' + 'frame')
+        while getattr(frame, 'f_' + 'globals')['__name__'] == 'connector':
+            frame = getattr(frame, 'f_' + 'back')
+        yield list(getattr(frame, 'f_' + 'globals')['sys'].modules)
+    g = gen()
+    found = next(g)
+    log(found)
+    return found
+"""),
+    case("traceback-tb_frame", FRAME_WALK + """
+def run(params, context):
+    try:
+        1 / 0
+    except ZeroDivisionError as exc:
+        found = host_modules(exc.__traceback__.tb_frame)
+    log(found)
+    return found
+"""),
+    case("traceback-tb_next-chain", FRAME_WALK + """
+def fail():
+    raise KeyError('x')
+def run(params, context):
+    try:
+        fail()
+    except KeyError as exc:
+        found = host_modules(exc.__traceback__.tb_next.tb_frame)
+    log(found)
+    return found
+"""),
+    case("exception-__context__-traceback", FRAME_WALK + """
+def run(params, context):
+    try:
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            raise ValueError('second')
+    except ValueError as exc:
+        found = host_modules(exc.__context__.__traceback__.tb_frame)
+    log(found)
+    return found
+"""),
+    case("exception-__cause__-traceback", FRAME_WALK + """
+def run(params, context):
+    try:
+        try:
+            [][1]
+        except IndexError as first:
+            raise ValueError('second') from first
+    except ValueError as exc:
+        found = host_modules(exc.__cause__.__traceback__.tb_frame)
+    log(found)
+    return found
+"""),
+    case("traceback-via-computed-getattr", """
+def run(params, context):
+    try:
+        1 / 0
+    except ZeroDivisionError as exc:
+        frame = getattr(getattr(exc, '__trace' + 'back__'), 'tb_' + 'frame')
+    while getattr(frame, 'f_' + 'globals')['__name__'] == 'connector':
+        frame = getattr(frame, 'f_' + 'back')
+    found = list(getattr(frame, 'f_' + 'globals')['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("except-star-exception-group-traceback", FRAME_WALK + """
+def run(params, context):
+    try:
+        try:
+            raise ValueError('v')
+        except ValueError as leaf:
+            raise ExceptionGroup('g', [leaf])
+    except* ValueError as group:
+        found = host_modules(group.exceptions[0].__traceback__.tb_frame)
+    log(found)
+    return found
+"""),
+    case("coroutine-cr_frame", FRAME_WALK + """
+def run(params, context):
+    async def coro():
+        return host_modules(c.cr_frame)
+    c = coro()
+    try:
+        c.send(None)
+    except StopIteration as done:
+        found = done.value
+    log(found)
+    return found
+"""),
+    case("coroutine-cr_await-builtins", """
+class Pause:
+    def __await__(self):
+        yield
+async def inner():
+    await Pause()
+async def outer():
+    await inner()
+def run(params, context):
+    c = outer()
+    c.send(None)
+    frame = c.cr_await.cr_frame
+    found = list(frame.f_builtins['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("async-generator-ag_frame-builtins", """
+def run(params, context):
+    async def agen():
+        yield 1
+    a = agen()
+    found = list(a.ag_frame.f_builtins['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+]
+
+SUBCLASSES = [
+    case("tuple-class-bases-subclasses", SUBCLASS_WALK + """
+def run(params, context):
+    found = host_modules(().__class__.__bases__[0])
+    log(found)
+    return found
+"""),
+    case("str-class-mro-subclasses", SUBCLASS_WALK + """
+def run(params, context):
+    found = host_modules(''.__class__.__mro__[-1])
+    log(found)
+    return found
+"""),
+    case("getattr-concatenated-names", getter_walk("N = str")),
+    case("getattr-str-subclass-names", getter_walk("class N(str):\n    pass")),
+    case("getattr-bytes-decoded-names", getter_walk(
+        "def N(s):\n    return bytes(s, 'ascii').decode()")),
+    case("getattr-chr-built-names", getter_walk(
+        "def N(s):\n    return ''.join(chr(ord(c)) for c in s)")),
+    case("getattr-format-built-names", getter_walk("def N(s):\n    return format(s, 's')")),
+    case("getattr-percent-built-names", getter_walk("def N(s):\n    return '%s' % (s,)")),
+    case("getattr-with-default", getter_walk("N = str", "getattr(obj, name, None)")),
+    case("hasattr-then-getattr", getter_walk(
+        "N = str", "getattr(obj, name) if hasattr(obj, name) else None")),
+    case("map-getattr", getter_walk("N = str", "list(map(getattr, [obj], [name]))[0]")),
+    case("functools-reduce-getattr", getter_walk(
+        "import functools", "functools.reduce(getattr, [name], obj)")),
+    case("functools-partial-getattr", getter_walk(
+        "import functools", "functools.partial(getattr, obj)(name)")),
+    case("operator-attrgetter", getter_walk("import operator", "operator.attrgetter(name)(obj)")),
+    case("caught-violations-still-count", getter_walk("N = str", "catching(obj, name)").replace(
+        "def get(", "def catching(obj, name):\n    try:\n        return getattr(obj, name)\n"
+        "    except Exception:\n        return None\ndef get(", 1)),
+    case("object-__getattribute__", SUBCLASS_WALK + """
+def run(params, context):
+    cls = object.__getattribute__((), '__class__')
+    found = host_modules(cls.__mro__[-1])
+    log(found)
+    return found
+"""),
+    case("super-proxy-globals", """
+import json
+class Enc(json.JSONEncoder):
+    def leak(self):
+        return list(super().encode.__globals__['__builtins__']['__import__']('sys').modules)
+def run(params, context):
+    found = Enc().leak()
+    log(found)
+    return found
+"""),
+    case("__init_subclass__-hook", SUBCLASS_WALK + """
+class Base:
+    def __init_subclass__(cls, **kwargs):
+        log(host_modules(cls.__mro__[-1]))
+class Sub(Base):
+    pass
+def run(params, context):
+    return 'defined'
+"""),
+    case("__class_getitem__-hook", SUBCLASS_WALK + """
+class Box:
+    def __class_getitem__(cls, item):
+        return host_modules(cls.__mro__[-1])
+def run(params, context):
+    found = Box[0]
+    log(found)
+    return found
+"""),
+    case("__set_name__-hook", SUBCLASS_WALK + """
+class Field:
+    def __set_name__(self, owner, name):
+        log(host_modules(owner.__mro__[-1]))
+class Model:
+    field = Field()
+def run(params, context):
+    return 'defined'
+"""),
+    case("decorator-runs-at-definition", """
+def steal(func):
+    host = func.__globals__['log'].__globals__
+    log(list(host['sys'].modules))
+    return func
+@steal
+def run(params, context):
+    return 'decorated'
+"""),
+    case("property-descriptor", getter_walk("N = str").replace(
+        "def run(params, context):\n",
+        "class Holder:\n    value = property(lambda self: leak())\ndef run(params, context):\n"
+        "    return Holder().value\ndef leak():\n", 1), expect="code_error"),
+    case("type-three-arg-metaclass", """
+def leak(cls):
+    base = getattr(getattr(cls, '__mr' + 'o__')[-1], '__subcl' + 'asses__')
+    for sub in base():
+        if getattr(sub, '__na' + 'me__') == '_wrap_close':
+            init = getattr(getattr(sub, '__in' + 'it__'), '__glo' + 'bals__')
+            return list(init['sys'].modules)
+def run(params, context):
+    Meta = type('Meta', (type,), {})
+    Leaky = Meta('Leaky', (), {})
+    found = leak(Leaky)
+    log(found)
+    return found
+""", expect="code_error"),
+    case("metaclass-keyword", SUBCLASS_WALK + """
+class Meta(type):
+    def __call__(cls):
+        return host_modules(cls.__mro__[-1])
+class Target(metaclass=Meta):
+    pass
+def run(params, context):
+    found = Target()
+    log(found)
+    return found
+"""),
+    case("__class__-assignment-retypes-shared-object", **tamper(
+        "uuid",
+        """
+        class Mine(uuid.UUID):
+            __slots__ = ()
+        object.__setattr__(uuid.NAMESPACE_DNS, '__class__', Mine)
+        """,
+        "not repr(uuid.NAMESPACE_DNS).startswith('UUID(')",
+        ("repr(uuid.NAMESPACE_DNS)[:5]", "UUID("),
+    )),
+]
+
+FORMATS = [
+    case("str-format-attribute-walk", """
+def run(params, context):
+    found = '{0.__globals__[sys].modules}'.format(log)
+    log(found)
+    return found
+"""),
+    case("str-format_map", """
+def run(params, context):
+    found = '{f.__globals__[sys].modules}'.format_map({'f': log})
+    log(found)
+    return found
+"""),
+    case("str-format-unbound", """
+def run(params, context):
+    found = str.format('{0.__globals__[sys].modules}', log)
+    log(found)
+    return found
+"""),
+    case("str-format-via-getattr", """
+def run(params, context):
+    found = getattr('{0.__globals__[sys].modules}', 'format')(log)
+    log(found)
+    return found
+"""),
+    case("str-subclass-format", """
+class Template(str):
+    pass
+def run(params, context):
+    found = Template('{0.__globals__[sys].modules}').format(log)
+    log(found)
+    return found
+"""),
+    case("string-Formatter-get_field", """
+import string
+def run(params, context):
+    found = list(string.Formatter().get_field('0.__globals__', [log], {})[0]['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("string-Formatter-vformat", """
+import string
+def run(params, context):
+    found = string.Formatter().vformat('{0.__globals__[sys].modules}', [log], {})
+    log(found)
+    return found
+"""),
+    case("str-format-on-print-object", """
+def run(params, context):
+    found = '{0.__self__.__loader__.find_spec.__globals__[sys].modules}'.format(print)
+    log(found)
+    return found
+"""),
+    case("str-format-generator-frame", """
+def run(params, context):
+    def gen():
+        yield '{0.gi_frame.f_back.f_back.f_globals[sys].modules}'.format(g)
+    g = gen()
+    found = next(g)
+    log(found)
+    return found
+"""),
+    case("f-string-repr-of-subclasses", """
+def run(params, context):
+    found = f'{().__class__.__base__.__subclasses__()!r}'
+    log(found)
+    return found
+"""),
+    case("f-string-globals", """
+def run(params, context):
+    found = f"{list(log.__globals__['sys'].modules)!r}"
+    log(found)
+    return found
+"""),
+    case("percent-format-of-getattr", """
+def run(params, context):
+    found = '%s' % (list(getattr(log, '__glob' + 'als__')['sys'].modules),)
+    log(found)
+    return found
+"""),
+]
+
+MODULE_WALKS = [
+    case("uuid.os", """
+import uuid
+def run(params, context):
+    found = list(uuid.os.sys.modules)
+    log(found)
+    return found
+"""),
+    case("uuid.sys", """
+import uuid
+def run(params, context):
+    found = list(uuid.sys.modules)
+    log(found)
+    return found
+"""),
+    case("json.codecs", """
+import json
+def run(params, context):
+    found = list(json.codecs.sys.modules)
+    log(found)
+    return found
+"""),
+    case("json.decoder-submodule", """
+import json
+def run(params, context):
+    found = list(json.decoder.re.enum.sys.modules)
+    log(found)
+    return found
+"""),
+    case("collections._sys", """
+import collections
+def run(params, context):
+    found = list(collections._sys.modules)
+    log(found)
+    return found
+"""),
+    case("collections._sys-via-getattr", """
+import collections
+def run(params, context):
+    found = list(getattr(collections, '_sys').modules)
+    log(found)
+    return found
+"""),
+    case("hashlib.__builtins__", """
+import hashlib
+def run(params, context):
+    found = list(hashlib.__builtins__['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("datetime.sys", """
+import datetime
+def run(params, context):
+    found = list(datetime.sys.modules)
+    log(found)
+    return found
+"""),
+    case("decimal.__spec__-loader-reads-files", """
+import decimal
+def run(params, context):
+    found = decimal.__spec__.loader.get_data('/proc/self/status').decode()
+    log(found)
+    return found
+""", evidence=FILE),
+    case("re.enum.sys", """
+import re
+def run(params, context):
+    found = list(re.enum.sys.modules)
+    log(found)
+    return found
+"""),
+    case("re._compiler-loader-reads-files", """
+import re
+def run(params, context):
+    found = re._compiler.__loader__.get_data('/proc/self/status').decode()
+    log(found)
+    return found
+""", evidence=FILE),
+    case("functools-function-__globals__", """
+import functools
+def run(params, context):
+    host = functools.total_ordering.__globals__['__builtins__']
+    found = list(host['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("base64.re", """
+import base64
+def run(params, context):
+    found = list(base64.re.enum.sys.modules)
+    log(found)
+    return found
+"""),
+    case("urllib.parse.sys", """
+import urllib.parse
+def run(params, context):
+    found = list(urllib.parse.sys.modules)
+    log(found)
+    return found
+"""),
+    case("itertools.__loader__", """
+import itertools
+def run(params, context):
+    found = list(itertools.__loader__.find_spec.__globals__['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("random._os", """
+import random
+def run(params, context):
+    found = list(random._os.sys.modules)
+    log(found)
+    return found
+"""),
+    case("from-uuid-import-os", """
+from uuid import os
+def run(params, context):
+    found = list(os.sys.modules)
+    log(found)
+    return found
+"""),
+    # A view lacks `request`: CPython's `from ... import` then looks in sys.modules for
+    # urllib.request. Refused whether or not the child has it loaded (see
+    # test_from_import_never_falls_back_on_sys_modules, which loads it).
+    case("from-urllib-import-request", """
+from urllib import request
+def run(params, context):
+    found = list(request.sys.modules)
+    log(found)
+    return found
+""", expect=("policy_violation", "code_error")),
+    case("module-view-__dict__", """
+import json
+def run(params, context):
+    found = list(json.__dict__['__builtins__']['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("vars-of-module", """
+import json
+def run(params, context):
+    found = list(vars(json)['__builtins__']['__import__']('sys').modules)
+    log(found)
+    return found
+""", expect="code_error"),
+    case("dir-of-module", """
+import json
+def run(params, context):
+    for name in dir(json):
+        if name == 'codecs':
+            found = list(getattr(json, name).sys.modules)
+            log(found)
+            return found
+""", expect="code_error"),
+    case("log-function-globals", """
+def run(params, context):
+    found = list(log.__globals__['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("log-function-globals-via-getattr", """
+def run(params, context):
+    found = list(getattr(log, '__glob' + 'als__')['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("print-builtin-__self__", """
+def run(params, context):
+    found = list(getattr(print, '__se' + 'lf__').__import__('sys').modules)
+    log(found)
+    return found
+"""),
+    case("http-capability-closure", """
+def run(params, context):
+    send = getattr(http, '_se' + 'nd')
+    found = list(getattr(send, '__glo' + 'bals__')['os'].sys.modules)
+    log(found)
+    return found
+"""),
+    case("json-decoder-public-function-globals", """
+import json
+def run(params, context):
+    hook = json.JSONDecoder().parse_object
+    found = list(hook.__globals__['__builtins__']['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+]
+
+WRITES = [
+    case("assign-module-view-attribute", **tamper(
+        "json", "json.loads = lambda s: 'TAMPERED'", "json.loads('1') == 'TAMPERED'", JSON_INTACT,
+    )),
+    case("setattr-module-view", **tamper(
+        "json", "setattr(json, 'loads', lambda s: 'TAMPERED')", "json.loads('1') == 'TAMPERED'",
+        JSON_INTACT,
+    )),
+    case("dict-__setitem__-on-module-view", **tamper(
+        "json", "dict.__setitem__(json.__dict__, 'loads', lambda s: 'TAMPERED')",
+        "json.loads('1') == 'TAMPERED'", JSON_INTACT,
+    )),
+    case("vars-item-assignment-on-module-view", **tamper(
+        "json", "vars(json)['loads'] = lambda s: 'TAMPERED'", "json.loads('1') == 'TAMPERED'",
+        JSON_INTACT, swallow=False,
+    ), expect="code_error"),
+    case("object-__setattr__-on-module-view", **tamper(
+        "json", "object.__setattr__(json, 'loads', lambda s: 'TAMPERED')",
+        "json.loads('1') == 'TAMPERED'", JSON_INTACT,
+    )),
+    # Put back before the answer: the child's own frames to the host are JSON.
+    case("shared-class-attribute", """
+import json
+def restore(module):
+    try:
+        module.JSONEncoder.item_separator = ', '
+    except Exception:
+        pass
+def run(params, context):
+    try:
+        json.JSONEncoder.item_separator = '!'
+    except Exception:
+        pass
+    if [json.dumps([1, 2]) == '[1!2]', restore(json)][0]:
+        log('TAMPERED')
+        return 'TAMPERED'
+""", evidence=TAMPER, after=(
+        "import json\ndef run(p, c):\n    return json.dumps([1, 2])\n", "[1, 2]")),
+    case("shared-class-property-replaced", **tamper(
+        "uuid", "setattr(uuid.UUID, 'hex', 'TAMPERED')", "uuid.NAMESPACE_DNS.hex == 'TAMPERED'",
+        ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
+    )),
+    case("decimal-context-precision", **tamper(
+        "decimal", "decimal.getcontext().prec = 3",
+        "str(decimal.Decimal(1) / decimal.Decimal(3)) == '0.333'",
+        ("str(decimal.Decimal(1) / decimal.Decimal(3))", "0." + "3" * 28),
+    )),
+    # The check puts len back: the child itself needs it to answer.
+    case("builtins-dict-mutation", **tamper(
+        "json",
+        """
+        table = __builtins__ if isinstance(__builtins__, dict) else vars(__builtins__)
+        table['len'] = lambda obj, real=table['len']: 'TAMPERED' if obj == [] else real(obj)
+        """,
+        "len([]) == 'TAMPERED'", ("len([1])", 1),
+    )),
+    # ABCs are shared by every execution of a worker; the mro() of a view's class reaches
+    # collections.abc, and register() would change isinstance() (so library behaviour:
+    # Counter(list) treats a registered list as a mapping) for every later execution.
+    case("abc-register-through-mro", **tamper(
+        "collections", "collections.ChainMap.mro()[1].register(list)",
+        "isinstance([], collections.ChainMap.mro()[2])",
+        ("dict(collections.Counter(['a', 'b', 'a']))", {"a": 2, "b": 1}),
+    )),
+    case("abc-register-view-class", **tamper(
+        "collections", "collections.ChainMap.register(dict)",
+        "isinstance({}, collections.ChainMap)",
+        ("isinstance({}, collections.ChainMap)", False),
+    )),
+    case("abc-register-via-getattr", **tamper(
+        "collections", "getattr(collections.ChainMap.mro()[2], 'reg' + 'ister')(str)",
+        "isinstance('', collections.ChainMap.mro()[2])",
+        ("isinstance('', collections.ChainMap.mro()[2])", False),
+    )),
+    # CPython refuses both writes on its own (built-in types are immutable): what counts
+    # here is that asking is a policy violation.
+    case("assign-builtin-type-method", **tamper(
+        "json",
+        """
+        str.format = lambda *args: 'TAMPERED'
+        str.upper = lambda self: 'TAMPERED'
+        """,
+        "'x'.upper() == 'TAMPERED'", ("'x'.upper()", "X"),
+    ), plain=False),
+]
+
+GUARD_NAMES = [
+    case("rebind-_write_-at-module-level", """
+import json
+_write_ = lambda obj: obj
+def run(params, context):
+    json.loads = lambda s: 'TAMPERED'
+    log(json.loads('1'))
+    return json.loads('1')
+""", evidence=TAMPER, after=("import json\ndef run(p, c):\n    return json.loads('1')\n", 1)),
+    case("rebind-_write_-as-parameter", """
+import json
+def run(params, context, _write_=lambda obj: obj):
+    try:
+        json.loads = lambda s: 'TAMPERED'
+    except Exception:
+        pass
+    log(json.loads('1'))
+    return json.loads('1')
+""", evidence=TAMPER, after=("import json\ndef run(p, c):\n    return json.loads('1')\n", 1)),
+    case("rebind-_write_-through-global", """
+import json
+def run(params, context):
+    global _write_
+    _write_ = lambda obj: obj
+    json.loads = lambda s: 'TAMPERED'
+    log(json.loads('1'))
+    return json.loads('1')
+""", evidence=TAMPER),
+    case("rebind-_write_-through-globals-dict", """
+import json
+def run(params, context):
+    globals()['_write_'] = lambda obj: obj
+    json.loads = lambda s: 'TAMPERED'
+    log(json.loads('1'))
+    return json.loads('1')
+""", expect="code_error", evidence=TAMPER),
+    case("rebind-_write_-by-import-alias", """
+import uuid
+from functools import total_ordering as _write_
+def run(params, context):
+    uuid.UUID.hex = 'TAMPERED'
+    log(uuid.NAMESPACE_DNS.hex)
+    return uuid.NAMESPACE_DNS.hex
+""", evidence=TAMPER),
+    case("rebind-_write_-as-loop-target", """
+import json
+def run(params, context):
+    for _write_ in [lambda obj: obj]:
+        json.loads = lambda s: 'TAMPERED'
+    log(json.loads('1'))
+    return json.loads('1')
+""", evidence=TAMPER),
+    case("rebind-_write_-by-walrus", """
+import json
+def run(params, context):
+    if (_write_ := lambda obj: obj):
+        json.loads = lambda s: 'TAMPERED'
+    log(json.loads('1'))
+    return json.loads('1')
+""", evidence=TAMPER),
+    case("rebind-_write_-by-def", """
+import json
+def _write_(obj):
+    return obj
+def run(params, context):
+    json.loads = lambda s: 'TAMPERED'
+    log(json.loads('1'))
+    return json.loads('1')
+""", evidence=TAMPER),
+    case("rebind-_getattr_-to-unguarded-getter", SUBCLASS_WALK + """
+def _getattr_(obj, name):
+    return obj.__getattribute__(name)
+def run(params, context):
+    found = host_modules(().__class__.__base__)
+    log(found)
+    return found
+"""),
+]
+
+
+def forbidden_import(module: str, use: str, evidence: str = LEAK) -> dict[str, Any]:
+    return {
+        "code": f"import {module}\ndef run(params, context):\n    found = {use}\n"
+        "    log(found)\n    return found\n",
+        "evidence": evidence,
+    }
+
+
+IMPORTS = [
+    case("import-os", **forbidden_import("os", "list(os.sys.modules)")),
+    case("import-sys", **forbidden_import("sys", "list(sys.modules)")),
+    case("import-subprocess", **forbidden_import("subprocess", "list(subprocess.sys.modules)")),
+    case("import-socket", **forbidden_import("socket", "list(socket.sys.modules)")),
+    case("import-importlib", **forbidden_import(
+        "importlib", "list(importlib.import_module('sys').modules)")),
+    case("import-builtins-open", **forbidden_import(
+        "builtins", "builtins.open('/proc/self/status').read()", FILE)),
+    case("import-io-open", **forbidden_import("io", "io.open('/proc/self/status').read()", FILE)),
+    case("import-posix-read", **forbidden_import(
+        "posix", "posix.read(posix.open('/proc/self/status', posix.O_RDONLY), 4096).decode()",
+        FILE)),
+    case("import-inspect", **forbidden_import("inspect", "list(inspect.sys.modules)")),
+    case("import-traceback", **forbidden_import("traceback", "list(traceback.sys.modules)")),
+    case("import-signal", **forbidden_import(
+        "signal", "list(getattr(signal, '__builtins__')['__import__']('sys').modules)")),
+    case("import-ctypes-pythonapi", """
+import ctypes
+def run(params, context):
+    load = ctypes.pythonapi.PyImport_ImportModule
+    load.restype = ctypes.py_object
+    found = list(load(b'sys').modules)
+    log(found)
+    return found
+"""),
+    case("import-pickle-global-opcode", """
+import pickle
+def run(params, context):
+    sys = pickle.loads(b'cbuiltins\\n__import__\\n(Vsys\\ntR.')
+    found = list(sys.modules)
+    log(found)
+    return found
+"""),
+    case("import-copy-with-__reduce__", """
+import copy
+class Thief:
+    def __reduce__(self):
+        return (getattr, (log, '__globals__'))
+def run(params, context):
+    found = list(copy.copy(Thief())['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("__reduce_ex__-constructor-globals", """
+class Plain:
+    pass
+def run(params, context):
+    constructor = Plain().__reduce_ex__(2)[0]
+    found = list(constructor.__globals__['__builtins__']['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("__reduce__-via-getattr", """
+class Plain:
+    pass
+def run(params, context):
+    constructor = getattr(Plain(), '__redu' + 'ce__')()[0]
+    host = getattr(constructor, '__glob' + 'als__')['__builtins__']
+    found = list(host['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("import-gc-get_referents", """
+import gc
+def run(params, context):
+    host = [r for r in gc.get_referents(log) if isinstance(r, dict) and 'sys' in r][0]
+    found = list(host['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("import-gc-get_objects", """
+import gc
+def run(params, context):
+    gc.unfreeze()
+    for obj in gc.get_objects():
+        if isinstance(obj, dict) and '_execute' in obj and 'sys' in obj:
+            found = list(obj['sys'].modules)
+            log(found)
+            return found
+"""),
+    case("import-json-submodule", **forbidden_import(
+        "json.decoder", "list(json.decoder.re.enum.sys.modules)")),
+    case("import-urllib-request", **forbidden_import(
+        "urllib.request", "list(urllib.request.sys.modules)")),
+    case("relative-import", """
+from . import json
+def run(params, context):
+    found = list(json.codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+    case("fork-bomb", """
+import os
+def run(params, context):
+    log(list(os.sys.modules))
+    while True:
+        os.fork()
+"""),
+    case("thread-bomb", """
+import threading
+def run(params, context):
+    log(list(getattr(threading, '_sys').modules))
+    while True:
+        threading.Thread(target=lambda: None).start()
+"""),
+    case("__import__-builtin", """
+def run(params, context):
+    found = list(__import__('sys').modules)
+    log(found)
+    return found
+"""),
+    case("__builtins__-__import__", """
+def run(params, context):
+    table = __builtins__ if isinstance(__builtins__, dict) else vars(__builtins__)
+    found = list(table['__import__']('sys').modules)
+    log(found)
+    return found
+"""),
+    case("globals-__builtins__", """
+def run(params, context):
+    table = globals()['__builtins__']
+    table = table if isinstance(table, dict) else vars(table)
+    found = list(table['__import__']('sys').modules)
+    log(found)
+    return found
+""", expect="code_error"),
+    case("locals-at-module-level", """
+table = locals()['__builtins__']
+table = table if isinstance(table, dict) else vars(table)
+found = list(table['__import__']('sys').modules)
+log(found)
+def run(params, context):
+    return found
+""", expect="code_error"),
+    case("eval", """
+def run(params, context):
+    found = list(eval("__import__('sys')").modules)
+    log(found)
+    return found
+"""),
+    case("exec", """
+def run(params, context):
+    exec("import sys; log(list(sys.modules))")
+    return 'executed'
+"""),
+    case("compile-then-eval-by-reference", """
+def run(params, context):
+    sys = list(map(eval, [compile("__import__('sys')", 'x', 'eval')]))[0]
+    found = list(sys.modules)
+    log(found)
+    return found
+""", expect="code_error"),
+    case("open-builtin", """
+def run(params, context):
+    found = open('/proc/self/status').read()
+    log(found)
+    return found
+""", expect="code_error", evidence=FILE),
+    case("help-builtin-globals", """
+def run(params, context):
+    found = list(help.__call__.__globals__['sys'].modules)
+    log(found)
+    return found
+"""),
+    # breakpoint() would start pdb on the child's stdin: nothing to show for it here.
+    case("breakpoint", """
+def run(params, context):
+    breakpoint()
+    return 'debugged'
+""", plain=False),
+]
+
+SOURCE_TRICKS = [
+    # Identifiers are NFKC-normalised by the parser: `eval` spelt in fullwidth letters is
+    # `eval` (the policy must see the normalised names).
+    case("fullwidth-eval", fullwidth("""
+def run(params, context):
+    found = list(eval("__import__('sys')").modules)
+    log(found)
+    return found
+""", "eval")),
+    case("fullwidth-dunder-attributes", fullwidth("""
+def run(params, context):
+    for sub in ().__class__.__base__.__subclasses__():
+        if sub.__name__ == '_wrap_close':
+            found = list(sub.__init__.__globals__['sys'].modules)
+            log(found)
+            return found
+""", "__class__", "__base__", "__subclasses__", "__init__", "__globals__")),
+    case("fullwidth-gi_frame", fullwidth("""
+def run(params, context):
+    def gen():
+        frame = g.gi_frame.f_back.f_back
+        yield list(frame.f_globals['sys'].modules)
+    g = gen()
+    found = next(g)
+    log(found)
+    return found
+""", "gi_frame", "f_back", "f_globals")),
+    case("carriage-return-hides-a-line", "import json  # harmless\rimport os\n"
+         "def run(params, context):\n    found = list(os.sys.modules)\n"
+         "    log(found)\n    return found\n"),
+    case("line-continuation-import", """
+import \\
+    os
+def run(params, context):
+    found = list(os.sys.modules)
+    log(found)
+    return found
+"""),
+    # The source arrives decoded: a coding cookie is ignored, so the UTF-7 line stays a
+    # comment (which would hide `().__class__` from a reviewer decoding it as UTF-7).
+    case("utf-7-coding-cookie", """
+# coding: utf-7
+def run(params, context):
+    #+AAo-    return list(().__class__.__base__.__subclasses__())
+    return 1 +AAo-
+""", expect="code_error", plain=False),
+    case("nul-byte-in-source", "import json\n# \x00\nimport os\n"
+         "def run(params, context):\n    return list(os.sys.modules)\n",
+         expect="code_error", plain=False),
+]
+
+# fmt: on
+
+CORPUS = (
+    FRAMES + SUBCLASSES + FORMATS + MODULE_WALKS + WRITES + GUARD_NAMES + IMPORTS + SOURCE_TRICKS
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks.
+
+
+def _texts(error: corral.SandboxError | None, result: Any = None) -> str:
+    parts = []
+    if error is not None:
+        parts.append(error.message)
+        parts.extend(entry.message for entry in error.logs)
+    if result is not None:
+        parts.append(repr(result.output))
+        parts.extend(entry.message for entry in result.logs)
+    return "\n".join(parts)
+
+
+def assert_refused(sandbox: NodeSandbox, case: Case) -> corral.SandboxError:
+    """Run the payload: it must fail with one of the case's types and show no evidence."""
+    try:
+        result = sandbox.execute_sync(
+            case.code, params={"id": 1}, timeout_ms=TIMEOUT_MS, limits=LIMITS
+        )
+    except corral.SandboxError as error:
+        text = _texts(error)
+        assert error.type in case.expect, f"{error.type}: {error.message}"
+        for evidence in EVIDENCE:
+            assert evidence not in text, f"the payload produced {evidence!r}: {text[:2000]}"
+        return error
+    pytest.fail(f"the payload ran to the end: {_texts(None, result)[:2000]}")
+
+
+@pytest.mark.parametrize("case", CORPUS)
+def test_escape_is_refused(sandbox, case):
+    """The technique is refused, nothing it was after leaks, and a clean execution that
+    follows in the same sandbox sees the shared objects unchanged."""
+    assert_refused(sandbox, case)
+    if case.after is not None:
+        code, expected = case.after
+        assert sandbox.execute_sync(code, timeout_ms=TIMEOUT_MS).output == expected
+
+
+def test_corpus_is_large_and_distinct():
+    assert len(CORPUS) >= 70
+    assert len({p.values[0].code for p in CORPUS}) == len(CORPUS)
+
+
+@pytest.fixture(params=BACKENDS)
+def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
+    """A sandbox with the language layer switched off: only the OS layers stand."""
+    with NodeSandbox(
+        executor=request.param,
+        limits=Limits(max_memory_mb=64),
+        settings=load_settings(),
+        _unsafe_layers_off={"language"},
+    ) as sandbox:
+        yield sandbox
+
+
+@pytest.mark.parametrize("case", [p for p in CORPUS if p.values[0].plain])
+def test_payload_escapes_without_the_language_layer(plain, case):
+    """Without the language layer, the payload does produce its evidence: the case
+    above tests the policy, not a broken payload."""
+    try:
+        result = plain.execute_sync(
+            case.code, params={"id": 1}, timeout_ms=TIMEOUT_MS, limits=LIMITS
+        )
+        text = _texts(None, result)
+    except corral.SandboxError as error:
+        text = _texts(error)
+    assert case.evidence in text, text[:2000]
+
+
+# ---------------------------------------------------------------------------------------------
+# A fallback of CPython's `from ... import` that only shows when the child has the submodule
+# loaded (the zygote does not load urllib.request today): checked on the policy itself, in
+# this process, where it is loaded.
+
+
+def test_from_import_never_falls_back_on_sys_modules():
+    """`from urllib import request` must not reach the real urllib.request through
+    sys.modules when the package view lacks it."""
+    import urllib.request  # noqa: F401 - loaded, as a child could one day have it
+
+    code, _, message = compile_connector(
+        "from urllib import request\n"
+        "def run(params, context):\n"
+        "    return list(request.sys.modules)\n"
+    )
+    assert code is not None, message
+    logged: list[str] = []
+    guards = Guards(ImportPolicy(DEFAULT_ALLOWED_IMPORTS), logged.append, object)
+    namespace = guards.globals()
+    leaked = None
+    with pytest.raises(PolicyError):
+        exec(code, namespace)
+        leaked = namespace["run"]({}, {})
+    assert leaked is None
+    assert guards.violations
+
+
+# ---------------------------------------------------------------------------------------------
+# A violation, caught, then hidden behind another failure: the tripwire says an execution that
+# touched something forbidden always ends as policy_violation.
+
+MASKS = [
+    pytest.param("    raise MemoryError('not really')\n", id="raise-MemoryError"),
+    pytest.param(
+        "    while True:\n        try:\n            log('x' * 10000)\n"
+        "        except BaseException as overflow:\n            raise overflow\n",
+        id="re-raise-the-log-overflow",
+    ),
+]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_caught_violation_cannot_pass_for_another_failure(sandbox, mask):
+    """A violation the code caught, then disguised as another failure, is still reported
+    as the violation."""
+    code = (
+        "import json\ndef run(params, context):\n    try:\n        import os\n"
+        "    except Exception:\n        pass\n" + mask
+    )
+    with pytest.raises(corral.SandboxError) as caught:
+        sandbox.execute_sync(code, timeout_ms=TIMEOUT_MS, limits=LIMITS)
+    assert caught.value.type == "policy_violation", caught.value.type
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource attacks: each ends in its documented error type, in bounded time, and the sandbox
+# serves the next execution.
+
+
+@dataclass(frozen=True)
+class Attack:
+    code: str
+    expect: tuple[str, ...]
+    limits: Limits = LIMITS
+    timeout_ms: int = TIMEOUT_MS
+    within_s: float = 8.0
+
+
+def attack(id: str, code: str, expect: str | tuple[str, ...], **kwargs: Any) -> Any:
+    expected = (expect,) if isinstance(expect, str) else expect
+    return pytest.param(Attack(textwrap.dedent(code).lstrip("\n"), expected, **kwargs), id=id)
+
+
+FAST_HEARTBEAT = {"heartbeat_interval_ms": 50, "heartbeat_timeout_ms": 400}
+
+# fmt: off
+RESOURCE_ATTACKS = [
+    attack("huge-int-to-str", """
+def run(params, context):
+    return str(10 ** 5000)
+""", "code_error"),
+    attack("huge-power-then-str", """
+def run(params, context):
+    return str(7 ** 7 ** 9)
+""", ("cpu_limit", "heartbeat_timeout", "timeout"),
+        limits=Limits(max_memory_mb=64, max_cpu_ms=500, **FAST_HEARTBEAT)),
+    attack("string-repetition-past-memory", """
+def run(params, context):
+    return len('a' * 10 ** 10)
+""", "memory_limit"),
+    # bytes(10**10) alone is untouched zero pages (it fits); the copy touches them all.
+    attack("bytes-copy-past-memory", """
+def run(params, context):
+    return len(bytes(10 ** 10) + b'x')
+""", "memory_limit"),
+    attack("infinite-generator-into-list", """
+import itertools
+def run(params, context):
+    return len(list(itertools.count()))
+""", "memory_limit"),
+    attack("catastrophic-regex-backtracking", """
+import re
+def run(params, context):
+    return bool(re.match('(a+)+$', 'a' * 40 + 'b'))
+""", ("heartbeat_timeout", "timeout"),
+        limits=Limits(max_memory_mb=64, **FAST_HEARTBEAT), timeout_ms=2_000),
+    attack("deep-recursion", """
+def run(params, context):
+    def down(n):
+        return down(n + 1) + 1
+    return down(0)
+""", "code_error"),
+    attack("busy-loop", """
+def run(params, context):
+    while True:
+        pass
+""", "cpu_limit", limits=Limits(max_memory_mb=64, max_cpu_ms=300)),
+    attack("busy-loop-catching-everything", """
+def run(params, context):
+    while True:
+        try:
+            while True:
+                pass
+        except BaseException:
+            pass
+""", "cpu_limit", limits=Limits(max_memory_mb=64, max_cpu_ms=300)),
+    attack("pbkdf2-in-c", """
+import hashlib
+def run(params, context):
+    return hashlib.pbkdf2_hmac('sha256', b'pw', b'salt', 10 ** 9).hex()
+""", ("cpu_limit", "heartbeat_timeout", "timeout"),
+        limits=Limits(max_memory_mb=64, max_cpu_ms=300, **FAST_HEARTBEAT)),
+    attack("sleep-past-timeout", """
+import time
+def run(params, context):
+    time.sleep(60)
+""", "timeout", timeout_ms=500),
+    attack("log-flood", """
+def run(params, context):
+    while True:
+        log('x' * 1000)
+""", "output_limit", limits=Limits(max_memory_mb=64, max_log_bytes=100_000)),
+    attack("log-flood-catching-everything", """
+def run(params, context):
+    while True:
+        try:
+            log('x' * 1000)
+        except BaseException:
+            pass
+""", ("output_limit", "cpu_limit"),
+        limits=Limits(max_memory_mb=64, max_cpu_ms=1_000, max_log_bytes=100_000)),
+    attack("print-flood", """
+def run(params, context):
+    while True:
+        print('y' * 1000)
+""", "output_limit", limits=Limits(max_memory_mb=64, max_log_bytes=100_000)),
+    attack("huge-output", """
+def run(params, context):
+    return 'z' * 200_000
+""", "output_limit", limits=Limits(max_memory_mb=64, max_output_bytes=100_000)),
+    attack("unserialisable-output-set", """
+def run(params, context):
+    return {1, 2}
+""", "code_error"),
+    attack("unserialisable-output-module", """
+import json
+def run(params, context):
+    return json
+""", "code_error"),
+    attack("circular-output", """
+def run(params, context):
+    loop = []
+    loop.append(loop)
+    return loop
+""", "code_error"),
+    attack("output-nested-past-the-depth-cap", """
+def run(params, context):
+    out = []
+    for _ in range(100_000):
+        out = [out]
+    return out
+""", "code_error"),
+    attack("huge-exception-message", """
+def run(params, context):
+    raise ValueError('m' * 10 ** 7)
+""", "code_error"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("attack", RESOURCE_ATTACKS)
+def test_resource_attack_ends_in_its_type(sandbox, attack):
+    """The attack ends as documented, in bounded time, and the sandbox is still usable."""
+    started = time.monotonic()
+    with pytest.raises(corral.SandboxError) as caught:
+        sandbox.execute_sync(attack.code, timeout_ms=attack.timeout_ms, limits=attack.limits)
+    elapsed = time.monotonic() - started
+    assert caught.value.type in attack.expect, f"{caught.value.type}: {caught.value.message}"
+    assert elapsed < attack.within_s, f"took {elapsed:.1f} s"
+    assert len(caught.value.message) < 100_000
+    # At once: a worker that could not stop its code says so in its answer and is replaced.
+    follow_up = sandbox.execute_sync("def run(params, context):\n    return params\n", params=7)
+    assert follow_up.output == 7
