@@ -166,3 +166,46 @@ def test_cpu_limit_holds_without_the_language_layer(plain):
         plain.execute_sync(code, limits=Limits(max_cpu_ms=300))
     assert caught.value.type == "cpu_limit"
     assert caught.value.usage.cpu_ms <= 600
+
+
+#: Reaching other sandbox processes or outliving the execution, each refused by the filter.
+CROSS_EXECUTION = {
+    "sysv-shared-memory": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.shmget(0x5EC, 1 << 20, 0o1600) < 0:\n    return ctypes.get_errno()\nreturn 'made'",
+    "sysv-message-queue": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.msgget(0x5EC, 0o1600) < 0:\n    return ctypes.get_errno()\nreturn 'made'",
+    "posix-message-queue": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.mq_open(b'/corral', 0o100 | 2, 0o600, None) < 0:\n"
+    "    return ctypes.get_errno()\nreturn 'made'",
+    "sigio-owner": "import fcntl\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, 1)\n"
+    "return 'owned'",
+    "signal-by-f-setsig": "import fcntl\nr, w = os.pipe()\nfcntl.fcntl(r, 10, 9)\nreturn 'set'",
+    "prlimit-of-another": "import resource\n"
+    "resource.prlimit(1, resource.RLIMIT_AS, (1 << 24, 1 << 24))\nreturn 'limited'",
+    "renice": "os.setpriority(os.PRIO_USER, os.getuid(), 19)\nreturn 'reniced'",
+    "affinity": "os.sched_setaffinity(0, {0})\nreturn 'pinned'",
+}
+
+
+@pytest.mark.parametrize("attack", CROSS_EXECUTION.values(), ids=CROSS_EXECUTION.keys())
+def test_no_state_or_signal_crosses_to_other_executions(plain, attack):
+    """IPC objects (which would outlive the execution and carry data to the next one),
+    descriptor-owner signals, and another process's limits or priority: all EPERM."""
+    assert _errno_of(plain, attack) == EPERM
+
+
+def test_no_cgroup_file_is_in_reach(below):
+    """The child joined its cgroup through files the host opened and closed them: no cgroup
+    file is in its view, so it cannot leave its cgroup or move another process."""
+    assert _errno_of(below, "return os.path.exists('/sys/fs/cgroup')") is False
+    mounts = _errno_of(below, "return open('/proc/self/mountinfo').read()")
+    assert isinstance(mounts, int) or "cgroup" not in mounts  # (unreadable: not dumpable)
+    kinds = _errno_of(
+        below,
+        "import stat\nkinds = []\nfor fd in range(64):\n    try:\n"
+        "        mode = os.fstat(fd).st_mode\n    except OSError:\n        continue\n"
+        "    kinds.append('socket' if stat.S_ISSOCK(mode) else 'device' if stat.S_ISCHR(mode)"
+        " else 'other')\nreturn kinds",
+    )
+    assert set(kinds) <= {"socket", "device"}  # the channel and /dev/null: no cgroup file
+

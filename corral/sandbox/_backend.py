@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -12,7 +13,7 @@ from typing import Any, ClassVar
 from corral._exceptions import ConfigError
 from corral._warnings import warn_once
 from corral.config import CgroupMode, Settings
-from corral.sandbox._cgroups import CgroupLimits, CgroupUnavailable, Hierarchy
+from corral.sandbox._cgroups import CgroupLimits, CgroupUnavailable, ExecutionCgroup, Hierarchy
 from corral.sandbox._egress import EgressPolicy, HttpBroker
 from corral.sandbox._reaper import Reaper
 from corral.sandbox._spawner import Spawner
@@ -43,6 +44,18 @@ class Backend:
         self._live: set[Supervisor] = set()
         self._lock = threading.Lock()
         self.closed = False
+
+    async def spawn(
+        self, spec: dict[str, Any], channel: socket.socket, cgroup: ExecutionCgroup | None
+    ) -> int:
+        """Hand `spec` and `channel` to a spare, with its cgroup's join files opened here (the
+        spare has no right to any cgroup file); the spare's pid as the zygote sees it."""
+        join = cgroup.open_procs() if cgroup is not None else []
+        try:
+            return await self.zygote.spawn({**spec, "joins": len(join)}, channel, join)
+        finally:
+            for fd in join:
+                os.close(fd)
 
     def new_broker(self) -> HttpBroker:
         """The `http` capability of one execution: this deployment's egress policy and caps."""
@@ -130,7 +143,6 @@ def detect_cgroups(settings: Settings) -> tuple[Hierarchy | None, str]:
             reason = str(exc)
         else:
             hierarchy.sweep()  # cgroups of corral hosts that died without cleaning up
-            hierarchy.owner = settings.sandbox_uid + 1  # the uid sandbox children join as
             return hierarchy, hierarchy.label
     warn_once(
         "degraded",

@@ -162,9 +162,6 @@ class Hierarchy:
         # and the pid tells a later host whether the owner is gone.
         self.prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
         self._ready: collections.deque[ExecutionCgroup] = collections.deque()
-        #: The host uid sandbox processes join their cgroup as (they dropped privileges
-        #: before): it gets the join files. None: root joins.
-        self.owner: int | None = None
 
     @property
     def label(self) -> str:
@@ -209,11 +206,11 @@ class Hierarchy:
         cgroup = ExecutionCgroup(self.version, {c: root / name for c, root in self.roots.items()})
         try:
             try:
-                cgroup.make(self.owner)
+                cgroup.make()
             except FileNotFoundError:  # another corral host removed the idle shared root
                 cgroup.remove()
                 self._prepare_roots()
-                cgroup.make(self.owner)
+                cgroup.make()
         except OSError as exc:
             cgroup.remove()
             raise CgroupUnavailable(f"cannot set up cgroup {name}: {exc}") from exc
@@ -297,21 +294,27 @@ class ExecutionCgroup:
     def __repr__(self) -> str:
         return f"ExecutionCgroup(v{self.version}, {next(iter(self.dirs.values()))})"
 
-    @property
-    def procs_files(self) -> list[str]:
-        """The cgroup.procs files a process writes "0" into to join."""
-        return [str(path / "cgroup.procs") for path in dict.fromkeys(self.dirs.values())]
+    def open_procs(self) -> list[int]:
+        """The cgroup.procs files, opened for writing: a process joins by writing "0" into
+        each. The caller closes them (a write is checked against the opener: these let
+        the holder move any process here, so only a spare about to join may hold them)."""
+        fds: list[int] = []
+        try:
+            for path in dict.fromkeys(self.dirs.values()):
+                fds.append(os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
     def _dir(self, controller: str) -> Path:
         return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
 
-    def make(self, owner: int | None = None) -> None:
-        """Create the directories, limited only in processes (pids.max); the join files
-        are given to `owner` when one is named."""
+    def make(self) -> None:
+        """Create the directories, limited only in processes (pids.max)."""
         for path in dict.fromkeys(self.dirs.values()):
             path.mkdir()
-            if owner is not None:
-                os.chown(path / "cgroup.procs", owner, owner)
         _write(self._dir("pids") / "pids.max", str(PIDS_MAX))
 
     def apply(self, limits: CgroupLimits, *, reused: bool = False) -> None:

@@ -3,11 +3,10 @@
 Child side: imports only the standard library and the other child-side
 modules (`_policy`, `_protocol`, the import table in `corral.config`). The
 order matters: a spare confines itself (session, death signal, descriptors,
-environment, and where the cgroup version allows it its uid, no_new_privs
-and the system-call filter of `_confine`) while it waits; with its request
-it joins the execution's cgroup, hands the host a pidfd, starts the
-heartbeat, sets rlimits (and drops its uid and installs the filter, if it
-could not earlier), and only then compiles and runs connector code.
+environment, its uid, no_new_privs and the system-call filter of
+`_confine`) while it waits; with its request it joins the execution's
+cgroup through files the host opened, hands the host a pidfd, starts the
+heartbeat, sets rlimits, and only then compiles and runs connector code.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyErr
 CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
 SPARE_FD = 4  # a waiting spare's socket to the zygote
 PIDFD_FD = 5  # the spare's own pidfd, until it hands it to the host
+MAX_JOINS = 4  # cgroup.procs files of one cgroup: one per v1 hierarchy (or the v2 one)
 MAX_OPEN_FILES = 8  # stdio, the channel and a little slack: the code opens nothing
 MAX_REQUEST_BYTES = 64 << 20  # params and context arrive in one frame
 FILENAME = "<connector>"
@@ -235,13 +235,14 @@ def _prepare(zygote_pid: int, spare_fd: int) -> None:
     os.umask(0o077)
 
 
-def _join(spec: dict[str, Any], channel_fd: int) -> None:
-    """Enter the execution's cgroups and put its channel in place."""
-    for procs in spec["cgroup_procs"]:
-        fd = os.open(procs, os.O_WRONLY)
-        try:
+def _join(joins: list[int], channel_fd: int) -> None:
+    """Enter the execution's cgroups through the files the host opened, close them (they
+    could move any process), and put the channel in place."""
+    try:
+        for fd in joins:
             os.write(fd, b"0")
-        finally:
+    finally:
+        for fd in joins:
             os.close(fd)
     if channel_fd != CHANNEL_FD:
         os.dup2(channel_fd, CHANNEL_FD)
@@ -249,10 +250,10 @@ def _join(spec: dict[str, Any], channel_fd: int) -> None:
     os.close(SPARE_FD)
 
 
-def lock_down(spec: dict[str, Any], confinement: Confinement) -> None:
+def lock_down(spec: dict[str, Any]) -> None:
     """The last step before connector code: rlimits (backstops that hold without cgroups,
-    and the only limits in degraded mode); then, unless the spare did it while it waited,
-    no_new_privs, the uid drop and the system-call filter."""
+    and the only limits in degraded mode). The uid drop, no_new_privs and the system-call
+    filter came while the spare waited."""
     limits = {
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: 0,
@@ -267,14 +268,6 @@ def lock_down(spec: dict[str, Any], confinement: Confinement) -> None:
         limits[resource.RLIMIT_AS] = mapped + spec["rlimit_as_bytes"]
     for which, value in limits.items():
         resource.setrlimit(which, (value, value))
-    if not confinement.before_request:
-        _no_new_privs()
-        confinement.apply()
-
-
-def _no_new_privs() -> None:
-    if _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 def announce(sock: socket.socket) -> None:
@@ -433,24 +426,27 @@ def spare(
         _warm(cache, imports)
         os.dup2(pidfd := os.pidfd_open(os.getpid()), PIDFD_FD)  # before the filter refuses it
         os.close(pidfd)
-        if confinement.before_request:  # the cgroup's join file is the dropped uid's
-            _no_new_privs()
-            confinement.apply()  # single-threaded still: a uid change need not visit threads
+        if _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        confinement.apply()  # single-threaded still: a uid change need not visit threads
         standby = _Standby()
         control = socket.socket(fileno=SPARE_FD)
-        header, channel_fd = proto.recv_fd(control, proto.HEADER.size)
-        if not header or channel_fd is None:
+        header, fds = proto.recv_fds(control, proto.HEADER.size, 1 + MAX_JOINS)
+        if not header or not fds:
             os._exit(0)  # the zygote retired this spare
         header += proto.recv_exactly(control, proto.HEADER.size - len(header))
         size, _kind = proto.HEADER.unpack(header)
         spec = json.loads(proto.recv_exactly(control, size))
         control.detach()
-        _join(spec, channel_fd)
+        channel_fd, joins = fds[0], fds[1:]
+        if len(joins) != spec["joins"]:
+            raise OSError("the host's cgroup files did not all arrive")
+        _join(joins, channel_fd)
         if spec.get("worker"):
             worker = sys.modules["corral.sandbox._worker"]
-            worker.serve(spec, cache, imports, standby.run, confinement)
+            worker.serve(spec, cache, imports, standby.run)
         else:
-            _run(spec, cache, imports, standby, confinement)
+            _run(spec, cache, imports, standby)
         status = 0
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -478,7 +474,6 @@ def _run(
     cache: CompileCache,
     imports: ImportPolicy,
     standby: _Standby,
-    confinement: Confinement,
 ) -> None:
     """Announce the pidfd, start the heartbeat, lock down, read the request, answer it."""
     sock = socket.socket(fileno=CHANNEL_FD)
@@ -488,7 +483,7 @@ def _run(
     stop = _thread.allocate_lock()
     stop.acquire()  # released when the answer is ready: the heartbeat then ends
     standby.run(_heartbeat, channel, logs, spec["heartbeat_interval_ms"] / 1000, stop)
-    lock_down(spec, confinement)
+    lock_down(spec)
     frame = proto.read_frame(sock, MAX_REQUEST_BYTES)
     if frame is None or frame[0] != proto.REQUEST:
         return  # the host went away before sending the request

@@ -8,16 +8,17 @@ children inherit, once, at no cost per execution:
   sight, and every sandbox process dies with the zygote);
 - a mount namespace whose root is an empty read-only tmpfs holding only what
   the interpreter needs: the standard library and corral's package
-  (read-only), /dev/null, a /proc of the sandbox's own processes, and the
-  cgroup roots the children join;
+  (read-only), /dev/null and a /proc of the sandbox's own processes;
 - a user namespace in which the zygote is root, mapped to the unprivileged
   host uid CORRAL_SANDBOX_UID (it owns nothing on the host), and with it
   network (loopback only, down), IPC and UTS namespaces.
 
-Each child drops to the next uid (no capabilities left), becomes
-non-dumpable, and installs the system-call filter built by the zygote
-(`filter_program`) on all its threads: while it waits as a spare (it then
-joins its cgroup as that uid), or with cgroup v2 once it joined.
+Each spare, while it waits, drops to the next uid (no capabilities left),
+becomes non-dumpable, and installs the system-call filter built by the
+zygote (`filter_program`). It joins its execution's cgroup later through
+`cgroup.procs` files the host opened and sent it (a write through them is
+checked against the opener's credentials), so no cgroup file is in its view
+or writable by its uid.
 
 Where the host refuses a layer (not root, user namespaces disabled), the
 zygote goes on without it and `corral selftest` reports it.
@@ -45,6 +46,8 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MNT_DETACH = 2
 _PR_SET_DUMPABLE = 4
+_F_SETOWN, _F_SETSIG, _F_SETOWN_EX = 8, 10, 15
+_FIOSETOWN, _SIOCSPGRP = 0x8901, 0x8902
 _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_FILTER_FLAG_TSYNC = 1
 
@@ -93,7 +96,7 @@ def interpreter_paths() -> list[str]:
     return sorted(found)
 
 
-def enter_filesystem_view(read_only: Iterable[str], writable: Iterable[str]) -> None:
+def enter_filesystem_view(read_only: Iterable[str]) -> None:
     """Make an empty read-only tmpfs the root, with only these directories bound in.
 
     Run by the zygote as root, after unshare(CLONE_NEWNS) and inside its PID
@@ -108,7 +111,6 @@ def enter_filesystem_view(read_only: Iterable[str], writable: Iterable[str]) -> 
     _check(_libc.syscall(pivot_root, base.encode(), f"{base}/oldroot".encode()), "pivot_root")
     os.chdir("/")
     binds = [(path, _MS_RDONLY | _MS_NOSUID | _MS_NODEV) for path in read_only]
-    binds += [(path, _MS_NOSUID | _MS_NODEV | _MS_NOEXEC) for path in writable]
     binds.append(("/dev/null", _MS_NOSUID | _MS_NOEXEC))  # a device: no MS_NODEV
     for path, flags in binds:
         if os.path.isdir(f"/oldroot{path}"):
@@ -153,9 +155,6 @@ class Confinement:
     uid: int | None
     program: bytes | None
     seccomp_nr: int
-    #: Whether a spare applies it while it waits (it then joins its cgroup as the dropped
-    #: uid), or only after joining (cgroup v2: joining needs root in the host's namespace).
-    before_request: bool = True
 
     def apply(self) -> None:
         """Drop to the uid for good (every capability goes) and become non-dumpable (the
@@ -189,6 +188,13 @@ DENIED_SYSCALLS = (
     "open_by_handle_at", "name_to_handle_at", "mknod", "mknodat",
     "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups",
     "setfsuid", "setfsgid", "capset", "personality",
+    # state that outlives the process or reaches other sandbox processes: System V and
+    # POSIX IPC, scheduling and priorities, memory placement
+    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "mq_open", "mq_unlink", "mq_timedsend",
+    "mq_timedreceive", "mq_notify", "mq_getsetattr", "setpriority", "ioprio_set",
+    "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr",
+    "migrate_pages", "move_pages", "get_robust_list", "process_mrelease",
     # kernel interfaces
     "bpf", "perf_event_open", "keyctl", "add_key", "request_key", "userfaultfd",
     "io_uring_setup", "io_uring_enter", "io_uring_register", "fanotify_init",
@@ -205,8 +211,9 @@ def filter_program() -> bytes:
 
     Also refused: clone without CLONE_THREAD (a new process), clone3 (ENOSYS, so
     that the C library falls back to clone for threads, where the flags can be
-    checked), prctl(PR_SET_DUMPABLE), and every system call of a foreign
-    architecture (the process is killed).
+    checked), prctl(PR_SET_DUMPABLE), fcntl and ioctl that make another process
+    a descriptor's owner (signals), prlimit on another process, and every system
+    call of a foreign architecture (the process is killed).
     """
     import pyseccomp as seccomp
 
@@ -220,6 +227,13 @@ def filter_program() -> bytes:
     filt.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
     filt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     filt.add_rule(deny, "prctl", seccomp.Arg(0, seccomp.EQ, _PR_SET_DUMPABLE))
+    # Signals by other routes: a descriptor's owner (SIGIO, or any signal by F_SETSIG, to
+    # another process), and the limits of another process (prlimit with a pid).
+    for command in (_F_SETOWN, _F_SETSIG, _F_SETOWN_EX):
+        filt.add_rule(deny, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
+    for request in (_FIOSETOWN, _SIOCSPGRP):
+        filt.add_rule(deny, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
+    filt.add_rule(deny, "prlimit64", seccomp.Arg(0, seccomp.NE, 0))
     with os.fdopen(os.memfd_create("corral-seccomp"), "w+b") as program:
         filt.export_bpf(program)
         program.seek(0)

@@ -49,7 +49,6 @@ class ProcessBackend(Backend):
         limits = request.limits
         return {
             "source": request.code,
-            "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
             "heartbeat_interval_ms": limits.heartbeat_interval_ms,
             "max_log_bytes": limits.max_log_bytes,
             "max_output_bytes": limits.max_output_bytes,
@@ -75,7 +74,7 @@ class ProcessBackend(Backend):
                         message = f"the execution's cgroup could not be made: {exc}"
                         raise SandboxCrash(message) from exc
                 spec = self._spec(request, supervisor.cgroup)
-                supervisor.expected_pid = await self.zygote.spawn(spec, theirs)
+                supervisor.expected_pid = await self.spawn(spec, theirs, supervisor.cgroup)
                 theirs.close()
                 await supervisor.watch(ours, request.frame(with_source=False))
             finally:

@@ -5,7 +5,10 @@ Both sides import this module; it uses the standard library only.
 A frame is a 4-byte big-endian payload length, a 1-byte kind and the payload
 (JSON text). The zygote sends the host each spare it forks as 8 bytes (its
 pid) with the spare's socket attached; the host sends a spare one SPAWN frame
-with the execution's channel attached. The channel then carries, in order:
+with the execution's channel attached, and the `cgroup.procs` files of its
+cgroup, opened by the host (a write through them is checked against the
+opener's credentials: the spare joins its cgroup without any right to
+cgroup files of its own). The channel then carries, in order:
 
     child -> host   PIDFD      8 bytes: the child's pid; SCM_RIGHTS holds its pidfd
     host  -> child  REQUEST    {"entry_point", "params", "context"}
@@ -63,16 +66,20 @@ def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
 
 def recv_fd(sock: socket.socket, size: int) -> tuple[bytes, int | None]:
     """Receive up to `size` bytes and the descriptor attached to them, if any."""
-    data, ancillary, _flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(4))
-    fd = None
+    data, fds = recv_fds(sock, size, 1)
+    return data, fds[0] if fds else None
+
+
+def recv_fds(sock: socket.socket, size: int, most: int) -> tuple[bytes, list[int]]:
+    """Receive up to `size` bytes and at most `most` descriptors attached to them."""
+    data, ancillary, _flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(4 * most))
+    received = array.array("i")
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            fd = fds[0]
-            for extra in fds[1:]:  # never keep descriptors nobody asked for
-                os.close(extra)
-    return data, fd
+            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+    for extra in received[most:]:  # never keep descriptors nobody asked for
+        os.close(extra)
+    return data, list(received[:most])
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -144,16 +144,20 @@ class Spawner:
                 self._compiled.popitem(last=False)
             self._outbox.put(proto.json_frame(proto.SPARES, {"source": source}))
 
-    async def spawn(self, spec: dict[str, Any], channel: socket.socket) -> int:
-        """Give `spec` and `channel` to a spare; its pid."""
+    async def spawn(
+        self, spec: dict[str, Any], channel: socket.socket, join: list[int] | tuple[int, ...] = ()
+    ) -> int:
+        """Give `spec`, `channel` and the cgroup files to `join` to a spare; its pid (as
+        the zygote sees it)."""
         data = proto.json_frame(proto.SPAWN, spec)
+        fds = _fd_array(channel.fileno(), *join)
         loop = asyncio.get_running_loop()
         for _ in range(3):
             spare = await self._take()
             try:
                 spare.sock.setblocking(False)
-                sent = spare.sock.sendmsg(  # the spare's buffer is empty: this takes the fd
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(channel.fileno()))]
+                sent = spare.sock.sendmsg(  # the spare's buffer is empty: this takes the fds
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
                 )
                 if sent < len(data):  # (an empty send would fail once the spare hung up)
                     await loop.sock_sendall(spare.sock, data[sent:])
@@ -252,5 +256,5 @@ def _receive_spares(sock: socket.socket, spares: queue.SimpleQueue[_Spare | None
         spares.put(None)
 
 
-def _fd_array(fd: int) -> bytes:
-    return array.array("i", [fd]).tobytes()
+def _fd_array(*fds: int) -> bytes:
+    return array.array("i", fds).tobytes()

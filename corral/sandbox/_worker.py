@@ -48,7 +48,6 @@ from corral.sandbox._child import (
     compile_reporting,
     lock_down,
 )
-from corral.sandbox._confine import Confinement
 from corral.sandbox._http import make_http
 from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
@@ -249,7 +248,6 @@ def serve(
     cache: CompileCache,
     imports: ImportPolicy,
     start_thread: Callable[..., None],
-    confinement: Confinement,
 ) -> None:
     """The worker's life: announce the pidfd, then answer requests until the host hangs up.
 
@@ -261,7 +259,7 @@ def serve(
     announce(sock)
     channel = _Channel(sock)
     executor = _ExecutionThread(start_thread)
-    lock_down(spec, confinement)
+    lock_down(spec)
     _reset_state()
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:

@@ -198,11 +198,10 @@ class WorkerBackend(Backend):
                     raise SandboxCrash(f"a worker's cgroup could not be made: {exc}") from exc
             spec = {
                 "worker": True,
-                "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
                 "rlimit_cpu_s": None,  # a worker lives for many executions
                 "rlimit_as_bytes": None,
             }
-            expected = await self.zygote.spawn(spec, theirs)
+            expected = await self.spawn(spec, theirs, cgroup)
             theirs.close()
             try:
                 received = await asyncio.wait_for(

@@ -114,18 +114,14 @@ def _confined(config: dict[str, Any], ask_for_map: int, mapped: int) -> confine.
     layers_off = set(config["unsafe_layers_off"])
     program = None if "seccomp" in layers_off else confine.filter_program()
     confinement = confine.Confinement(None, program, confine.syscall_number("seccomp"))
-    cgroup = config.get("cgroup") or {"roots": {}}
-    confinement.before_request = cgroup.get("version") != 2
     try:
         if os.geteuid() != 0:
             raise OSError(1, "not running as root: run the host as root for the OS layers")
         confine.unshare(confine.CLONE_NEWNS, "mount namespace")
-        confine.enter_filesystem_view(confine.interpreter_paths(), cgroup["roots"].values())
+        confine.enter_filesystem_view(confine.interpreter_paths())
     except OSError as exc:
         print(f"corral zygote: no filesystem view: {exc}", file=sys.stderr)
     try:
-        if cgroup.get("version") == 2:  # joining needs write access up to a common ancestor
-            raise OSError(1, "cgroup v2 joins need root in the host's user namespace")
         confine.unshare(confine.CLONE_NEWUSER | _WITH_USER_NAMESPACE, "user namespace")
         os.write(ask_for_map, b"u")
         if os.read(mapped, 1) != b"1":
