@@ -310,6 +310,57 @@ def test_leftover_finalizers_run_within_their_own_execution(workers, store, prob
     assert workers.execute_sync(probe).output == expected
 
 
+#: Finalizers that leave new cycles each time they run: garbage collection after the
+#: execution never settles, so they would run in the next executions, with this one's
+#: `log` and `http` and on the shared execution thread.
+_SELF_RENEWING_FINALIZERS = """
+import decimal
+def chain(depth):
+    def gen():
+        try:
+            yield 1
+        finally:
+            decimal.getcontext().clear_traps()
+            chain(depth + 1)
+    g = gen()
+    next(g)
+    holder = [g]
+    holder.append(holder)
+def run(params, context):
+    chain(1)
+    return 'A finished'
+"""
+
+
+def test_leftovers_that_never_settle_retire_the_worker(workers):
+    """An execution whose finalizers keep making garbage gets its worker replaced: the next
+    execution sees none of its code run (no log line of A's, decimal traps intact)."""
+    assert workers.execute_sync(_SELF_RENEWING_FINALIZERS).output == "A finished"
+    first = worker_pids()
+    probe = (
+        "import decimal\ndef run(params, context):\n    junk = [[i] for i in range(999)]\n"
+        "    try:\n        return str(decimal.Decimal(1) / decimal.Decimal(0))\n"
+        "    except decimal.DivisionByZero:\n        return 'trapped'\n"
+    )
+    assert workers.execute_sync(probe).output == "trapped"
+    assert worker_pids() != first
+
+
+def test_an_executions_capabilities_close_when_it_answers(workers):
+    """A finalizer of A's that runs after A answered cannot log or send requests."""
+    leftover = (
+        "def gen():\n    try:\n        yield 1\n    finally:\n"
+        "        log('left over from A')\n"
+        "def run(params, context):\n    g = gen()\n    next(g)\n    box = [g]\n"
+        "    box.append(box)\n    return 'A finished'\n"
+    )
+    result = workers.execute_sync(leftover)
+    assert result.output == "A finished" and result.logs == []
+    probe = "def run(params, context):\n    junk = [[i] for i in range(999)]\n    return 'B'\n"
+    result = workers.execute_sync(probe)
+    assert result.output == "B" and result.logs == []
+
+
 def test_cached_stdlib_functions_keep_no_history(workers):
     """urllib.parse.urlsplit's cache is neither visible nor kept from one execution to the next."""
     workers.execute_sync(

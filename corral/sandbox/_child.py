@@ -79,8 +79,11 @@ class _Logs:
         self.max_bytes = max_bytes
         self.overflowed = False
         self.partial = ""
+        self.ended = False  # the execution answered: its leftovers may log no more
 
     def _charge(self, size: int) -> None:
+        if self.ended:
+            raise RuntimeError("this execution has ended: its logs are closed")
         if self.overflowed:
             raise _LogOverflow
         self.total += size
@@ -490,7 +493,7 @@ def _run(
     request = json.loads(frame[1])
     compiled = compile_reporting(cache, spec["source"], channel)
     guards = Guards(imports, _make_log(logs), _make_printer(logs))
-    http = make_http(channel.send, sock, guards.violation)
+    http, _ = make_http(channel.send, sock, guards.violation)
     kind, message = _execute(compiled, request, guards, logs, spec["max_output_bytes"], http)
     stop.release()
     answer(channel, kind, message, logs)

@@ -149,15 +149,25 @@ def make_http(
     send: Callable[[bytes], None],
     sock: socket.socket,
     violation: Callable[[str], Exception],
-) -> Http:
-    """The `http` object of one execution. `violation` records a policy refusal (it ends
-    the execution as policy_violation, caught or not) and returns the exception to raise."""
+) -> tuple[Http, Callable[[], None]]:
+    """The `http` object of one execution, and what closes it once the execution answered
+    (its leftovers, a generator's `finally` run later, may send nothing). `violation`
+    records a policy refusal (it ends the execution as policy_violation, caught or not)
+    and returns the exception to raise."""
+    ended = False
+
+    def close() -> None:
+        nonlocal ended
+        ended = True
+
     # Ids unique to this execution: a reply left by a stopped one never matches.
     execution = int.from_bytes(os.urandom(4), "big") << 20
     sent = 0
 
     def request(message: dict[str, Any]) -> Response:
         nonlocal sent
+        if ended:
+            raise HTTPError("this execution has ended: its http is closed")
         sent += 1
         message["id"] = execution + sent
         try:
@@ -174,4 +184,4 @@ def make_http(
             int(reply["status"]), dict(reply["headers"]), str(reply["text"]), str(reply["url"])
         )
 
-    return Http(request)
+    return Http(request), close

@@ -95,23 +95,34 @@ def _reset_state() -> None:
         random.seed()
 
 
-def _leave_nothing_behind() -> None:
+def _leave_nothing_behind() -> bool:
     """After an execution: clear the caches, run now the finalizers of what it left in
     cycles (a generator's `finally`, a context's exit), then reset the state they may
-    have touched. While this runs, the execution is still watched and stoppable."""
+    have touched. While this runs, the execution is still watched and stoppable.
+
+    False when garbage was still being made after the last round (finalizers that leave
+    new cycles each time): some of the execution's code would run in a later one.
+    """
     _clear_caches()
+    settled = False
     for _ in range(_GC_ROUNDS):
         if not gc.collect():
+            settled = True
             break
     _reset_state()
+    return settled
 
 
 class _Job:
     """One execution handed to the execution thread."""
 
-    def __init__(self, run: Callable[[], tuple[int, dict[str, Any]]]) -> None:
+    def __init__(
+        self, run: Callable[[], tuple[int, dict[str, Any]]], end: Callable[[], None]
+    ) -> None:
         self._run = run
+        self._end = end  # closes the execution's capabilities once it has its result
         self.result: tuple[int, dict[str, Any]] | None = None
+        self.tainted = False  # its leftovers would outlive it: the worker must go
         self.done = _thread.allocate_lock()
         self.done.acquire()
 
@@ -125,8 +136,11 @@ class _Job:
             if not _Job.clean_slate:
                 _leave_nothing_behind()
             _Job.clean_slate = False
-            self.result = self._run()
-            _leave_nothing_behind()  # the next execution starts from here
+            try:
+                self.result = self._run()
+            finally:
+                self._end()
+            self.tainted = not _leave_nothing_behind()  # the next execution starts from here
             _Job.clean_slate = True
         finally:
             self.done.release()
@@ -270,9 +284,15 @@ def serve(
         logs = _Logs(limits["max_log_bytes"])
         compiled = compile_reporting(cache, request["source"], channel)
         guards = Guards(imports, _make_log(logs), _make_printer(logs))
-        http = make_http(channel.send, sock, guards.violation)
+        http, close_http = make_http(channel.send, sock, guards.violation)
+
+        def end(logs: _Logs = logs, close_http: Callable[[], None] = close_http) -> None:
+            logs.ended = True
+            close_http()
+
         job = _Job(
-            partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http)
+            partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http),
+            end,
         )
         verdict = _Verdict(limits, executor)
         executor.submit(job)
@@ -282,8 +302,9 @@ def serve(
         else:
             assert job.result is not None
             kind, message = job.result
-        if stuck:
+        leaving = stuck or job.tainted
+        if leaving:
             message["leaving"] = True  # the host must not hand this worker another execution
         answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
-        if stuck:  # the host sees the answer, then the worker gone, and replaces it
+        if leaving:  # the host sees the answer, then the worker gone, and replaces it
             os._exit(0)
