@@ -203,20 +203,24 @@ def test_a_request_without_response_left_uncaught_is_an_http_error_without_statu
     assert caught.value.status is None and "127.0.0.1:1" in caught.value.message
 
 
-def test_broker_errors_reach_the_code_as_http_errors(allowed, server):
-    """A malformed request or an unreachable port is an HTTPError the code can catch."""
+def test_broker_errors_reach_the_code_as_exceptions(allowed, server):
+    """A malformed request is a ValueError (the code's mistake: uncaught, a code_error that
+    is not retried); an unreachable port is an http.HTTPError the code can catch."""
     code = """
 def run(params, context):
     seen = []
     for url in ["file:///etc/passwd", "http://127.0.0.1:1/"]:
         try:
             http.get(url)
-        except http.HTTPStatusError:
-            seen.append("status")
         except http.HTTPError as exc:
-            seen.append(str(exc))
+            seen.append(["HTTPError", str(exc)])
+        except ValueError as exc:
+            seen.append(["ValueError", str(exc)])
     return seen
 """
-    scheme, refused = allowed.execute_sync(code).output
-    assert "http and https" in scheme and "file:" in scheme
+    (kind, scheme), (unreachable, refused) = allowed.execute_sync(code).output
+    assert kind == "ValueError" and "http and https" in scheme and "file:" in scheme
+    assert unreachable == "HTTPError"
     assert "127.0.0.1:1" in refused or "connect" in refused.lower()
+    with pytest.raises(corral.CodeError, match="http and https"):
+        allowed.execute_sync("def run(params, context):\n    http.get('gopher://x/')\n")

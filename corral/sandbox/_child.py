@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
 from corral.sandbox._confine import Confinement
-from corral.sandbox._http import Http, HTTPError, HTTPStatusError, make_http
+from corral.sandbox._http import Http, HTTPError, make_http
 from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyError
 
 CHANNEL_FD = 3  # the execution's channel to the host, once descriptors are tidied
@@ -377,11 +377,13 @@ def _execute(
             return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
     except HTTPError as exc:  # raise_for_status() or a failed request, left uncaught
         if not guards.violations:
-            status = exc.status_code if isinstance(exc, HTTPStatusError) else None
+            # The code may have raised one itself, with anything in it: plain values only.
+            status = getattr(exc, "status_code", None)
+            retry_after = getattr(exc, "retry_after", None)
             return proto.ERROR, {
                 "type": "http_error",
-                "status": status,
-                "retry_after": getattr(exc, "retry_after", None),
+                "status": status if type(status) is int and 100 <= status < 600 else None,
+                "retry_after": retry_after if type(retry_after) is str else None,
                 "message": _describe(exc),
             }
     except _Unserialisable as exc:
@@ -512,5 +514,11 @@ def answer(
         output = message.pop("output").encode()
         payload = b'{"output":%s,%s' % (output, json.dumps(message).encode()[1:])
         channel.send(proto.frame(kind, payload))
-    else:
-        channel.send(proto.json_frame(kind, message))
+        return
+    try:
+        frame = proto.json_frame(kind, message)
+    except (TypeError, ValueError, RecursionError):  # nothing the code raised may crash this
+        text = "the code's error could not be reported"
+        frame = proto.json_frame(proto.ERROR, {**beat(logs, cpu_ms), "type": "code_error",
+                                               "message": text})  # fmt: skip
+    channel.send(frame)

@@ -70,7 +70,10 @@ _FORBIDDEN_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
      "te", "trailer", "expect", "proxy-authorization", "proxy-connection"}
 )  # fmt: skip
-_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
+#: What a request keeps when a redirect takes it to another origin: nothing that could
+#: carry a credential (an API key may travel in any custom header).
+_CROSS_ORIGIN_HEADERS = frozenset({"accept", "accept-language", "user-agent", "content-type"})
+MAX_CODINGS = 2  # content codings a response may stack (gzip of deflate at most)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
@@ -565,12 +568,21 @@ class HttpBroker:
         )
 
     async def handle(self, message: Any) -> dict[str, Any]:
-        """The reply to one request message from the sandbox; never raises for bad input."""
+        """The reply to one request message from the sandbox; never raises.
+
+        `{"id", "status", "headers", "text", "url"}`, or `{"id", "refused"}` (the policy),
+        `{"id", "invalid"}` (the request itself is wrong: the code's error, not retried)
+        or `{"id", "error"}` (no response: time-out, connection, caps).
+        """
         request_id = message.get("id") if isinstance(message, dict) else None
         if isinstance(request_id, bool) or not isinstance(request_id, int):
             request_id = None
         self.requests += 1
-        return {"id": request_id, **await self._answer(message, request_id is not None)}
+        try:
+            reply = await self._answer(message, request_id is not None)
+        except Exception as exc:  # whatever httpx raises that the cases below do not name
+            reply = {"error": f"the request failed: {type(exc).__name__}: {exc}"[:500]}
+        return {"id": request_id, **reply}
 
     async def _answer(self, message: Any, has_id: bool) -> dict[str, Any]:
         """The reply's fields: the response, or why there is none. The one place where what
@@ -584,11 +596,14 @@ class HttpBroker:
         try:
             if self._closed:
                 raise _Failure("the execution's HTTP broker is closed")
-            if not isinstance(message, dict):
-                raise _Failure("an HTTP request must be a JSON object")
-            if not has_id:
-                raise _Failure("an HTTP request needs an integer id")
-            request = _parse(message, self.timeout_s)
+            try:
+                if not isinstance(message, dict):
+                    raise _Failure("an HTTP request must be a JSON object")
+                if not has_id:
+                    raise _Failure("an HTTP request needs an integer id")
+                request = _parse(message, self.timeout_s)
+            except _Failure as exc:
+                return {"invalid": str(exc)}
             what, timeout = f"{request.method} {request.url}", request.timeout
             async with asyncio.timeout(timeout):
                 return await self._fetch(request)
@@ -644,7 +659,7 @@ class HttpBroker:
                 method = "HEAD" if method == "HEAD" else "GET"
                 headers = [(n, v) for n, v in headers if n.lower() != "content-type"]
             if _origin(next_url) != _origin(url):
-                headers = [(n, v) for n, v in headers if n.lower() not in _CREDENTIAL_HEADERS]
+                headers = [(n, v) for n, v in headers if n.lower() in _CROSS_ORIGIN_HEADERS]
             url = next_url
         raise _Failure(
             f"more than {self.max_redirects} redirects (CORRAL_HTTP_MAX_REDIRECTS) from "
@@ -711,6 +726,8 @@ class HttpBroker:
         """The body as text (httpx's charset rules), stopped at the response cap."""
         header = response.headers.get("content-encoding", "")
         codings = [c.strip().lower() for c in header.split(",")]
+        if len(codings) > MAX_CODINGS:
+            raise _Failure(f"the response stacks {len(codings)} content codings")
         inflaters = [_Inflater(c) for c in reversed(codings) if c in ("gzip", "x-gzip", "deflate")]
         if len(inflaters) != len([c for c in codings if c and c != "identity"]):
             inflaters = []  # a coding it cannot decode: passed on as it came, like httpx does

@@ -178,6 +178,8 @@ def make_http(
         reply = _await_reply(sock, message["id"])
         if "refused" in reply:
             raise violation(str(reply["refused"]))
+        if "invalid" in reply:
+            raise ValueError(str(reply["invalid"]))  # the code's own mistake: not retried
         if "error" in reply:
             raise HTTPError(str(reply["error"]))
         return Response(

@@ -18,7 +18,8 @@ cgroup files of its own). The channel then carries, in order:
     child -> host   HTTP       {"id", "method", "url", "headers", "params", "json", "data",
                                "timeout"}: one request at a time, while the code runs
     host  -> child  HTTP_REPLY {"id", "status", "headers", "text", "url"}, or {"id", "refused"}
-                               (egress policy: a policy_violation), or {"id", "error"}
+                               (egress policy: a policy_violation), {"id", "invalid"} (a
+                               malformed request), or {"id", "error"} (no response)
     child -> host   RESULT     {"output": ..., "logs": [...], "cpu_ms": float, "maxrss": int}
                  or ERROR      {"type": str, "message": str, "logs": [...], "cpu_ms": ..., ...}
 

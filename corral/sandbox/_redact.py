@@ -107,20 +107,46 @@ class Redactor:
         # Longest first, so a form that contains another is masked whole. Most forms
         # match in any case (a lower-cased secret is still a leak, and so is %2f for
         # %2F); base64 and base85 are case-exact but may be broken into lines.
-        alternatives = sorted(
-            [(form, f"(?i:{re.escape(form)})") for form in caseless if form]
-            + [(form, "\n?".join(map(re.escape, form))) for form in exact],
-            key=lambda pair: len(pair[0]),
+        # Each form with the regex that finds it and the plain string a text must contain
+        # for the regex to match there (checked first: most texts hold no secret at all).
+        self._forms = sorted(
+            [(form, f"(?i:{re.escape(form)})", form.lower(), True) for form in caseless if form]
+            + [(form, "\n?".join(map(re.escape, form)), form, False) for form in exact],
+            key=lambda entry: len(entry[0]),
             reverse=True,
         )
-        self._pattern = re.compile("|".join(p for _, p in alternatives)) if alternatives else None
+        self._pattern = (
+            re.compile("|".join(entry[1] for entry in self._forms)) if self._forms else None
+        )
+        self._patterns: dict[tuple[int, ...], re.Pattern[str]] = {}
 
     def __bool__(self) -> bool:
         return self._pattern is not None
 
+    def _pattern_for(self, text: str) -> re.Pattern[str] | None:
+        """The regex of the forms `text` may hold: a plain substring test rules out the
+        others (exact for ASCII text; any other text gets every form)."""
+        if self._pattern is None or not text.isascii():
+            return self._pattern
+        lowered, flat = text.lower(), text.replace("\n", "")
+        present = tuple(
+            index
+            for index, (_, _, needle, caseless) in enumerate(self._forms)
+            if not needle.isascii() or needle in (lowered if caseless else flat)
+        )
+        if not present:
+            return None
+        if present not in self._patterns:
+            if len(self._patterns) > 64:
+                self._patterns.clear()
+            joined = "|".join(self._forms[index][1] for index in present)
+            self._patterns[present] = re.compile(joined)
+        return self._patterns[present]
+
     def text(self, text: str) -> str:
         """`text` with every secret masked and lone surrogates escaped."""
-        return encodable(text if self._pattern is None else self._pattern.sub(MASK, text))
+        pattern = self._pattern_for(text)
+        return encodable(text if pattern is None else pattern.sub(MASK, text))
 
     def texts(self, texts: list[str]) -> list[str]:
         """Each text masked, and the parts of a secret split across consecutive texts too."""
@@ -128,16 +154,22 @@ class Redactor:
         if self._pattern is None or len(masked) < 2:
             return masked
         joined = "".join(masked)
-        spans = [match.span() for match in self._pattern.finditer(joined)]
+        pattern = self._pattern_for(joined)
+        spans = [match.span() for match in pattern.finditer(joined)] if pattern else []
         if not spans:
             return masked
-        result, start = [], 0
+        result, start, first = [], 0, 0  # spans come in order and do not overlap
         for text in masked:
             end = start + len(text)
-            cuts = [(max(a, start), min(b, end)) for a, b in spans if a < end and b > start]
-            for cut_start, cut_end in reversed(cuts):
-                text = f"{text[: cut_start - start]}{MASK}{text[cut_end - start :]}"
-            result.append(text)
+            while first < len(spans) and spans[first][1] <= start:
+                first += 1  # spans wholly before this text are done with
+            pieces, cursor, index = [], start, first
+            while index < len(spans) and spans[index][0] < end:
+                cut_start, cut_end = max(spans[index][0], start), min(spans[index][1], end)
+                pieces += [text[cursor - start : cut_start - start], MASK]
+                cursor = cut_end
+                index += 1
+            result.append("".join(pieces) + text[cursor - start :] if pieces else text)
             start = end
         return result
 

@@ -46,6 +46,9 @@ _CPU_CHECK_FLOOR_S = 0.002  # the closest two CPU reads may be
 ZYGOTE_COMPILE_MAX_CPU_MS = 500  # to compile a source the zygote may stall its forks for
 ZYGOTE_COMPILE_MAX_BYTES = 256 << 20  # peak memory of a child that compiled it
 MAX_ERROR_MESSAGE_CHARS = 4096  # enough to say what went wrong
+#: Frames a child may send: heartbeats (at most 40 a second), one request at a time,
+#: logs riding on heartbeats. Far more means a flood meant to tie up the host's loop.
+MAX_FRAMES, MAX_FRAMES_PER_S = 200, 400
 _FRAME_SLACK = 64 << 10  # JSON framing around the output and log text
 
 #: The error types a child may report itself; the host decides every other one.
@@ -137,6 +140,7 @@ class Supervisor:
         self.child_cpu_ms = 0.0
         self.child_maxrss = 0
         self.compile_cost: tuple[float, int] | None = None
+        self.frames = 0
         self.may_hold_surrogates = False
         self.trailing = False
         self._last_cpu_poll = 0.0
@@ -232,16 +236,24 @@ class Supervisor:
                     self._take_logs([(str(lvl), str(msg)) for lvl, msg in message.get("logs", [])])
                     self.child_cpu_ms = float(message.get("cpu_ms", self.child_cpu_ms))
                     self.child_maxrss = int(message.get("maxrss", self.child_maxrss))
-                except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+                except (
+                    ValueError, TypeError, AttributeError, ArithmeticError, RecursionError
+                ) as exc:
                     raise Failure(
                         SandboxCrash, f"the sandbox sent a malformed frame: {exc}"
                     ) from None
+                self.frames += 1
+                if self.frames > MAX_FRAMES + MAX_FRAMES_PER_S * (time.monotonic() - self.started):
+                    raise Failure(SandboxCrash, "the sandbox sent frames faster than it may")
                 if kind == proto.HEARTBEAT:
                     self.last_beat = time.monotonic()
                 elif kind == proto.HTTP:
                     self._broker_request(sock, message)
                 elif kind == proto.COMPILED:
-                    self.compile_cost = (self.child_cpu_ms, self.child_maxrss)
+                    if self.compile_cost is None:  # only the first: the child sends it
+                        # before any connector code runs; a later one could be the code's,
+                        # asking the zygote for work.
+                        self.compile_cost = (self.child_cpu_ms, self.child_maxrss)
                 elif kind in (proto.RESULT, proto.ERROR):
                     # Lone surrogates arrive as \udXXX escapes (so do valid pairs).
                     self.may_hold_surrogates = b"\\ud" in payload
@@ -259,8 +271,13 @@ class Supervisor:
         broker = self.broker
 
         async def broker_and_reply() -> None:
-            reply = await broker.handle(message)
-            frame = proto.json_frame(proto.HTTP_REPLY, reply)
+            try:
+                reply = await broker.handle(message)
+                payload = json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode()
+            except Exception as exc:  # the broker's promise never to raise, kept here too
+                reply = {"id": message.get("id"), "error": f"the request failed: {exc!r}"}
+                payload = json.dumps(reply).encode()
+            frame = proto.frame(proto.HTTP_REPLY, payload)
             await asyncio.get_running_loop().sock_sendall(sock, frame)
 
         self._http = asyncio.ensure_future(broker_and_reply())
@@ -531,7 +548,7 @@ def _reported_error(
     message: dict[str, Any], allowed: frozenset[str]
 ) -> tuple[type[SandboxError], str]:
     error_type, text = message.get("type"), str(message.get("message", ""))
-    if error_type not in allowed:
+    if not isinstance(error_type, str) or error_type not in allowed:
         return SandboxCrash, f"the sandbox reported an error of unknown type {error_type!r}"
     return error_for_type(str(error_type)), text
 
