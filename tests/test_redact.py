@@ -96,3 +96,12 @@ def test_a_secret_split_across_output_strings_is_masked():
     masked = redactor.value(output)
     assert masked == {"a": [MASK, {"b": MASK}], "c": MASK, "d": "kept", "e": 42}
     assert "ter2" not in json.dumps(masked)
+
+
+def test_a_secret_split_across_keys_and_from_logs_into_output_is_masked():
+    """Keys count as strings in document order, and the log lines come before the output."""
+    redactor = Redactor(["hunter2-secret"])
+    assert redactor.value({"hunter2": "-secret"}) == {MASK: MASK}
+    logs = ["starting", "hunter2-"]
+    output = redactor.value(["secret", "kept"], before=logs)
+    assert logs == ["starting", MASK] and output == [MASK, "kept"]

@@ -173,13 +173,19 @@ class Redactor:
             start = end
         return result
 
-    def value(self, value: Any, *, may_hold_surrogates: bool = True) -> Any:
+    def value(
+        self, value: Any, *, may_hold_surrogates: bool = True, before: list[str] | None = None
+    ) -> Any:
         """A JSON value (as json.loads makes it) passed through `text` in strings, keys and
-        numbers. Returned as it is when there is nothing to mask or escape.
+        numbers, and masked where a secret runs across strings (keys and values, in
+        document order, after the texts `before`: an execution's log lines). Returned as
+        it is when there is nothing to mask or escape; `before` is masked in place.
 
         Walks without recursion: the output may be nested as deep as JSON allows.
         """
         if self._pattern is None and not may_hold_surrogates:
+            if before:
+                before[:] = [self.text(text) for text in before]
             return value
         root = [value]
         pending: list[tuple[Any, Any]] = [(root, 0)]
@@ -199,23 +205,40 @@ class Redactor:
                 if self.text(shown) != shown:
                     holder[key] = self.text(shown)
         if self._pattern is not None:
-            self._across_strings(root)
+            self._across_strings(root, before if before is not None else [])
+        elif before:
+            before[:] = [self.text(text) for text in before]
         return root[0]
 
-    def _across_strings(self, root: list[Any]) -> None:
-        """Mask a secret split across string values that follow one another in `root[0]`."""
-        slots: list[tuple[Any, Any]] = []
-        pending: list[tuple[Any, Any]] = [(root, 0)]
+    def _across_strings(self, root: list[Any], before: list[str]) -> None:
+        """Mask a secret split across the texts `before` and the strings of `root[0]` (keys
+        and values), taken one after another in document order."""
+        slots: list[tuple[Any, Any, bool]] = []  # (container, key or index, is a dict key)
+        pending: list[tuple[Any, Any, bool]] = [(root, 0, False)]
         while pending:  # depth first, in document order
-            holder, key = pending.pop()
-            item = holder[key]
+            holder, key, is_key = pending.pop()
+            item = key if is_key else holder[key]
             if isinstance(item, str):
-                slots.append((holder, key))
+                slots.append((holder, key, is_key))
             elif isinstance(item, list):
-                pending.extend((item, index) for index in reversed(range(len(item))))
+                pending.extend((item, index, False) for index in reversed(range(len(item))))
             elif isinstance(item, dict):
-                pending.extend((item, name) for name in reversed(list(item)))
-        if len(slots) < 2:
-            return
-        for (holder, key), text in zip(slots, self.texts([h[k] for h, k in slots]), strict=True):
-            holder[key] = text
+                for name in reversed(list(item)):
+                    pending += [(item, name, False), (item, name, True)]  # the key comes first
+        values = [(holder, key) for holder, key, is_key in slots if not is_key]
+        masked = self.texts(before + [holder[key] for holder, key in values])
+        before[:] = masked[: len(before)]  # values alone, then keys and values together:
+        for (holder, key), text in zip(values, masked[len(before) :], strict=True):
+            holder[key] = text  # either is how a reader might put the pieces together
+        masked = self.texts(before + [key if is_key else h[key] for h, key, is_key in slots])
+        before[:] = masked[: len(before)]
+        renames: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
+        for (holder, key, is_key), text in zip(slots, masked[len(before) :], strict=True):
+            if not is_key:
+                holder[key] = text
+            elif text != key:
+                renames.setdefault(id(holder), (holder, {}))[1][key] = text
+        for holder, names in renames.values():  # rebuilt in place, in the same order
+            items = list(holder.items())
+            holder.clear()
+            holder.update((names.get(name, name), entry) for name, entry in items)

@@ -428,15 +428,14 @@ class Supervisor:
         return Usage(wall_ms=wall, cpu_ms=self.cpu_ms, peak_memory_bytes=self.peak)
 
     def conclude(self) -> ExecutionResult:
-        """The result, or raise the SandboxError the execution ended with."""
+        """The result, or raise the SandboxError the execution ended with.
+
+        Everything that leaves is masked in one pass, the log lines then the output (or
+        the error message), so a secret split across them is caught too.
+        """
         redact = Redactor(self.request.secrets)
-        messages = redact.texts([message for _, message in self.logs])
-        logs = [
-            LogEntry(redact.text(level), message)
-            for (level, _), message in zip(self.logs, messages, strict=True)
-        ]
-        usage = self._usage()
         outcome = self.outcome
+        error: type[SandboxError] | None = None
         if self.abort_reason is not None:
             error, message = Aborted, self.abort_reason
         elif self.failure is not None:
@@ -445,21 +444,31 @@ class Supervisor:
             error, message = self._death_cause()
         elif outcome[0] == proto.ERROR:
             error, message = _reported_error(outcome[1], self.child_errors)
+        messages = [message for _, message in self.logs]
+        if error is None:
+            assert outcome is not None
+            output = redact.value(
+                outcome[1].get("output"), may_hold_surrogates=self.may_hold_surrogates,
+                before=messages,
+            )  # fmt: skip
         else:
-            output = outcome[1].get("output")
+            *messages, message = redact.texts([*messages, message])
+        logs = [
+            LogEntry(redact.text(level), text)
+            for (level, _), text in zip(self.logs, messages, strict=True)
+        ]
+        usage = self._usage()
+        if error is None:
             return ExecutionResult(
-                output=redact.value(output, may_hold_surrogates=self.may_hold_surrogates),
-                logs=logs,
-                executor=self.executor,
-                usage=usage,
+                output=output, logs=logs, executor=self.executor, usage=usage,
                 isolation=self.isolation,
-            )
+            )  # fmt: skip
         details: dict[str, Any] = {"logs": logs, "usage": usage, "executor": self.executor}
         if error is HttpError and outcome is not None:
             status, retry_after = outcome[1].get("status"), outcome[1].get("retry_after")
             details["status"] = status if type(status) is int and 100 <= status < 600 else None
             details["retry_after_s"] = retry_after_seconds(retry_after)
-        raise error(_shortened(redact.text(message)), **details)
+        raise error(_shortened(message), **details)
 
     def _death_cause(self) -> tuple[type[SandboxError], str]:
         """Why a child died without an answer."""
