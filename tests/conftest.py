@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import redis
 
 from corral import Limits, NodeSandbox
 from corral.config import load_settings
@@ -108,3 +113,63 @@ def running_execution_pid(
                     return int(pids[0])
         time.sleep(0.02)
     raise AssertionError(f"no sandbox execution started within {timeout} s")
+
+
+# -- a real Redis, for the store and the runtime ------------------------------------------
+
+REDIS_ARGS = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+SERVER_PIDS: set[int] = set()  # the session's redis-server, the one child allowed to stay
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """Terminate a child and reap it, killing it if it does not go."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server without persistence, stopped and reaped at the end."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    workdir = tmp_path_factory.mktemp("redis")
+    for _attempt in range(3):  # the free port may be taken before the server binds it
+        port = free_port()
+        with open(workdir / "redis.log", "wb") as log:
+            process = subprocess.Popen(
+                [server, *REDIS_ARGS, "--port", str(port), "--dir", str(workdir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+            )
+        SERVER_PIDS.add(process.pid)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            deadline = time.monotonic() + 10
+            client = redis.Redis.from_url(url)
+            while process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(redis.ConnectionError):
+                    client.ping()
+                    break
+                time.sleep(0.02)
+            client.close()
+            if process.poll() is None:
+                yield url
+                return
+        finally:
+            stop(process)
+            SERVER_PIDS.discard(process.pid)
+    pytest.fail(f"redis-server did not start: {(workdir / 'redis.log').read_text()[-2000:]}")

@@ -61,7 +61,9 @@ class Operation:
 
     def validate(self, params: Any) -> None:
         """Raise InvalidInput naming the first problem when `params` breaks the contract."""
-        validator = jsonschema.Draft202012Validator(self.params_schema)
+        validator = jsonschema.Draft202012Validator(
+            self.params_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        )
         error = jsonschema.exceptions.best_match(validator.iter_errors(params))
         if error is not None:
             where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
@@ -191,7 +193,7 @@ def _operation(app: str, kind: Literal["action", "trigger"], item: dict[str, Any
         id=item["id"],
         kind=kind,
         name=item.get("name", item["id"]),
-        method=item.get("method", "").upper() or None,
+        method=str(item.get("method") or "").upper() or None,
         endpoint=item.get("endpoint"),
         params_schema=item.get("params") or {"type": "object"},
         runtimes=tuple(item.get("runtimes") or ("python",)),

@@ -80,7 +80,9 @@ def run(params, context):
     method = request["method"]
     body = None
     if method in QUERY_METHODS:
-        query.update(rest)
+        for name, value in rest.items():
+            if value is not None:
+                query[name] = value
     elif rest:
         body = rest
     authorise(request.get("auth"), connection.get("credentials") or {}, headers, query)

@@ -1,11 +1,14 @@
 """IntegrationManager: one connector call, bespoke handler first, generic HTTP as fallback.
 
 Host side. The payload is validated against the operation's params contract
-before anything runs. The bespoke handler runs in NodeSandbox; when there is
-none, or it says it is not implemented (NotImplementedError, or an error whose
-message starts with "Function "), and GENERIC_EXECUTOR_ENABLED is on, the call
-goes through GenericExecutor, in the same sandbox. With the flag off the
-handler's error surfaces unchanged, and a missing handler is `not_supported`.
+before anything runs. The bespoke handler runs in NodeSandbox, with the
+connection and the definition's request description in its context; when
+there is none, or it says it is not implemented (NotImplementedError, or an
+error whose message starts with "Function ") before sending any request and
+its definition names `"fallback": "generic"`, and GENERIC_EXECUTOR_ENABLED is
+on, the call goes through GenericExecutor, in the same sandbox. With the flag
+off the handler's error surfaces unchanged, and a missing handler is
+`not_supported`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from corral.sandbox import ExecutionResult, Limits, NodeSandbox
 
 #: A handler failing like this has not implemented the function: the generic path may.
 _NOT_IMPLEMENTED = re.compile(r"^(NotImplementedError\b|(\w+: )?Function\b)")
+MIN_SECRET_CHARS = 4  # shorter credential values (a region, a flag) would mask everyday text
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class IntegrationResult:
 
 
 def credential_secrets(connection: dict[str, Any] | None) -> list[str]:
-    """Every credential value of a connection (nested ones too), as strings: all secrets."""
+    """Every credential value of a connection (nested ones too) as a string: the secrets of
+    its executions. Values shorter than MIN_SECRET_CHARS are left out."""
     found: list[str] = []
     pending = [((connection or {}).get("credentials") or {})]
     while pending:
@@ -44,7 +49,7 @@ def credential_secrets(connection: dict[str, Any] | None) -> list[str]:
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
-        elif item is not None and not isinstance(item, bool) and str(item):
+        elif item is not None and not isinstance(item, bool) and len(str(item)) >= MIN_SECRET_CHARS:
             found.append(str(item))
     return found
 
@@ -76,7 +81,10 @@ class IntegrationManager:
         operation.validate(params)
         if connection is not None and not isinstance(connection, dict):
             raise InvalidInput(f"the connection of {connector.id} must be a JSON object")
-        context = {"connection": connection or {}}
+        context = {
+            "connection": connection or {},
+            "request": generic_request(connector, operation),  # the definition's side
+        }
         secrets = credential_secrets(connection)
         run: dict[str, Any] = {"params": params, "secrets": secrets, "limits": limits}
         if timeout_ms is not None:
@@ -90,7 +98,10 @@ class IntegrationManager:
                 )
                 return IntegrationResult(result.output, "bespoke", None, result)
             except CodeError as exc:
-                if not _NOT_IMPLEMENTED.match(exc.message):
+                # Not implemented, and nothing sent yet: the generic path may run it (when
+                # the definition allows it) without repeating a request.
+                usage = exc.usage
+                if not _NOT_IMPLEMENTED.match(exc.message) or (usage and usage.http_requests):
                     raise
                 failure = exc
         reason = (
@@ -98,7 +109,9 @@ class IntegrationManager:
             if failure is not None
             else "no bespoke handler"
         )
-        if not self.flags.GENERIC_EXECUTOR_ENABLED:
+        if not self.flags.GENERIC_EXECUTOR_ENABLED or (
+            failure is not None and operation.fallback != "generic"
+        ):
             if failure is not None:
                 raise failure
             raise NotSupported(
@@ -110,7 +123,6 @@ class IntegrationManager:
                 f"{connector.id}.{operation.id}: {reason}, and its definition has no "
                 "method and endpoint for the generic path"
             )
-        context["request"] = generic_request(connector, operation)
         result = await self.sandbox.execute(
             GENERIC_SOURCE, entry_point=ENTRY_POINT, context=context, **run
         )

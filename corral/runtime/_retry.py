@@ -27,14 +27,13 @@ from corral._exceptions import (
 )
 from corral.config import Settings
 from corral.runtime import _events as events
-from corral.runtime._store import BreakerState, Store
+from corral.runtime._store import DEFAULT_LEASE_S, BreakerState, Store
 
 #: Retried whatever the policy says about others: the failure is likely to pass.
 RETRYABLE_TYPES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash", "aborted"})
 RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx; a connection error has no status
 #: Failures that say nothing about the connector's health: they leave the breaker alone.
 NOT_THE_CONNECTOR = frozenset({"invalid_input", "not_supported", "idempotency_conflict"})
-LEASE_S = 60.0  # a claimed key is held this long without renewal before another run may take it
 _IN_FLIGHT_POLL_S = (0.05, 1.0)  # waiting for another run that holds the key: first, longest
 
 
@@ -179,14 +178,16 @@ class RetryManager:
         """
         about = {"connector": connector, "node": node, **(context or {})}
         name = f"{connector}/{node}"
-        claim = await self._claim(key, fingerprint, about)
-        if claim is not None:
+        replayed, token = await self._claim(key, fingerprint, about)
+        if replayed is not None:
             state = await self.store.breaker_state(name)
-            return RetryOutcome(claim, None, 0, True, state.state)
+            return RetryOutcome(replayed, None, 0, True, state.state)
         attempt, state = 0, "closed"
         try:
             while True:
                 attempt += 1
+                if attempt > 1:  # a long node keeps its claim
+                    await self.store.renew(key, lease_s=DEFAULT_LEASE_S, token=token)
                 admitted, before, after = await self.store.breaker_admit(
                     name, reset_ms=breaker.reset_ms
                 )
@@ -201,7 +202,7 @@ class RetryManager:
                     )
                     events.ATTEMPTS.labels(connector, node, error.type).inc()
                     events.emit("node.circuit_open", **about, attempt=attempt, error=error.message)
-                    await self.store.release(key)
+                    await self.store.release(key, token=token)
                     return RetryOutcome(None, error, attempt, False, state)
                 try:
                     record = await call()
@@ -215,7 +216,7 @@ class RetryManager:
                         next_delay_s=None if delay is None else round(delay, 3),
                     )  # fmt: skip
                     if delay is None:
-                        await self.store.release(key)
+                        await self.store.release(key, token=token)
                         return RetryOutcome(None, error, attempt, False, state)
                     events.RETRIES.labels(connector, node, error.type).inc()
                     events.emit("node.retry", **about, attempt=attempt + 1, delay_s=round(delay, 3))
@@ -229,25 +230,26 @@ class RetryManager:
                 await self.store.finish(key, fingerprint, record, ttl_s=self.idempotency_ttl_s)
                 return RetryOutcome(record, None, attempt, False, after.state)
         except BaseException:
-            await asyncio.shield(self.store.release(key))  # cancelled: another run may try
+            await asyncio.shield(self.store.release(key, token=token))  # another run may try
             raise
 
     async def _claim(
         self, key: str, fingerprint: str, about: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """None once this run holds `key`; the stored record when it is a replay."""
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """(None, this run's claim token) once it holds `key`; (the stored record, None)
+        when it is a replay."""
         wait = _IN_FLIGHT_POLL_S[0]
         while True:
             claim = await self.store.claim(
-                key, fingerprint, lease_s=LEASE_S, ttl_s=self.idempotency_ttl_s
+                key, fingerprint, lease_s=DEFAULT_LEASE_S, ttl_s=self.idempotency_ttl_s
             )
             if claim.state == "claimed":
-                return None
+                return None, claim.token
             if claim.state == "replay":
                 assert claim.result is not None
                 events.REPLAYS.labels(about["connector"], about["node"]).inc()
                 events.emit("node.replay", **about, key=key)
-                return claim.result
+                return claim.result, None
             if claim.state == "conflict":
                 raise IdempotencyConflict(
                     f"the idempotency key {key!r} was used before with other params: "

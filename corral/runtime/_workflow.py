@@ -117,7 +117,7 @@ class WorkflowRuntime:
     async def _retries(self) -> RetryManager:
         if self._retry_manager is None:
             if self._store is None:
-                self._store = await open_store(self.settings)
+                self._store = open_store(self.settings)
             self._retry_manager = RetryManager(
                 self._store, idempotency_ttl_s=self.settings.idempotency_ttl_s
             )

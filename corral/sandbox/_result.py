@@ -20,11 +20,13 @@ class LogEntry:
 
 @dataclass(frozen=True)
 class Usage:
-    """What an execution used: wall time, CPU time (user + sys) and peak memory."""
+    """What an execution used: wall time, CPU time (user + sys), peak memory, and the
+    requests it sent through `http` (not in the JSON contract's `usage`)."""
 
     wall_ms: float
     cpu_ms: float
     peak_memory_bytes: int | None
+    http_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The `usage` object of the JSON contract."""

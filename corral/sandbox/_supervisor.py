@@ -425,7 +425,10 @@ class Supervisor:
     def _usage(self) -> Usage:
         end = self.finished_at or time.monotonic()
         wall = (end - self.started) * 1000 if self.started else 0.0
-        return Usage(wall_ms=wall, cpu_ms=self.cpu_ms, peak_memory_bytes=self.peak)
+        requests = self.broker.requests if self.broker is not None else 0
+        return Usage(
+            wall_ms=wall, cpu_ms=self.cpu_ms, peak_memory_bytes=self.peak, http_requests=requests
+        )
 
     def conclude(self) -> ExecutionResult:
         """The result, or raise the SandboxError the execution ended with.

@@ -1,0 +1,36 @@
+"""The runtime: workflows through RetryManager (retries, circuit breakers, idempotent
+replays) over a state store shared by every process (SQLite, or Redis)."""
+
+from corral.runtime._retry import (
+    CircuitBreakerPolicy,
+    RetryManager,
+    RetryOutcome,
+    RetryPolicy,
+)
+from corral.runtime._store import (
+    BreakerState,
+    Claim,
+    RedisStore,
+    SqliteStore,
+    Store,
+    StoreError,
+    open_store,
+)
+from corral.runtime._workflow import NodeRun, WorkflowRun, WorkflowRuntime
+
+__all__ = [
+    "BreakerState",
+    "CircuitBreakerPolicy",
+    "Claim",
+    "NodeRun",
+    "RedisStore",
+    "RetryManager",
+    "RetryOutcome",
+    "RetryPolicy",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "WorkflowRun",
+    "WorkflowRuntime",
+    "open_store",
+]
