@@ -178,7 +178,12 @@ class RetryManager:
         """
         about = {"connector": connector, "node": node, **(context or {})}
         name = f"{connector}/{node}"
-        replayed, token = await self._claim(key, fingerprint, about)
+        try:
+            replayed, token = await self._claim(key, fingerprint, about)
+        except IdempotencyConflict as conflict:
+            state = await self.store.breaker_state(name)
+            events.emit("node.conflict", **about, key=key)
+            return RetryOutcome(None, conflict, 0, False, state.state)
         if replayed is not None:
             state = await self.store.breaker_state(name)
             return RetryOutcome(replayed, None, 0, True, state.state)

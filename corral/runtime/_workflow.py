@@ -107,8 +107,9 @@ class WorkflowRuntime:
         self.settings = settings if settings is not None else get_settings()
         self.framework = framework or ConnectorFramework.from_settings(self.settings)
         self._own_sandbox = sandbox is None
-        self.sandbox = sandbox if sandbox is not None else NodeSandbox(settings=self.settings)
-        self.integrations = IntegrationManager(self.framework, self.sandbox, flags=flags)
+        self._sandbox = sandbox
+        self._flags = flags
+        self._integrations: IntegrationManager | None = None
         self._store = store
         self._retry_manager = retry_manager
         self.retry_policy = RetryPolicy.from_settings(self.settings)
@@ -123,12 +124,23 @@ class WorkflowRuntime:
             )
         return self._retry_manager
 
+    @property
+    def integrations(self) -> IntegrationManager:
+        """The IntegrationManager over this runtime's sandbox (made on first use)."""
+        if self._integrations is None:
+            if self._sandbox is None:
+                self._sandbox = NodeSandbox(settings=self.settings)
+            self._integrations = IntegrationManager(
+                self.framework, self._sandbox, flags=self._flags
+            )
+        return self._integrations
+
     async def aclose(self) -> None:
         """Close the store and the sandbox this runtime made."""
         if self._store is not None:
             await self._store.close()
-        if self._own_sandbox:
-            self.sandbox.close()
+        if self._own_sandbox and self._sandbox is not None:
+            self._sandbox.close()
 
     async def __aenter__(self) -> WorkflowRuntime:
         return self
