@@ -2,12 +2,14 @@
 
 import corral
 import corral.config
+import corral.executors
+import corral.runtime
 import corral.sandbox
 
 
 def test_all_is_exactly_the_public_names():
     """Every public name of `corral` is in __all__ and every entry of __all__ exists."""
-    for module in (corral, corral.config, corral.sandbox):
+    for module in (corral, corral.config, corral.sandbox, corral.executors, corral.runtime):
         public = {
             name for name, value in vars(module).items()
             if not name.startswith("_") and getattr(value, "__module__", "").startswith("corral")

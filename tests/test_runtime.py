@@ -70,6 +70,8 @@ class _Service(http.server.BaseHTTPRequestHandler):
             status = 500
         elif kind == "missing":
             status = 404
+        elif kind == "slow":
+            time.sleep(0.5)
         body = json.dumps({"path": path, "hit": count}).encode()
         self.send_response(status)
         for name, value in {"content-type": "application/json", **extra}.items():
@@ -253,6 +255,42 @@ async def main():
     print(json.dumps(run.to_dict()))
 asyncio.run(main())
 """
+
+
+def test_a_key_in_flight_is_not_run_twice(catalog, sandbox, service):
+    """Two runs of the same run id at once: one runs the node, the other waits for it and
+    replays its result; the server sees one request."""
+    spec = {"CORRAL_STATE_DIR": str(catalog.parent / "state")}
+
+    async def both() -> list[corral.runtime.WorkflowRun]:
+        runtime = WorkflowRuntime(
+            load_settings(**ENV), framework=ConnectorFramework([catalog]),
+            store=_store(spec), sandbox=sandbox,
+        )  # fmt: skip
+        async with runtime:
+            return list(await asyncio.gather(*(
+                runtime.run_workflow(_one("slow/1"), connections=_connections(service),
+                                     run_id="same")
+                for _ in range(2)
+            )))  # fmt: skip
+
+    runs = asyncio.run(both())
+    assert [hit[0] for hit in service.hits] == ["slow/1"]
+    assert sorted(run.nodes["n"].metadata["replayed"] for run in runs) == [False, True]
+    assert runs[0].nodes["n"].output == runs[1].nodes["n"].output
+
+
+def test_the_offline_example_runs(tmp_path):
+    """examples/workflow/run_offline.py succeeds on its own local server, with a retry."""
+    example = Path(__file__).parents[1] / "examples" / "workflow" / "run_offline.py"
+    done = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CORRAL_STATE_DIR": str(tmp_path / "state")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["status"] == "succeeded"
+    assert run["nodes"]["notify"]["metadata"]["attempts"] == 2
 
 
 def test_the_breaker_is_shared_across_processes(catalog, sandbox, service, store_spec):
