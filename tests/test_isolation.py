@@ -19,6 +19,7 @@ from conftest import leftovers, running_execution_pid
 import corral
 from corral import Limits, NodeSandbox
 from corral.config import load_settings
+from corral.sandbox._confine import WORKDIR
 
 SLEEP = "import time\ndef run(params, context):\n    time.sleep(30)\n"
 
@@ -86,7 +87,7 @@ def test_child_is_confined(sandbox):
             assert child.rlimit(psutil.RLIMIT_FSIZE) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_NPROC) == (0, 0)
             assert child.rlimit(psutil.RLIMIT_NOFILE)[0] <= 16
-            assert child.cwd() == "/"
+            assert child.cwd() == WORKDIR  # empty, in the filesystem view
             assert "corral.sandbox._zygote" in " ".join(child.parent().cmdline())
 
     asyncio.run(scenario())

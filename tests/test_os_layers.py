@@ -106,6 +106,7 @@ def test_host_files_are_out_of_sight(below):
     top = set(_errno_of(below, "return os.listdir('/')"))
     assert {"etc", "home", "bin", "usr", "var", "tmp"}.isdisjoint(top)
     assert {"dev", "proc"} <= top
+    assert _errno_of(below, "return [os.getcwd(), os.listdir('.')]") == ["/corral-cwd", []]
 
 
 def test_host_processes_are_out_of_sight_and_out_of_reach(below):

@@ -10,6 +10,7 @@ names of their top-level functions; they run in the sandbox.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -59,12 +60,15 @@ class Operation:
         """Whether the generic path can run it (`method` and `endpoint` given)."""
         return bool(self.method and self.endpoint)
 
-    def validate(self, params: Any) -> None:
-        """Raise InvalidInput naming the first problem when `params` breaks the contract."""
-        validator = jsonschema.Draft202012Validator(
+    @functools.cached_property
+    def _validator(self) -> jsonschema.Draft202012Validator:
+        return jsonschema.Draft202012Validator(
             self.params_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
         )
-        error = jsonschema.exceptions.best_match(validator.iter_errors(params))
+
+    def validate(self, params: Any) -> None:
+        """Raise InvalidInput naming the first problem when `params` breaks the contract."""
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(params))
         if error is not None:
             where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
             raise InvalidInput(f"{self.app}.{self.id}: {where}: {error.message}")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from corral.sandbox import _protocol as proto
-from corral.sandbox._confine import Confinement
+from corral.sandbox._confine import WORKDIR, Confinement
 from corral.sandbox._http import Http, HTTPError, make_http
 from corral.sandbox._policy import CompileCache, Guards, ImportPolicy, PolicyError
 
@@ -234,7 +234,7 @@ def _prepare(zygote_pid: int, spare_fd: int) -> None:
     with contextlib.suppress(OSError):  # free fd 3 for the execution's channel
         os.close(CHANNEL_FD)
     os.environ.clear()
-    os.chdir("/")
+    os.chdir(WORKDIR if os.path.isdir(WORKDIR) else "/")  # (no filesystem view: not root)
     os.umask(0o077)
 
 

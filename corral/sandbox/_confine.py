@@ -8,7 +8,8 @@ children inherit, once, at no cost per execution:
   sight, and every sandbox process dies with the zygote);
 - a mount namespace whose root is an empty read-only tmpfs holding only what
   the interpreter needs: the standard library and corral's package
-  (read-only), /dev/null and a /proc of the sandbox's own processes;
+  (read-only), /dev/null, a /proc of the sandbox's own processes, and an
+  empty working directory;
 - a user namespace in which the zygote is root, mapped to the unprivileged
   host uid CORRAL_SANDBOX_UID (it owns nothing on the host), and with it
   network (loopback only, down), IPC and UTS namespaces.
@@ -52,6 +53,11 @@ _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_FILTER_FLAG_TSYNC = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
+WORKDIR = "/corral-cwd"  # in the filesystem view: the empty working directory of children
+
+
+class HalfMadeView(RuntimeError):
+    """The filesystem view failed after the old root was left: nothing may run there."""
 
 
 class _SockFprog(ctypes.Structure):
@@ -109,6 +115,14 @@ def enter_filesystem_view(read_only: Iterable[str]) -> None:
     os.mkdir(f"{base}/oldroot")
     pivot_root = syscall_number("pivot_root")  # the C library has no wrapper for it
     _check(_libc.syscall(pivot_root, base.encode(), f"{base}/oldroot".encode()), "pivot_root")
+    try:
+        _build_view(read_only)
+    except OSError as exc:  # half a view is worse than none: the zygote must not go on
+        raise HalfMadeView(f"the filesystem view could not be finished: {exc}") from exc
+
+
+def _build_view(read_only: Iterable[str]) -> None:
+    """In the new root, with the old one at /oldroot: bind, mount /proc, detach, seal."""
     os.chdir("/")
     binds = [(path, _MS_RDONLY | _MS_NOSUID | _MS_NODEV) for path in read_only]
     binds.append(("/dev/null", _MS_NOSUID | _MS_NOEXEC))  # a device: no MS_NODEV
@@ -126,6 +140,7 @@ def enter_filesystem_view(read_only: Iterable[str]) -> None:
     )
     _check(_libc.umount2(b"/oldroot", _MNT_DETACH), "umount /oldroot")
     os.rmdir("/oldroot")
+    os.mkdir(WORKDIR, 0o555)  # where children work: empty, and nobody may write there
     _mount(None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     os.chdir("/")
 
