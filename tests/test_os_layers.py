@@ -15,6 +15,7 @@ from conftest import BACKENDS
 import corral
 from corral import Limits, NodeSandbox
 from corral.config import load_settings
+from corral.sandbox._confine import interpreter_paths
 from corral.selftest import loopback_listener
 
 EPERM, ENOENT, EAGAIN, EROFS = 1, 2, 11, 30
@@ -104,8 +105,9 @@ def test_host_files_are_out_of_sight(below):
     assert _errno_of(below, "open('/root/.bashrc').read()\nreturn 'read'") == ENOENT
     assert _errno_of(below, "open('/canary', 'w')\nreturn 'written'") == EROFS
     top = set(_errno_of(below, "return os.listdir('/')"))
-    assert {"etc", "home", "bin", "usr", "var", "tmp"}.isdisjoint(top)
-    assert {"dev", "proc"} <= top
+    needed = {path.split("/")[1] for path in interpreter_paths()}  # the stdlib, corral
+    assert top - needed == {"dev", "proc", "corral-cwd"}
+    assert {"etc", "home", "bin", "usr", "var", "tmp"}.isdisjoint(top - needed)
     assert _errno_of(below, "return [os.getcwd(), os.listdir('.')]") == ["/corral-cwd", []]
 
 

@@ -4,9 +4,9 @@ Host side. The payload is validated against the operation's params contract
 before anything runs. The bespoke handler runs in NodeSandbox, with the
 connection and the definition's request description in its context; when
 there is none, or it says it is not implemented (NotImplementedError, or an
-error whose message starts with "Function ") before sending any request and
-its definition names `"fallback": "generic"`, and GENERIC_EXECUTOR_ENABLED is
-on, the call goes through GenericExecutor, in the same sandbox. With the flag
+error whose message starts with "Function ") before sending any request, and
+GENERIC_EXECUTOR_ENABLED is on, the call goes through GenericExecutor, in the
+same sandbox. With the flag
 off the handler's error surfaces unchanged, and a missing handler is
 `not_supported`.
 """
@@ -109,9 +109,7 @@ class IntegrationManager:
             if failure is not None
             else "no bespoke handler"
         )
-        if not self.flags.GENERIC_EXECUTOR_ENABLED or (
-            failure is not None and operation.fallback != "generic"
-        ):
+        if not self.flags.GENERIC_EXECUTOR_ENABLED:
             if failure is not None:
                 raise failure
             raise NotSupported(
