@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import corral
+import corral.executors
 from corral import FLAGS, Limits, NodeSandbox
 from corral.config import load_settings
 from corral.executors import ConnectorFramework, IntegrationManager
@@ -26,7 +27,8 @@ DEFINITION = {
          "params": {"type": "object", "required": ["item"],
                     "properties": {"item": {"type": "integer"}}}}
         for name in ("todo", "todo_after_request", "broken")
-    ],
+    ] + [{"id": "dots", "method": "GET", "endpoint": "/items/{item}/x",
+          "params": {"type": "object", "properties": {"item": {"type": "string"}}}}],
 }  # fmt: skip
 HANDLERS = """
 def todo(params, context):
@@ -123,3 +125,24 @@ def test_bad_calls_are_invalid_input_before_anything_runs(manager, api, app, fun
     with pytest.raises(corral.InvalidInput, match=expected):
         asyncio.run(manager.execute(app, function, params))
     assert api.paths == []
+
+
+def test_a_contract_never_reaches_outside_its_definition(tmp_path):
+    """A params schema whose $ref names a file or a URL is refused when the catalog loads:
+    validating params never makes the host read a file or open a connection."""
+    folder = tmp_path / "leaky"
+    folder.mkdir()
+    definition = {"id": "leaky", "actions": [{"id": "run", "params": {
+        "type": "object", "properties": {"q": {"$ref": "file:///etc/passwd"}}}}]}
+    (folder / "connector.json").write_text(json.dumps(definition))
+    with pytest.raises(corral.executors.CatalogError, match="points outside"):
+        ConnectorFramework([tmp_path])
+
+
+def test_dot_segments_in_path_params_stay_inside_the_endpoint(manager, api):
+    """A path param of '..' is sent encoded: the generic path cannot climb the URL."""
+    with FLAGS.override(GENERIC_EXECUTOR_ENABLED=True):
+        asyncio.run(manager.execute("demo", "dots", {"item": ".."}, {
+            "baseUrl": f"http://127.0.0.1:{api.server_address[1]}/api",
+            "credentials": {"token": "tok-integration-1"}}))
+    assert api.paths == ["/api/items/%2E%2E/x"]

@@ -183,6 +183,13 @@ CROSS_EXECUTION = {
     "sigio-owner": "import fcntl\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, 1)\n"
     "return 'owned'",
     "signal-by-f-setsig": "import fcntl\nr, w = os.pipe()\nfcntl.fcntl(r, 10, 9)\nreturn 'set'",
+    # The kernel reads these commands as 32 bits: bit 32 set must not slip past the filter.
+    "sigio-owner-high-bits": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "r, w = os.pipe()\nif libc.syscall(72, r, ctypes.c_long((1 << 32) | 8), 1) < 0:\n"
+    "    return ctypes.get_errno()\nreturn 'owned'",
+    "dumpable-high-bits": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.syscall(157, ctypes.c_long((1 << 32) | 4), 1, 0, 0, 0) < 0:\n"
+    "    return ctypes.get_errno()\nreturn 'dumpable'",
     "prlimit-of-another": "import resource\n"
     "resource.prlimit(1, resource.RLIMIT_AS, (1 << 24, 1 << 24))\nreturn 'limited'",
     "renice": "os.setpriority(os.PRIO_USER, os.getuid(), 19)\nreturn 'reniced'",

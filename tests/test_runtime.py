@@ -390,9 +390,18 @@ def test_nodes_run_in_order_and_a_failure_stops_its_dependants(catalog, sandbox,
         ({"id": "wf", "nodes": [{"id": "a", "app": "svc", "function": "call",
                                  "retry": {"max_attempt": 2}, "params": {"path": "ok"}}]},
          "max_attempt"),
+        ({"id": "wf", "nodes": [{"id": "a", "app": "svc", "function": "call",
+                                 "retry": {"backoff_coefficient": 1e300},
+                                 "params": {"path": "ok"}}]},
+         "backoff_coefficient"),
+        ({"id": "wf", "nodes": [{"id": "a", "app": "svc", "function": "call",
+                                 "retry": {"max_interval_ms": float("nan")},
+                                 "params": {"path": "ok"}}]}, "max_interval_ms"),
+        ({"id": "wf", "nodes": [{"id": "a", "app": "svc", "function": "call",
+                                 "timeout_ms": 10**12, "params": {"path": "ok"}}]}, "timeout_ms"),
     ],
     ids=["unknown-app", "unknown-function", "cycle", "missing-node", "not-a-dependency",
-         "missing-input", "bad-retry"],
+         "missing-input", "bad-retry", "huge-coefficient", "nan-interval", "huge-timeout"],
 )  # fmt: skip
 def test_bad_workflows_name_the_culprit_and_run_nothing(catalog, sandbox, service, workflow,
                                                          expected):  # fmt: skip
@@ -401,6 +410,39 @@ def test_bad_workflows_name_the_culprit_and_run_nothing(catalog, sandbox, servic
     with pytest.raises(corral.InvalidInput, match=expected):
         _run(catalog, sandbox, spec, workflow, connections=_connections(service))
     assert service.hits == []
+
+
+def test_checking_a_hostile_workflow_stays_fast(catalog, sandbox):
+    """Unclosed template openers and long runs of spaces cost linear time to check."""
+    spec = {"CORRAL_STATE_DIR": str(catalog.parent / "state")}
+    workflow = {"id": "wf", "nodes": [{"id": "n", "app": "svc", "function": "call",
+                                       "params": {"path": "{{" + " " * 20_000 + "x"}}]}  # fmt: skip
+    runtime = WorkflowRuntime(load_settings(**ENV), framework=ConnectorFramework([catalog]),
+                              store=_store(spec), sandbox=sandbox)  # fmt: skip
+    started = time.monotonic()
+    runtime.check(workflow, {})
+    assert time.monotonic() - started < 0.5
+    asyncio.run(runtime.aclose())
+
+
+def test_another_connection_never_gets_a_replay(catalog, sandbox, service, store_spec):
+    """The same run id called with other credentials or another baseUrl is a conflict, never
+    a replay of the first caller's result."""
+    mine = _connections(service)
+    _run(catalog, sandbox, store_spec, _one("ok/7"), connections=mine, run_id="shared")
+    theirs = {"svc": {**mine["svc"], "credentials": {"token": "someone-else-entirely"}}}
+    other = _run(catalog, sandbox, store_spec, _one("ok/7"), connections=theirs, run_id="shared")
+    assert other.nodes["n"].output is None
+    assert other.nodes["n"].error["type"] == "idempotency_conflict"
+
+
+def test_the_callers_own_failures_do_not_open_the_breaker(catalog, sandbox, service):
+    """4xx answers (and the code's own errors) say nothing of the upstream's health."""
+    spec = {"CORRAL_STATE_DIR": str(catalog.parent / "state")}
+    for _ in range(4):  # past the threshold of 3
+        run = _run(catalog, sandbox, spec, _one("missing/b"), connections=_connections(service))
+        assert run.nodes["n"].error["type"] == "http_error"
+    assert run.nodes["n"].metadata["circuit_state"] == "closed"
 
 
 def test_params_failing_the_schema_fail_the_node_before_any_request(catalog, sandbox, service):

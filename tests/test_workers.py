@@ -361,6 +361,21 @@ def test_an_executions_capabilities_close_when_it_answers(workers):
     assert result.output == "B" and result.logs == []
 
 
+def test_a_leftover_hung_on_the_params_is_finalized_within_its_execution(workers):
+    """A generator kept alive through the request's params has its `finally` run before
+    the answer (charged to its own execution), not in the next one."""
+    leftover = (
+        "import time\ndef run(params, context):\n    def g():\n        try:\n"
+        "            yield 1\n        finally:\n            started = time.monotonic()\n"
+        "            while time.monotonic() - started < 0.6:\n                pass\n"
+        "    x = g()\n    next(x)\n    params['keep'] = x\n    return 'left'\n"
+    )
+    assert workers.execute_sync(leftover, params={}).output == "left"
+    started = time.monotonic()
+    assert workers.execute_sync("def run(params, context):\n    return 'B'\n").output == "B"
+    assert time.monotonic() - started < 0.4
+
+
 def test_cached_stdlib_functions_keep_no_history(workers):
     """urllib.parse.urlsplit's cache is neither visible nor kept from one execution to the next."""
     workers.execute_sync(

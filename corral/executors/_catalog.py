@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
+import referencing
 
 from corral._exceptions import ConfigError, InvalidInput
 from corral.config import Settings
@@ -63,12 +64,20 @@ class Operation:
     @functools.cached_property
     def _validator(self) -> jsonschema.Draft202012Validator:
         return jsonschema.Draft202012Validator(
-            self.params_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+            self.params_schema,
+            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+            registry=referencing.Registry(),  # nothing is ever fetched to resolve a $ref
         )
 
     def validate(self, params: Any) -> None:
         """Raise InvalidInput naming the first problem when `params` breaks the contract."""
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(params))
+        try:
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(params))
+        except Exception as exc:  # a contract that cannot be applied (a $ref loop, ...)
+            raise InvalidInput(
+                f"{self.app}.{self.id}: its params contract could not be applied "
+                f"({type(exc).__name__}); fix the definition"
+            ) from None
         if error is not None:
             where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
             raise InvalidInput(f"{self.app}.{self.id}: {where}: {error.message}")
@@ -161,11 +170,14 @@ def load_connector(path: Path) -> Connector:
     handlers_file = path / "handlers.py"
     source, names = None, frozenset[str]()
     if handlers_file.is_file():
-        source = handlers_file.read_text(encoding="utf-8")
         try:
+            source = handlers_file.read_text(encoding="utf-8")
             tree = ast.parse(source, str(handlers_file))
         except SyntaxError as exc:
             raise CatalogError(f"corral: {handlers_file}: line {exc.lineno}: {exc.msg}") from None
+        except (OSError, ValueError, MemoryError, RecursionError) as exc:  # not UTF-8, too deep
+            message = f"corral: {handlers_file}: cannot be read as Python ({type(exc).__name__})"
+            raise CatalogError(message) from None
         names = frozenset(
             node.name for node in tree.body if isinstance(node, ast.FunctionDef)
         )
@@ -207,6 +219,21 @@ def _operation(app: str, kind: Literal["action", "trigger"], item: dict[str, Any
     )
 
 
+def _outside_reference(schema: Any) -> str | None:
+    """The first `$ref` (or `$dynamicRef`) of `schema` that is not local (`#...`)."""
+    pending = [schema]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in ("$ref", "$dynamicRef") and not str(value).startswith("#"):
+                    return str(value)
+                pending.append(value)
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
 def _problem(definition: Any) -> str | None:
     """The first thing wrong with a definition, as `path: problem`; None when it is fine.
 
@@ -240,4 +267,7 @@ def _problem(definition: Any) -> str | None:
                 jsonschema.Draft202012Validator.check_schema(schema)
             except jsonschema.SchemaError as exc:
                 return f"{where}.params: not a valid JSON Schema: {exc.message}"
+            outside = _outside_reference(schema)
+            if outside is not None:
+                return f"{where}.params: $ref {outside!r} points outside the definition"
     return None

@@ -69,7 +69,10 @@ def run(params, context):
         if name not in rest:
             raise ValueError("the endpoint needs the param " + repr(name))
         used.append(name)
-        return urllib.parse.quote(str(rest[name]), safe="")
+        segment = urllib.parse.quote(str(rest[name]), safe="")
+        if segment in (".", ".."):  # a dot segment would climb the path: send it encoded
+            segment = segment.replace(".", "%2E")
+        return segment
 
     path = PLACEHOLDER.sub(fill, request["endpoint"])
     for name in used:

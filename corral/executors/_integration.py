@@ -14,6 +14,7 @@ off the handler's error surfaces unchanged, and a missing handler is
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +43,10 @@ def credential_secrets(connection: dict[str, Any] | None) -> list[str]:
     """Every credential value of a connection (nested ones too) as a string: the secrets of
     its executions. Values shorter than MIN_SECRET_CHARS are left out."""
     found: list[str] = []
+    base = (connection or {}).get("baseUrl")
+    if isinstance(base, str) and "@" in base:  # credentials in the URL are credentials
+        userinfo = urllib.parse.urlsplit(base).netloc.rpartition("@")[0]
+        found += [part for part in (userinfo, *userinfo.split(":", 1)) if len(part) >= 4]
     pending = [((connection or {}).get("credentials") or {})]
     while pending:
         item = pending.pop()

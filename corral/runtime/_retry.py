@@ -32,9 +32,13 @@ from corral.runtime._store import DEFAULT_LEASE_S, BreakerState, Store
 #: Retried whatever the policy says about others: the failure is likely to pass.
 RETRYABLE_TYPES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash", "aborted"})
 RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx; a connection error has no status
-#: Failures that say nothing about the connector's health: they leave the breaker alone.
-NOT_THE_CONNECTOR = frozenset({"invalid_input", "not_supported", "idempotency_conflict"})
+#: Failures that tell of the upstream's health: only these count toward opening a breaker.
+#: (The code's own errors, policy refusals, limits and 4xx answers do not: a caller could
+#: otherwise open a breaker others depend on with failures of its own making.)
+UPSTREAM_FAILURES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash"})
 _IN_FLIGHT_POLL_S = (0.05, 1.0)  # waiting for another run that holds the key: first, longest
+#: Bounds of what a node's own "retry" may ask: a run must end in reasonable time.
+MAX_ATTEMPTS, MAX_INTERVAL_MS, MAX_COEFFICIENT = 20, 300_000, 10
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,16 @@ class RetryPolicy:
         return _overridden(self, overrides, where)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.initial_interval_ms < 0 or self.max_interval_ms < 0:
-            raise ValueError("max_attempts must be at least 1 and intervals not negative")
-        if self.backoff_coefficient < 1:
-            raise ValueError("backoff_coefficient must be at least 1")
+        _whole("max_attempts", self.max_attempts, 1, MAX_ATTEMPTS)
+        _whole("initial_interval_ms", self.initial_interval_ms, 0, MAX_INTERVAL_MS)
+        _whole("max_interval_ms", self.max_interval_ms, 0, MAX_INTERVAL_MS)
+        coefficient = self.backoff_coefficient
+        if isinstance(coefficient, bool) or not isinstance(coefficient, int | float) or not (
+            1 <= coefficient <= MAX_COEFFICIENT
+        ):
+            raise ValueError(f"backoff_coefficient must be a number from 1 to {MAX_COEFFICIENT}")
+        if not all(isinstance(name, str) for name in self.non_retryable):
+            raise ValueError("non_retryable must be a list of error types")
         object.__setattr__(self, "non_retryable", frozenset(self.non_retryable))
 
     def retryable(self, error: SandboxError) -> bool:
@@ -103,8 +113,14 @@ class CircuitBreakerPolicy:
         return _overridden(self, overrides, where)
 
     def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or self.reset_ms < 1:
-            raise ValueError("failure_threshold and reset_ms must be at least 1")
+        _whole("failure_threshold", self.failure_threshold, 1, 1000)
+        _whole("reset_ms", self.reset_ms, 1, MAX_INTERVAL_MS * 12)
+
+
+def _whole(name: str, value: Any, low: int, high: int) -> None:
+    """A whole number from `low` to `high`, or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
 
 
 def _overridden(policy: Any, overrides: Any, where: str) -> Any:
@@ -171,13 +187,16 @@ class RetryManager:
         policy: RetryPolicy,
         breaker: CircuitBreakerPolicy,
         context: dict[str, Any] | None = None,
+        destination: str = "",
     ) -> RetryOutcome:
         """Run `call` (which returns the record to store) at most once per `key`.
 
-        `context` adds fields (run id, ...) to every event.
+        The breaker is the connector/node pair's, for `destination` (where the calls go:
+        callers of another deployment of the API do not share it). `context` adds fields
+        (run id, ...) to every event.
         """
         about = {"connector": connector, "node": node, **(context or {})}
-        name = f"{connector}/{node}"
+        name = f"{connector}/{node}" + (f"@{destination}" if destination else "")
         try:
             replayed, token = await self._claim(key, fingerprint, about)
         except IdempotencyConflict as conflict:
@@ -209,6 +228,7 @@ class RetryManager:
                     events.emit("node.circuit_open", **about, attempt=attempt, error=error.message)
                     await self.store.release(key, token=token)
                     return RetryOutcome(None, error, attempt, False, state)
+                renewal = asyncio.ensure_future(self._keep_claim(key, token))
                 try:
                     record = await call()
                 except SandboxError as error:
@@ -227,6 +247,8 @@ class RetryManager:
                     events.emit("node.retry", **about, attempt=attempt + 1, delay_s=round(delay, 3))
                     await self._sleep(delay)
                     continue
+                finally:
+                    renewal.cancel()  # (it also kept the claim through the wait above)
                 before, after = await self.store.breaker_record(
                     name, success=True, threshold=breaker.failure_threshold
                 )
@@ -237,6 +259,12 @@ class RetryManager:
         except BaseException:
             await asyncio.shield(self.store.release(key, token=token))  # another run may try
             raise
+
+    async def _keep_claim(self, key: str, token: str | None) -> None:
+        """Renew the claim while an attempt runs, so no other run takes the key meanwhile."""
+        while True:
+            await asyncio.sleep(DEFAULT_LEASE_S / 3)
+            await self.store.renew(key, lease_s=DEFAULT_LEASE_S, token=token)
 
     async def _claim(
         self, key: str, fingerprint: str, about: dict[str, Any]
@@ -266,7 +294,12 @@ class RetryManager:
     async def _failed(
         self, name: str, about: dict[str, Any], error: SandboxError, breaker: CircuitBreakerPolicy
     ) -> str:
-        if error.type in NOT_THE_CONNECTOR:
+        status = getattr(error, "status", None)
+        upstream = error.type in UPSTREAM_FAILURES or (
+            isinstance(error, HttpError)
+            and (status is None or status in RETRYABLE_STATUSES or status >= 500)
+        )
+        if not upstream:
             return (await self.store.breaker_state(name)).state
         before, after = await self.store.breaker_record(
             name, success=False, threshold=breaker.failure_threshold

@@ -31,7 +31,9 @@ from corral.runtime._retry import CircuitBreakerPolicy, RetryManager, RetryPolic
 from corral.runtime._store import Store, open_store
 from corral.sandbox import NodeSandbox
 
-_TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")  # linear: the expression is stripped after
+MAX_NODES = 500  # a workflow is a handful of calls; this bounds checking and running it
+MAX_NODE_TIMEOUT_MS = 600_000  # one attempt of one node: ten minutes
 _NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _NODE_FIELDS = frozenset(
     {"id", "app", "function", "params", "dependsOn", "retry", "breaker", "idempotency_key",
@@ -227,8 +229,11 @@ class WorkflowRuntime:
             result.status, result.error = "failed", exc.to_dict()
             return
         app = normalise_app_id(node.app)
-        fingerprint = _fingerprint(app, node.function, params)
         connection = connections.get(app)
+        where_to = (connection or {}).get("baseUrl")
+        # Who is called, and as whom, is part of what a replay must match.
+        identity = _digest([where_to, (connection or {}).get("credentials")])
+        fingerprint = _digest([app, node.function, params, identity])
 
         async def call() -> dict[str, Any]:
             attempt_started = time.monotonic()
@@ -253,6 +258,7 @@ class WorkflowRuntime:
         outcome = await retries.execute_with_retry(
             call, connector=app, node=node.id, key=key, fingerprint=fingerprint,
             policy=node.retry, breaker=node.breaker, context={"run": run.id},
+            destination=_digest(where_to)[:12] if where_to else "",
         )  # fmt: skip
         metadata.update(attempts=outcome.attempts, replayed=outcome.replayed)
         metadata["circuit_state"] = outcome.circuit_state
@@ -275,15 +281,18 @@ class WorkflowRuntime:
             raise InvalidInput("the workflow must be a JSON object with `id` and `nodes`")
         workflow_id = str(workflow.get("id") or "workflow")
         raw_nodes = workflow.get("nodes")
-        if not isinstance(raw_nodes, list) or not raw_nodes:
-            raise InvalidInput(f"workflow {workflow_id!r}: `nodes` must be a non-empty list")
+        if not isinstance(raw_nodes, list) or not 0 < len(raw_nodes) <= MAX_NODES:
+            raise InvalidInput(
+                f"workflow {workflow_id!r}: `nodes` must be a list of 1 to {MAX_NODES} nodes"
+            )
         if not isinstance(run_input, dict):
             raise InvalidInput("the input must be a JSON object")
         nodes = [self._node(workflow_id, index, raw) for index, raw in enumerate(raw_nodes)]
-        ids = [node.id for node in nodes]
-        duplicate = next((i for i in ids if ids.count(i) > 1), None)
-        if duplicate is not None:
-            raise InvalidInput(f"workflow {workflow_id!r}: node id {duplicate!r} is used twice")
+        seen: set[str] = set()
+        for node in nodes:
+            if node.id in seen:
+                raise InvalidInput(f"workflow {workflow_id!r}: node id {node.id!r} is used twice")
+            seen.add(node.id)
         graph = {node.id: node.depends_on for node in nodes}
         for node in nodes:
             for dependency in node.depends_on:
@@ -327,8 +336,12 @@ class WorkflowRuntime:
         if not isinstance(depends_on, list) or not all(isinstance(d, str) for d in depends_on):
             raise InvalidInput(f"{where}: `dependsOn` must be a list of node ids")
         timeout_ms = raw.get("timeout_ms")
-        if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms <= 0):
-            raise InvalidInput(f"{where}: `timeout_ms` must be a positive whole number")
+        if timeout_ms is not None and (
+            type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_NODE_TIMEOUT_MS
+        ):
+            raise InvalidInput(
+                f"{where}: `timeout_ms` must be a whole number from 1 to {MAX_NODE_TIMEOUT_MS}"
+            )
         key = raw.get("idempotency_key")
         if key is not None and not isinstance(key, str):
             raise InvalidInput(f"{where}: `idempotency_key` must be a string")
@@ -361,8 +374,9 @@ def _derived_key(run_id: str, node_id: str) -> str:
     return hashlib.sha256(f"{run_id}\0{node_id}".encode()).hexdigest()[:32]
 
 
-def _fingerprint(app: str, function: str, params: Any) -> str:
-    canonical = json.dumps([app, function, params], sort_keys=True, separators=(",", ":"))
+def _digest(value: Any) -> str:
+    """A SHA-256 of `value` as canonical JSON."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -373,7 +387,7 @@ def _references(value: Any) -> list[str]:
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            found.extend(match.group(1) for match in _TEMPLATE.finditer(item))
+            found.extend(match.group(1).strip() for match in _TEMPLATE.finditer(item))
         elif isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, list):
@@ -434,7 +448,7 @@ def _render(value: Any, run_input: dict[str, Any], run: WorkflowRun, *, where: s
     """`value` with its templates filled in; a string that is one template keeps its type."""
 
     def resolve(expression: str) -> Any:
-        parts = expression.split(".")
+        parts = expression.strip().split(".")
         if parts[0] == "input":
             return _lookup(run_input, parts[1:], f"{where}: {{{{ {expression} }}}}")
         upstream = run.nodes[parts[1]]

@@ -241,13 +241,16 @@ def filter_program() -> bytes:
             continue  # not a system call on this architecture
     filt.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
     filt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    filt.add_rule(deny, "prctl", seccomp.Arg(0, seccomp.EQ, _PR_SET_DUMPABLE))
+    # These arguments are 32-bit to the kernel: compare only those bits, or a value with
+    # bit 32 set would pass the filter and still mean the refused command.
+    low32 = 0xFFFFFFFF
+    filt.add_rule(deny, "prctl", seccomp.Arg(0, seccomp.MASKED_EQ, low32, _PR_SET_DUMPABLE))
     # Signals by other routes: a descriptor's owner (SIGIO, or any signal by F_SETSIG, to
     # another process), and the limits of another process (prlimit with a pid).
     for command in (_F_SETOWN, _F_SETSIG, _F_SETOWN_EX):
-        filt.add_rule(deny, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
+        filt.add_rule(deny, "fcntl", seccomp.Arg(1, seccomp.MASKED_EQ, low32, command))
     for request in (_FIOSETOWN, _SIOCSPGRP):
-        filt.add_rule(deny, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
+        filt.add_rule(deny, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, low32, request))
     filt.add_rule(deny, "prlimit64", seccomp.Arg(0, seccomp.NE, 0))
     with os.fdopen(os.memfd_create("corral-seccomp"), "w+b") as program:
         filt.export_bpf(program)

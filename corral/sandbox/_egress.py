@@ -604,7 +604,8 @@ class HttpBroker:
                 request = _parse(message, self.timeout_s)
             except _Failure as exc:
                 return {"invalid": str(exc)}
-            what, timeout = f"{request.method} {request.url}", request.timeout
+            shown = request.url.copy_with(username=None, password=None, fragment=None)
+            what, timeout = f"{request.method} {shown}", request.timeout
             async with asyncio.timeout(timeout):
                 return await self._fetch(request)
         except EgressRefused as exc:

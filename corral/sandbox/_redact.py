@@ -111,7 +111,7 @@ class Redactor:
         # for the regex to match there (checked first: most texts hold no secret at all).
         self._forms = sorted(
             [(form, f"(?i:{re.escape(form)})", form.lower(), True) for form in caseless if form]
-            + [(form, "\n?".join(map(re.escape, form)), form, False) for form in exact],
+            + [(form, "\r?\n?".join(map(re.escape, form)), form, False) for form in exact],
             key=lambda entry: len(entry[0]),
             reverse=True,
         )
@@ -128,7 +128,7 @@ class Redactor:
         others (exact for ASCII text; any other text gets every form)."""
         if self._pattern is None or not text.isascii():
             return self._pattern
-        lowered, flat = text.lower(), text.replace("\n", "")
+        lowered, flat = text.lower(), text.replace("\n", "").replace("\r", "")
         present = tuple(
             index
             for index, (_, _, needle, caseless) in enumerate(self._forms)
@@ -145,12 +145,20 @@ class Redactor:
 
     def text(self, text: str) -> str:
         """`text` with every secret masked and lone surrogates escaped."""
-        pattern = self._pattern_for(text)
-        return encodable(text if pattern is None else pattern.sub(MASK, text))
+        return self._masker([text])(text)
+
+    def _masker(self, texts: list[str]) -> Callable[[str], str]:
+        """What masks each of `texts`: the forms any of them may hold are found once, over
+        all of them (not once per text: an output may hold a million short strings)."""
+        pattern = self._pattern_for("\x00".join(texts)) if self._pattern is not None else None
+        if pattern is None:
+            return encodable
+        return lambda text: encodable(pattern.sub(MASK, text))
 
     def texts(self, texts: list[str]) -> list[str]:
         """Each text masked, and the parts of a secret split across consecutive texts too."""
-        masked = [self.text(text) for text in texts]
+        mask = self._masker(texts)
+        masked = [mask(text) for text in texts]
         if self._pattern is None or len(masked) < 2:
             return masked
         joined = "".join(masked)
@@ -188,22 +196,23 @@ class Redactor:
                 before[:] = [self.text(text) for text in before]
             return value
         root = [value]
+        mask = self._masker(_strings(value))
         pending: list[tuple[Any, Any]] = [(root, 0)]
         while pending:
             holder, key = pending.pop()
             item = holder[key]
             if isinstance(item, str):
-                holder[key] = self.text(item)
+                holder[key] = mask(item)
             elif isinstance(item, list):
                 pending.extend((item, index) for index in range(len(item)))
             elif isinstance(item, dict):
-                masked = {self.text(name): entry for name, entry in item.items()}
+                masked = {mask(name): entry for name, entry in item.items()}
                 holder[key] = masked
                 pending.extend((masked, name) for name in masked)
             elif isinstance(item, int | float) and not isinstance(item, bool):
                 shown = repr(item)
-                if self.text(shown) != shown:
-                    holder[key] = self.text(shown)
+                if mask(shown) != shown:
+                    holder[key] = mask(shown)
         if self._pattern is not None:
             self._across_strings(root, before if before is not None else [])
         elif before:
@@ -242,3 +251,21 @@ class Redactor:
             items = list(holder.items())
             holder.clear()
             holder.update((names.get(name, name), entry) for name, entry in items)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string of a JSON value (keys, values, numbers as written), for a pre-check."""
+    found: list[str] = []
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            found.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            found.append(repr(item))
+    return found

@@ -113,6 +113,10 @@ def _leave_nothing_behind() -> bool:
     return settled
 
 
+def _ran() -> tuple[int, dict[str, Any]]:
+    raise RuntimeError("this job has run")
+
+
 class _Job:
     """One execution handed to the execution thread."""
 
@@ -140,6 +144,7 @@ class _Job:
                 self.result = self._run()
             finally:
                 self._end()
+                self._run = _ran  # the request, params and globals go with it
             self.tainted = not _leave_nothing_behind()  # the next execution starts from here
             _Job.clean_slate = True
         finally:
@@ -294,6 +299,9 @@ def serve(
             partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http),
             end,
         )
+        # Only the job holds the execution's objects now: when it drops them, whatever the
+        # code hung on them (a generator in the params) is finalized within the execution.
+        del request, compiled, guards, http, close_http, end, frame
         verdict = _Verdict(limits, executor)
         executor.submit(job)
         stuck = verdict.watch(job, channel, logs)
