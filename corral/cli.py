@@ -218,7 +218,7 @@ def _run_workflow(args: argparse.Namespace) -> int:
 
 def _print_run(run: Any) -> None:
     """A table of the run's nodes, then each failed node's error."""
-    print(f"run {run.id} of {run.workflow_id}: {run.status}")
+    print(f"run {_printable(run.id)} of {_printable(run.workflow_id)}: {run.status}")
     rows = [("node", "status", "executor", "attempts", "ms", "note")]
     for node in run.nodes.values():
         meta = node.metadata
