@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +91,36 @@ def sandbox(backend: str) -> Iterator[NodeSandbox]:
         executor=backend, limits=Limits(max_memory_mb=64), settings=load_settings()
     ) as box:
         yield box
+
+
+@pytest.fixture(params=BACKENDS)
+def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
+    """A sandbox running connector code as plain Python (the language layer switched off by
+    the test-only switch): only the OS layers stand."""
+    with NodeSandbox(
+        executor=request.param,
+        limits=Limits(max_memory_mb=64),
+        settings=load_settings(),
+        _unsafe_layers_off={"language"},
+    ) as sandbox:
+        yield sandbox
+
+
+@contextlib.contextmanager
+def serving(
+    handler: type[http.server.BaseHTTPRequestHandler], address: str = "127.0.0.1"
+) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A real HTTP server with `handler` on `address` (a loopback one), in a thread, shut
+    down and closed on the way out."""
+    server = http.server.ThreadingHTTPServer((address, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 
 import pytest
-from conftest import BACKENDS
 
 import corral
-from corral import Limits, NodeSandbox
+from corral import Limits
 from corral.config import load_settings
 
 FORGE = """
@@ -31,17 +29,6 @@ def run(params, context):
     return 'sent'
 """
 
-
-@pytest.fixture(params=BACKENDS)
-def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
-    """A sandbox whose connector code runs as plain Python."""
-    with NodeSandbox(
-        executor=request.param,
-        limits=Limits(max_memory_mb=64),
-        settings=load_settings(),
-        _unsafe_layers_off={"language"},
-    ) as sandbox:
-        yield sandbox
 
 
 @pytest.mark.parametrize(

@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import BACKENDS
 
 import corral
 from corral import Limits, NodeSandbox
-from corral.config import DEFAULT_ALLOWED_IMPORTS, load_settings
+from corral.config import DEFAULT_ALLOWED_IMPORTS
 from corral.sandbox._policy import Guards, ImportPolicy, PolicyError, compile_connector
 
 LEAK = "corral.sandbox._child"  # a key of the child's sys.modules
@@ -1187,17 +1185,6 @@ def test_corpus_is_large_and_distinct():
     assert len(CORPUS) >= 70
     assert len({p.values[0].code for p in CORPUS}) == len(CORPUS)
 
-
-@pytest.fixture(params=BACKENDS)
-def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
-    """A sandbox with the language layer switched off: only the OS layers stand."""
-    with NodeSandbox(
-        executor=request.param,
-        limits=Limits(max_memory_mb=64),
-        settings=load_settings(),
-        _unsafe_layers_off={"language"},
-    ) as sandbox:
-        yield sandbox
 
 
 @pytest.mark.parametrize("case", [p for p in CORPUS if p.values[0].plain])

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import serving
 
 import corral
 import corral.executors
@@ -61,14 +61,10 @@ class _Api(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api() -> Iterator[http.server.ThreadingHTTPServer]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    server.paths = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    """The API on 127.0.0.1; `.paths` lists what it served."""
+    with serving(_Api) as server:
+        server.paths = []  # type: ignore[attr-defined]
+        yield server
 
 
 @pytest.fixture

@@ -31,12 +31,6 @@ def _sandbox(executor: str, layers_off: set[str]) -> NodeSandbox:
     )
 
 
-@pytest.fixture(params=BACKENDS)
-def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
-    """A sandbox that runs connector code as plain Python: only the OS layers stand."""
-    with _sandbox(request.param, LAYERS_OFF["plain"]) as sandbox:
-        yield sandbox
-
 
 @pytest.fixture(params=[(b, layers) for b in BACKENDS for layers in LAYERS_OFF], ids=str)
 def below(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:

@@ -9,13 +9,13 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import serving
 
 import corral
 from corral import FLAGS, Limits, NodeSandbox
@@ -87,14 +87,9 @@ class _Service(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def service() -> Iterator[http.server.ThreadingHTTPServer]:
     """The fail-on-demand server; `.hits` lists (path, time, authorization)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Service)
-    server.hits = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(_Service) as server:
+        server.hits = []  # type: ignore[attr-defined]
+        yield server
 
 
 @pytest.fixture
