@@ -376,7 +376,7 @@ class _Db:
         self.conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._journal_mode_wal()
             if mode != "wal":  # e.g. a file system without shared memory
                 raise StoreError(f"state database {path} cannot use WAL (journal mode {mode})")
             # Commits survive any process crash; a power loss may lose the last few (those
@@ -397,6 +397,20 @@ class _Db:
             self.conn.close()
             raise
         self.swept_at = -math.inf
+
+    def _journal_mode_wal(self) -> str:
+        """Switch to WAL. SQLite answers "locked" at once here, without its busy handler,
+        while other connections open the same new file: wait for them as a busy one would."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.001
+        while True:
+            try:
+                return str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
