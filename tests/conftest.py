@@ -107,13 +107,13 @@ def plain(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
 
 
 @contextlib.contextmanager
-def serving(
-    handler: type[http.server.BaseHTTPRequestHandler], address: str = "127.0.0.1"
-) -> Iterator[http.server.ThreadingHTTPServer]:
-    """A real HTTP server with `handler` on `address` (a loopback one), in a thread, shut
-    down and closed on the way out."""
-    server = http.server.ThreadingHTTPServer((address, 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def running(
+    server: http.server.HTTPServer, poll_interval: float = 0.5
+) -> Iterator[http.server.HTTPServer]:
+    """`server` serving in a thread, shut down, closed and joined on the way out."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True
+    )
     thread.start()
     try:
         yield server
@@ -121,6 +121,15 @@ def serving(
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@contextlib.contextmanager
+def serving(
+    handler: type[http.server.BaseHTTPRequestHandler], address: str = "127.0.0.1"
+) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A real HTTP server with `handler` on `address` (a loopback one), in a thread."""
+    with running(http.server.ThreadingHTTPServer((address, 0), handler)) as server:
+        yield server  # type: ignore[misc]
 
 
 @pytest.fixture

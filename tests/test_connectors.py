@@ -16,7 +16,6 @@ import http.server
 import json
 import re
 import shutil
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import BACKENDS
+from conftest import BACKENDS, running
 
 import corral
 from corral.config import load_settings
@@ -139,15 +138,8 @@ class Api(http.server.ThreadingHTTPServer):
 
 
 def _serve() -> Iterator[Api]:
-    server = Api()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with running(Api()) as server:
+        yield server  # type: ignore[misc]
 
 
 @pytest.fixture

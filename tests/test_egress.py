@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import running
 
 from corral._exceptions import ConfigError
 from corral.config import load_settings
@@ -141,15 +142,8 @@ class _Server(ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def _serving(host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
-    server = _Server((host, port), tls)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02})
-    thread.start()
-    try:
+    with running(_Server((host, port), tls), poll_interval=0.02) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture

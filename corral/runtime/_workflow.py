@@ -411,6 +411,7 @@ def _check_templates(
 ) -> None:
     where = f"workflow {workflow_id!r}: node {node.id!r}"
     expressions = _references(node.params) + _references(node.idempotency_key or "")
+    ancestors = _ancestors(graph, node.id) if expressions else set()
     for expression in expressions:
         parts = expression.split(".")
         if parts[0] == "input":
@@ -421,7 +422,7 @@ def _check_templates(
                     f"{where}: {{{{ {expression} }}}} names node {parts[1]!r}, which is not "
                     "a node of this workflow"
                 )
-            if parts[1] not in _ancestors(graph, node.id):
+            if parts[1] not in ancestors:
                 raise InvalidInput(
                     f"{where}: {{{{ {expression} }}}} uses node {parts[1]!r}, which it does not "
                     f"depend on: add {parts[1]!r} to its dependsOn"
