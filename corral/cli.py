@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     run_workflow.add_argument("--json", action="store_true", help="print one JSON object")
     run_workflow.set_defaults(handler=_run_workflow)
 
+    registry = commands.add_parser(
+        "registry",
+        help="print which connector functions can run here, and how",
+        description="Print the capabilities map: every function with a bespoke handler and, "
+        "with GENERIC_EXECUTOR_ENABLED on, every action and trigger the generic HTTP path "
+        "can run.",
+    )
+    registry.add_argument("--json", action="store_true", help="print one JSON object")
+    registry.set_defaults(handler=_registry)
+
+    _add_catalog_commands(commands)
+
     selftest = commands.add_parser(
         "selftest",
         help="prove on this host that each limit is enforced",
@@ -132,6 +144,64 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--json", action="store_true", help="print one JSON object")
     selftest.set_defaults(handler=_selftest)
     return parser
+
+
+def _add_catalog_commands(commands: Any) -> None:
+    catalog = commands.add_parser(
+        "catalog",
+        help="check and maintain connector definitions",
+        description="Check and maintain the connector catalog. Without --dir, the catalog "
+        "in use: the CORRAL_CONNECTORS_DIR folders, then the shipped one.",
+    ).add_subparsers(dest="catalog_command", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        parser = catalog.add_parser(name, help=summary, description=description)
+        parser.add_argument(
+            "--dir", action="append", type=Path, metavar="D",
+            help="a catalog folder (one folder per app); repeatable",
+        )  # fmt: skip
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        return parser
+
+    validate = command(
+        "validate", "check every definition against the schema",
+        "Check every connector.json against the schema (connectors/schema.json) and every "
+        "handlers.py against the sandbox's policy. Exit status: 0 all valid, 1 a problem found.",
+    )  # fmt: skip
+    validate.set_defaults(handler=_catalog_validate)
+    for name, summary in (
+        ("backfill-actions", 'add runtimes: ["python"] and fallback: null where an action '
+         "lacks them"),
+        ("seed-trigger-fallbacks", "add cursor-based runtimes, fallback and dedupe where a "
+         "trigger lacks them"),
+    ):  # fmt: skip
+        backfill = command(
+            name, summary,
+            f"{summary[0].upper()}{summary[1:]}. Set values are left alone, and each file "
+            "keeps its key order and layout: the diff shows only what was added. A second "
+            "run changes nothing. Exit status: 0, or with --check 1 when a run would change "
+            "something.",
+        )  # fmt: skip
+        backfill.add_argument(
+            "--check", action="store_true", help="change nothing; exit 1 if a run would"
+        )
+        backfill.set_defaults(handler=_catalog_backfill)
+    openapi = command(
+        "import-openapi", "make or refresh a connector from an OpenAPI 3 document",
+        "Turn an OpenAPI 3 document (JSON or YAML) into D/APP/connector.json: an action per "
+        "operation. Re-importing keeps what a person set (runtimes, fallback, names, "
+        "triggers). Without --dir, the first CORRAL_CONNECTORS_DIR folder, else the shipped "
+        "catalog. Exit status: 0, or with --check 1 when the import would change the file.",
+    )  # fmt: skip
+    openapi.add_argument("spec", metavar="SPEC", type=Path, help="the OpenAPI document")
+    openapi.add_argument("--app", required=True, metavar="ID", help="the app's id (lower case)")
+    openapi.add_argument("--check", action="store_true", help="change nothing; exit 1 if it would")
+    openapi.set_defaults(handler=_catalog_import_openapi)
+    schema = catalog.add_parser(
+        "schema", help="print the definition schema (JSON Schema)",
+        description="Print the JSON Schema of a connector definition (connectors/schema.json).",
+    )  # fmt: skip
+    schema.set_defaults(handler=_catalog_schema)
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -229,13 +299,119 @@ def _print_run(run: Any) -> None:
             node.id, node.status, str(meta.get("executor") or "-"), str(meta.get("attempts", 0)),
             f"{meta.get('execution_ms', 0):.0f}", note,
         ))  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(5)]
-    for row in rows:
-        cells = "  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=False))
-        print(f"  {cells}  {_printable(row[5])}".rstrip())
+    for line in _table(rows):
+        print(f"  {line}")
     for node in run.nodes.values():
         if node.error is not None:
             print(f"  {node.id}: {node.error['type']}: {_printable(str(node.error['message']))}")
+
+
+def _catalog_folders(args: argparse.Namespace) -> list[Path]:
+    from corral.executors import SHIPPED_CATALOG
+
+    folders = args.dir or [*map(Path, get_settings().connectors_dir), SHIPPED_CATALOG]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UsageError(f"{folder} is not a folder")
+    return folders
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from corral.config import FLAGS
+    from corral.executors import ConnectorFramework
+    from corral.runtime import capabilities
+
+    framework = ConnectorFramework.from_settings(get_settings())
+    registry = capabilities(framework)
+    if args.json:
+        print(json.dumps(registry))
+        return 0
+    count = sum(len(kinds[kind]) for kinds in registry.values() for kind in kinds)
+    generic = "on" if FLAGS.GENERIC_EXECUTOR_ENABLED else "off"
+    print(f"{count} functions in {len(registry)} apps can run (generic HTTP path {generic})")
+    for app, kinds in registry.items():
+        rows = [("kind", "function", "executor", "fallback", "runtimes")]
+        for kind, functions in kinds.items():
+            for function, entry in functions.items():
+                rows.append((kind[:-1], function, entry["executor"], entry["fallback"] or "-",
+                             ",".join(entry["runtimes"])))  # fmt: skip
+        print(f"\n{app} ({framework.connector(app).name})")
+        for line in _table(rows):
+            print(f"  {line}")
+    if generic == "off":
+        print("\nFunctions without a bespoke handler are left out: set "
+              "GENERIC_EXECUTOR_ENABLED=true to run them through the generic HTTP path.")
+    return 0
+
+
+def _catalog_validate(args: argparse.Namespace) -> int:
+    from corral.executors import check_catalog
+
+    folders = _catalog_folders(args)
+    count, found = check_catalog(folders)
+    if args.json:
+        print(json.dumps({"ok": not found, "apps": count,
+                          "problems": [p.to_dict() for p in found]}))  # fmt: skip
+    else:
+        for problem in found:
+            print(_printable(str(problem)))
+        where = ", ".join(map(str, folders))
+        files = len({p.file.parent for p in found})
+        print(f"{count} apps checked in {where}: " + (
+            f"{len(found)} problems in {files} apps" if found else "all valid"
+        ))  # fmt: skip
+    return 1 if found else 0
+
+
+def _catalog_backfill(args: argparse.Namespace) -> int:
+    from corral.executors import backfill
+
+    additions = backfill(_catalog_folders(args), args.catalog_command, write=not args.check)
+    if args.json:
+        print(json.dumps({"changed": bool(additions), "written": bool(additions) and not args.check,
+                          "additions": [a.to_dict() for a in additions]}))  # fmt: skip
+    else:
+        rows = [(str(a.file), f"{a.kind}.{a.operation}", "+ " + ", ".join(a.added))
+                for a in additions]  # fmt: skip
+        for line in _table(rows) if rows else []:
+            print(line)
+        files = len({a.file for a in additions})
+        verb = "would add" if args.check else "added"
+        print(f"{args.catalog_command}: {verb} defaults to {len(additions)} "
+              f"{additions[0].kind if additions else 'functions'} in {files} files"
+              if additions else f"{args.catalog_command}: nothing to add")  # fmt: skip
+    return 1 if additions and args.check else 0
+
+
+def _catalog_import_openapi(args: argparse.Namespace) -> int:
+    from corral.executors._openapi import import_openapi
+
+    folder = _catalog_folders(args)[0]
+    report = import_openapi(args.spec, args.app, folder, check=args.check)
+    if args.json:
+        print(json.dumps({
+            "file": str(report.path), "created": report.created, "changed": report.changed,
+            "written": report.changed and not args.check, "added": report.added,
+            "updated": report.updated, "removed": report.removed, "kept": report.kept,
+        }))  # fmt: skip
+    else:
+        verb = "would write" if args.check else "wrote"
+        if not report.changed:
+            print(f"{report.path}: up to date with {args.spec}")
+        else:
+            print(f"{verb} {report.path}" + (" (new)" if report.created else ""))
+        for label, names in (("added", report.added), ("updated", report.updated),
+                             ("removed", report.removed), ("kept", report.kept)):  # fmt: skip
+            if names:
+                print(f"  {label}: {_printable(', '.join(names))}")
+    return 1 if report.changed and args.check else 0
+
+
+def _catalog_schema(args: argparse.Namespace) -> int:
+    from corral.executors import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -253,13 +429,13 @@ def _selftest(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        rows = report["checks"]
-        widths = [max(len(str(row[key])) for row in rows) for key in ("check", "proves", "status")]
         print(f"corral selftest: {report['executor']} backend, {report['isolation']}")
-        for row in rows:
-            cells = (row["check"], row["proves"] or "-", row["status"])
-            print("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=True)),
-                  " ", row["detail"])  # fmt: skip
+        rows = [
+            (row["check"], row["proves"] or "-", row["status"], row["detail"])
+            for row in report["checks"]
+        ]
+        for line in _table(rows):
+            print(line)
         print("ok" if report["ok"] else "FAILED: a limit does not hold on this host")
     return 0 if report["ok"] else 1
 
@@ -299,6 +475,16 @@ def _shown(value: Any) -> str:
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """`rows` as aligned columns, two spaces apart, each cell made printable."""
+    shown = [[_printable(str(cell)) for cell in row] for row in rows]
+    widths = [max(len(row[column]) for row in shown) for column in range(len(shown[0]))]
+    return [
+        "  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in shown
+    ]
 
 
 def _printable(text: str) -> str:

@@ -28,7 +28,8 @@ DEFINITION = {
                     "properties": {"item": {"type": "integer"}}}}
         for name in ("todo", "todo_after_request", "broken")
     ] + [{"id": "dots", "method": "GET", "endpoint": "/items/{item}/x",
-          "params": {"type": "object", "properties": {"item": {"type": "string"}}}}],
+          "params": {"type": "object", "required": ["item"],
+                     "properties": {"item": {"type": "string"}}}}],
 }  # fmt: skip
 HANDLERS = """
 def todo(params, context):

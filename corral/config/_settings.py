@@ -190,6 +190,13 @@ class Settings(BaseSettings):
     idempotency_ttl_s: PositiveMs = Field(
         86_400, alias="CORRAL_IDEMPOTENCY_TTL_S", description="a positive whole number of seconds"
     )
+    # 30 days: a cursor keeps older items out anyway; keys only need to outlive the window
+    # in which an API still lists an item it returned before.
+    trigger_seen_ttl_s: PositiveMs = Field(
+        30 * 86_400,
+        alias="CORRAL_TRIGGER_SEEN_TTL_S",
+        description="a positive whole number of seconds",
+    )
     api_token: SecretStr | None = Field(
         None, alias="CORRAL_API_TOKEN", description="a bearer token"
     )

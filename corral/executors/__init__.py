@@ -1,12 +1,16 @@
 """Connector execution: the catalog (ConnectorFramework), IntegrationManager and the
 generic HTTP path (GenericExecutor), each call run inside NodeSandbox."""
 
+from corral.executors._backfill import BACKFILLS, Addition, backfill
 from corral.executors._catalog import (
     SHIPPED_CATALOG,
     CatalogError,
+    CatalogProblem,
     Connector,
     ConnectorFramework,
     Operation,
+    app_folders,
+    check_catalog,
     load_connector,
     normalise_app_id,
 )
@@ -16,18 +20,29 @@ from corral.executors._integration import (
     IntegrationResult,
     credential_secrets,
 )
+from corral.executors._schema import ConnectorDefinition, Problem, json_schema, problems
 
 __all__ = [
+    "BACKFILLS",
     "GENERIC_SOURCE",
     "SHIPPED_CATALOG",
+    "Addition",
     "CatalogError",
+    "CatalogProblem",
     "Connector",
+    "ConnectorDefinition",
     "ConnectorFramework",
     "IntegrationManager",
     "IntegrationResult",
     "Operation",
+    "Problem",
+    "app_folders",
+    "backfill",
+    "check_catalog",
     "credential_secrets",
     "generic_request",
+    "json_schema",
     "load_connector",
     "normalise_app_id",
+    "problems",
 ]

@@ -23,11 +23,10 @@ import referencing
 
 from corral._exceptions import ConfigError, InvalidInput
 from corral.config import Settings
+from corral.executors._schema import problems
 
 #: The catalog shipped with corral, next to the package.
 SHIPPED_CATALOG = Path(__file__).resolve().parents[2] / "connectors"
-_ID = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 class CatalogError(ConfigError):
@@ -54,6 +53,7 @@ class Operation:
     runtimes: tuple[str, ...]
     fallback: str | None
     dedupe: dict[str, Any] | None
+    items: str | None  # triggers: JSONPath to the list of items in what they return
     definition: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -120,7 +120,7 @@ class ConnectorFramework:
         self.folders = [Path(folder) for folder in folders]
         self._connectors: dict[str, Connector] = {}
         for folder in reversed(self.folders):  # earlier folders win
-            for path in _app_folders(folder):
+            for path in app_folders(folder):
                 connector = load_connector(path)
                 self._connectors[connector.id] = connector
 
@@ -149,7 +149,8 @@ class ConnectorFramework:
         return found
 
 
-def _app_folders(folder: Path) -> Iterator[Path]:
+def app_folders(folder: Path) -> Iterator[Path]:
+    """The app folders (those with a connector.json) of catalog folder `folder`, sorted."""
     if not folder.is_dir():
         return
     for path in sorted(folder.iterdir()):
@@ -157,30 +158,105 @@ def _app_folders(folder: Path) -> Iterator[Path]:
             yield path
 
 
+@dataclass(frozen=True)
+class CatalogProblem:
+    """One thing wrong in a catalog: the file, where in it (a JSONPath, or a line), and what."""
+
+    file: Path
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        """`{"file", "path", "message"}` for `--json`."""
+        return {"file": str(self.file), "path": self.path, "message": self.message}
+
+
+def check_catalog(folders: Iterable[Path]) -> tuple[int, list[CatalogProblem]]:
+    """How many apps the catalog `folders` define, and every problem in them: the schema,
+    the folder name, handlers that do not compile under the sandbox's policy, functions
+    nothing can run."""
+    count, found = 0, []
+    for folder in folders:
+        for path in app_folders(Path(folder)):
+            count += 1
+            found += _app_problems(path)
+    return count, found
+
+
+def _app_problems(path: Path) -> list[CatalogProblem]:
+    from corral.sandbox._policy import compile_connector  # the child's compiler, host side
+
+    file = path / "connector.json"
+    try:
+        definition = _read_definition(file)
+    except CatalogError as exc:
+        return [CatalogProblem(file, "$", str(exc))]
+    found = [CatalogProblem(file, p.path, p.message) for p in problems(definition)]
+    if found:
+        return found
+    if definition["id"] != path.name:
+        found.append(CatalogProblem(
+            file, "$.id", f"{definition['id']!r} differs from its folder's name {path.name!r}"
+        ))  # fmt: skip
+    handlers_file = path / "handlers.py"
+    try:
+        source, names = _read_handlers(handlers_file)
+    except CatalogError as exc:
+        return [*found, CatalogProblem(handlers_file, "$", str(exc))]
+    if source is not None:
+        _, error_type, message = compile_connector(source, str(handlers_file))
+        if error_type is not None:
+            found.append(CatalogProblem(handlers_file, error_type, message))
+    for kind in ("actions", "triggers"):
+        for index, item in enumerate(definition.get(kind, [])):
+            if item["id"] not in names and not (item.get("method") and item.get("endpoint")):
+                found.append(CatalogProblem(
+                    file, f"$.{kind}[{index}]",
+                    f"nothing can run {item['id']!r}: handlers.py has no function of that name "
+                    "and it has no method and endpoint for the generic path",
+                ))  # fmt: skip
+    return found
+
+
+def _read_definition(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CatalogError(f"cannot be read as JSON: {exc}") from None
+
+
+def _read_handlers(file: Path) -> tuple[str | None, frozenset[str]]:
+    """handlers.py's source and the names of its top-level functions; (None, ∅) without."""
+    if not file.is_file():
+        return None, frozenset()
+    try:
+        source = file.read_text(encoding="utf-8")
+        tree = ast.parse(source, str(file))
+    except SyntaxError as exc:
+        raise CatalogError(f"line {exc.lineno}: {exc.msg}") from None
+    except (OSError, ValueError, MemoryError, RecursionError) as exc:  # not UTF-8, too deep
+        raise CatalogError(f"cannot be read as Python ({type(exc).__name__})") from None
+    return source, frozenset(node.name for node in tree.body if isinstance(node, ast.FunctionDef))
+
+
 def load_connector(path: Path) -> Connector:
     """The app defined in folder `path`; CatalogError naming the file and what is wrong."""
-    definition_file = path / "connector.json"
+    definition_file, handlers_file = path / "connector.json", path / "handlers.py"
     try:
-        definition = json.loads(definition_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CatalogError(f"corral: {definition_file}: cannot be read as JSON: {exc}") from None
-    problem = _problem(definition)
-    if problem:
-        raise CatalogError(f"corral: {definition_file}: {problem}")
-    handlers_file = path / "handlers.py"
-    source, names = None, frozenset[str]()
-    if handlers_file.is_file():
-        try:
-            source = handlers_file.read_text(encoding="utf-8")
-            tree = ast.parse(source, str(handlers_file))
-        except SyntaxError as exc:
-            raise CatalogError(f"corral: {handlers_file}: line {exc.lineno}: {exc.msg}") from None
-        except (OSError, ValueError, MemoryError, RecursionError) as exc:  # not UTF-8, too deep
-            message = f"corral: {handlers_file}: cannot be read as Python ({type(exc).__name__})"
-            raise CatalogError(message) from None
-        names = frozenset(
-            node.name for node in tree.body if isinstance(node, ast.FunctionDef)
-        )
+        definition = _read_definition(definition_file)
+    except CatalogError as exc:
+        raise CatalogError(f"corral: {definition_file}: {exc}") from None
+    found = problems(definition)
+    if found:
+        more = f" (and {len(found) - 1} more: run `corral catalog validate`)" if found[1:] else ""
+        raise CatalogError(f"corral: {definition_file}: {found[0]}{more}")
+    try:
+        source, names = _read_handlers(handlers_file)
+    except CatalogError as exc:
+        raise CatalogError(f"corral: {handlers_file}: {exc}") from None
     app = definition["id"]
     operations = {
         kind: {
@@ -215,59 +291,6 @@ def _operation(app: str, kind: Literal["action", "trigger"], item: dict[str, Any
         runtimes=tuple(item.get("runtimes") or ("python",)),
         fallback=item.get("fallback"),
         dedupe=item.get("dedupe"),
+        items=item.get("items"),
         definition=item,
     )
-
-
-def _outside_reference(schema: Any) -> str | None:
-    """The first `$ref` (or `$dynamicRef`) of `schema` that is not local (`#...`)."""
-    pending = [schema]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key in ("$ref", "$dynamicRef") and not str(value).startswith("#"):
-                    return str(value)
-                pending.append(value)
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
-
-
-def _problem(definition: Any) -> str | None:
-    """The first thing wrong with a definition, as `path: problem`; None when it is fine.
-
-    The structural minimum the runtime relies on; `corral catalog validate` checks
-    the full schema.
-    """
-    if not isinstance(definition, dict):
-        return "the definition must be a JSON object"
-    app = definition.get("id")
-    if not isinstance(app, str) or not _ID.match(app):
-        return "$.id: must be a lower-case id such as 'github'"
-    seen: set[str] = set()
-    for kind in ("actions", "triggers"):
-        items = definition.get(kind, [])
-        if not isinstance(items, list):
-            return f"$.{kind}: must be a list"
-        for index, item in enumerate(items):
-            where = f"$.{kind}[{index}]"
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                return f"{where}.id: every {kind[:-1]} needs an id"
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item["id"]):
-                return f"{where}.id: {item['id']!r} is not a Python name (it names a handler)"
-            if item["id"] in seen:
-                return f"{where}.id: {item['id']!r} is defined twice"
-            seen.add(item["id"])
-            method = item.get("method")
-            if method is not None and str(method).upper() not in _METHODS:
-                return f"{where}.method: {method!r} is not an HTTP method"
-            schema = item.get("params", {"type": "object"})
-            try:
-                jsonschema.Draft202012Validator.check_schema(schema)
-            except jsonschema.SchemaError as exc:
-                return f"{where}.params: not a valid JSON Schema: {exc.message}"
-            outside = _outside_reference(schema)
-            if outside is not None:
-                return f"{where}.params: $ref {outside!r} points outside the definition"
-    return None

@@ -1,6 +1,8 @@
 """The runtime: workflows through RetryManager (retries, circuit breakers, idempotent
-replays) over a state store shared by every process (SQLite, or Redis)."""
+replays) over a state store shared by every process (SQLite, or Redis); polling triggers;
+the capabilities registry."""
 
+from corral.runtime._registry import capabilities
 from corral.runtime._retry import (
     CircuitBreakerPolicy,
     RetryManager,
@@ -16,6 +18,7 @@ from corral.runtime._store import (
     StoreError,
     open_store,
 )
+from corral.runtime._triggers import TriggerItem, TriggerPoll, TriggerPoller
 from corral.runtime._workflow import NodeRun, WorkflowRun, WorkflowRuntime
 
 __all__ = [
@@ -30,7 +33,11 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "TriggerItem",
+    "TriggerPoll",
+    "TriggerPoller",
     "WorkflowRun",
     "WorkflowRuntime",
+    "capabilities",
     "open_store",
 ]

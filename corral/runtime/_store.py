@@ -214,6 +214,13 @@ class Store(abc.ABC):
         unique = list(dict.fromkeys(members))
         return await self._add_seen(key, unique, now, None if ttl_s is None else now + ttl_s)
 
+    async def unseen(self, key: str, members: list[str]) -> list[str]:
+        """Those of `members` not (or no longer) in the set `key`, in order, each once; adds
+        nothing (`add_seen` records them)."""
+        if not members:
+            return []
+        return await self._unseen(key, list(dict.fromkeys(members)), self.clock())
+
     # -- lifetime -----------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -278,6 +285,9 @@ class Store(abc.ABC):
     async def _add_seen(
         self, key: str, members: list[str], now: float, expires_at: float | None
     ) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def _unseen(self, key: str, members: list[str], now: float) -> list[str]: ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,23 +559,31 @@ class _Db:
     def add_seen(
         self, key: str, members: list[str], now: float, expires_at: float | None
     ) -> list[str]:
-        encoded = json.dumps(members)
         with self.write(now) as conn:
-            known = {
-                member
-                for (member,) in conn.execute(
-                    "SELECT member FROM seen WHERE key = ? AND (expires_at IS NULL OR "
-                    "expires_at > ?) AND member IN (SELECT value FROM json_each(?))",
-                    (key, now, encoded),
-                )
-            }
+            known = self._known(conn, key, members, now)
             conn.execute(
                 "INSERT INTO seen (key, member, expires_at) "
                 "SELECT ?, value, ? FROM json_each(?) WHERE true "
                 "ON CONFLICT (key, member) DO UPDATE SET expires_at = excluded.expires_at",
-                (key, expires_at, encoded),
+                (key, expires_at, json.dumps(members)),
             )
         return [member for member in members if member not in known]
+
+    def unseen(self, key: str, members: list[str], now: float) -> list[str]:
+        known = self._known(self.conn, key, members, now)
+        return [member for member in members if member not in known]
+
+    @staticmethod
+    def _known(conn: sqlite3.Connection, key: str, members: list[str], now: float) -> set[str]:
+        """Those of `members` in the set `key` and not expired."""
+        return {
+            member
+            for (member,) in conn.execute(
+                "SELECT member FROM seen WHERE key = ? AND (expires_at IS NULL OR "
+                "expires_at > ?) AND member IN (SELECT value FROM json_each(?))",
+                (key, now, json.dumps(members)),
+            )
+        }
 
 
 class SqliteStore(Store):
@@ -632,6 +650,9 @@ class SqliteStore(Store):
 
     async def _add_seen(self, *args: Any) -> list[str]:
         return await self._run("add_seen", *args)
+
+    async def _unseen(self, *args: Any) -> list[str]:
+        return await self._run("unseen", *args)
 
     async def close(self) -> None:
         """Close the database and stop the store's thread; idempotent."""
@@ -907,6 +928,12 @@ class RedisStore(Store):
                     keys=[self._key("seen", key)], args=[repr(now), score, *members]
                 )
             )
+
+    async def _unseen(self, key: str, members: list[str], now: float) -> list[str]:
+        with self._errors() as client:
+            scores = await client.zmscore(self._key("seen", key), members)
+        pairs = zip(members, scores, strict=True)
+        return [member for member, score in pairs if score is None or score <= now]
 
     async def close(self) -> None:
         """Close the connections; idempotent."""

@@ -27,8 +27,10 @@ from corral._exceptions import InvalidInput
 from corral.config import FLAGS, Flags, Settings, get_settings
 from corral.executors import ConnectorFramework, IntegrationManager, normalise_app_id
 from corral.runtime import _events as events
+from corral.runtime._canonical import canonical_digest
 from corral.runtime._retry import CircuitBreakerPolicy, RetryManager, RetryPolicy
 from corral.runtime._store import Store, open_store
+from corral.runtime._triggers import TriggerPoller
 from corral.sandbox import NodeSandbox
 
 _TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")  # linear: the expression is stripped after
@@ -137,6 +139,13 @@ class WorkflowRuntime:
             )
         return self._integrations
 
+    async def trigger_poller(self) -> TriggerPoller:
+        """A TriggerPoller over this runtime's catalog, sandbox, flags and store."""
+        retries = await self._retries()
+        return TriggerPoller(
+            self.integrations, retries.store, seen_ttl_s=self.settings.trigger_seen_ttl_s
+        )
+
     async def aclose(self) -> None:
         """Close the store and the sandbox this runtime made."""
         if self._store is not None:
@@ -232,8 +241,8 @@ class WorkflowRuntime:
         connection = connections.get(app)
         where_to = (connection or {}).get("baseUrl")
         # Who is called, and as whom, is part of what a replay must match.
-        identity = _digest([where_to, (connection or {}).get("credentials")])
-        fingerprint = _digest([app, node.function, params, identity])
+        identity = canonical_digest([where_to, (connection or {}).get("credentials")])
+        fingerprint = canonical_digest([app, node.function, params, identity])
 
         async def call() -> dict[str, Any]:
             attempt_started = time.monotonic()
@@ -258,7 +267,7 @@ class WorkflowRuntime:
         outcome = await retries.execute_with_retry(
             call, connector=app, node=node.id, key=key, fingerprint=fingerprint,
             policy=node.retry, breaker=node.breaker, context={"run": run.id},
-            destination=_digest(where_to)[:12] if where_to else "",
+            destination=canonical_digest(where_to)[:12] if where_to else "",
         )  # fmt: skip
         metadata.update(attempts=outcome.attempts, replayed=outcome.replayed)
         metadata["circuit_state"] = outcome.circuit_state
@@ -372,12 +381,6 @@ def _checked_connections(connections: Any) -> dict[str, Any]:
 
 def _derived_key(run_id: str, node_id: str) -> str:
     return hashlib.sha256(f"{run_id}\0{node_id}".encode()).hexdigest()[:32]
-
-
-def _digest(value: Any) -> str:
-    """A SHA-256 of `value` as canonical JSON."""
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _references(value: Any) -> list[str]:

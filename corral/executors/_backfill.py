@@ -1,0 +1,153 @@
+"""Catalog backfills: add default keys where a definition's actions or triggers lack them.
+
+Host side (`corral catalog backfill-actions`, `corral catalog seed-trigger-fallbacks`).
+A definition is edited as text, not re-serialised: each missing key is
+inserted just before its object's closing brace, in that object's own style
+(one member a line at its indentation, or inline after a comma), so the
+diff shows only what was added and a key the author set is never touched.
+A second run finds nothing missing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import json_source_map
+
+from corral.executors._catalog import CatalogError, app_folders
+
+#: What an action lacking them gets: it runs in Python, and nothing else runs it when its
+#: bespoke handler cannot (a fallback is opted into, never assumed).
+ACTION_DEFAULTS: dict[str, Any] = {"runtimes": ["python"], "fallback": None}
+#: What a trigger lacking them gets. Conservative: no fallback, and dedupe by id with the
+#: item's update time as the cursor, so an item is delivered again only when it changed.
+TRIGGER_DEFAULTS: dict[str, Any] = {
+    "runtimes": ["python"],
+    "fallback": None,
+    "dedupe": {"strategy": "cursor", "cursor": "$.updated_at", "key": "$.id"},
+}
+BACKFILLS: dict[str, tuple[Literal["actions", "triggers"], dict[str, Any]]] = {
+    "backfill-actions": ("actions", ACTION_DEFAULTS),
+    "seed-trigger-fallbacks": ("triggers", TRIGGER_DEFAULTS),
+}
+
+
+@dataclass(frozen=True)
+class Addition:
+    """Keys added to one action or trigger of one definition file."""
+
+    file: Path
+    kind: Literal["actions", "triggers"]
+    operation: str
+    added: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"file", "kind", "operation", "added"}` for `--json`."""
+        return {
+            "file": str(self.file), "kind": self.kind, "operation": self.operation,
+            "added": self.added,
+        }  # fmt: skip
+
+
+def backfill(
+    folders: Iterable[Path], name: str, *, write: bool = True
+) -> list[Addition]:
+    """Run backfill `name` (a key of BACKFILLS) over every definition in the catalog
+    `folders`; the additions made (with `write=False`, those a run would make)."""
+    kind, defaults = BACKFILLS[name]
+    found: list[Addition] = []
+    for folder in folders:
+        for app in app_folders(Path(folder)):
+            file = app / "connector.json"
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CatalogError(f"corral: {file}: cannot be read: {exc}") from None
+            updated, additions = fill_missing(text, kind, defaults, file=file)
+            if additions and write:
+                _replace(file, updated)
+            found += additions
+    return found
+
+
+def fill_missing(
+    text: str, kind: Literal["actions", "triggers"], defaults: dict[str, Any], *, file: Path
+) -> tuple[str, list[Addition]]:
+    """`text` (a definition) with `defaults` added to each item of `kind` lacking them."""
+    try:
+        definition = json.loads(text)
+        spans = json_source_map.calculate(text)
+    except ValueError as exc:
+        raise CatalogError(f"corral: {file}: cannot be read as JSON: {exc}") from None
+    items = definition.get(kind) if isinstance(definition, dict) else None
+    if not isinstance(items, list):
+        return text, []
+    edits: list[tuple[int, str]] = []
+    additions: list[Addition] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue  # `corral catalog validate` reports it; nothing to fill
+        missing = {key: value for key, value in defaults.items() if key not in item}
+        if not missing:
+            continue
+        pointer = f"/{kind}/{index}"
+        edits.append(_insertion(text, spans, pointer, item, missing))
+        additions.append(Addition(file, kind, str(item.get("id", f"#{index}")), missing))
+    for position, insert in sorted(edits, reverse=True):
+        text = text[:position] + insert + text[position:]
+    if edits:  # the text must mean exactly the defaults added: a slip here never corrupts
+        definition[kind] = [
+            {**item, **{k: v for k, v in defaults.items() if k not in item}}
+            if isinstance(item, dict) else item
+            for item in items
+        ]  # fmt: skip
+        if json.loads(text) != definition:
+            raise CatalogError(f"corral: {file}: the backfill could not be applied as text")
+    return text, additions
+
+
+def _insertion(
+    text: str, spans: dict[str, Any], pointer: str, item: dict[str, Any], missing: dict[str, Any]
+) -> tuple[int, str]:
+    """Where and what to insert so that `missing` ends the object at `pointer`."""
+    close = spans[pointer].value_end.position - 1  # the object's closing brace
+    members = [
+        (spans[f"{pointer}/{_escape(key)}"].key_start, spans[f"{pointer}/{_escape(key)}"])
+        for key in item
+    ]
+    rendered = [f"{json.dumps(key)}: {_inline(value)}" for key, value in missing.items()]
+    if not members:
+        return close, ", ".join(rendered)
+    last_key, last = members[-1]
+    after_last = last.value_end.position
+    line_start = text.rfind("\n", 0, last_key.position) + 1
+    own_line = text[line_start : last_key.position].strip() == ""
+    if own_line:  # one member a line: the new ones too, at the same indentation
+        indent = text[line_start : last_key.position]
+        newline = "\r\n" if text[line_start - 2 : line_start] == "\r\n" else "\n"
+        return after_last, "".join(f",{newline}{indent}{member}" for member in rendered)
+    return after_last, "".join(f", {member}" for member in rendered)
+
+
+def _inline(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _escape(key: str) -> str:
+    """`key` as a JSON Pointer reference token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _replace(file: Path, text: str) -> None:
+    """Write `text` to `file` through a temporary file and a rename: never half-written."""
+    temporary = file.with_name(f".{file.name}.corral-tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(file)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise CatalogError(f"corral: {file}: cannot be written: {exc.strerror}") from None
