@@ -393,6 +393,7 @@ def _catalog_import_openapi(args: argparse.Namespace) -> int:
             "file": str(report.path), "created": report.created, "changed": report.changed,
             "written": report.changed and not args.check, "added": report.added,
             "updated": report.updated, "removed": report.removed, "kept": report.kept,
+            "notes": report.notes,
         }))  # fmt: skip
     else:
         verb = "would write" if args.check else "wrote"
@@ -404,6 +405,8 @@ def _catalog_import_openapi(args: argparse.Namespace) -> int:
                              ("removed", report.removed), ("kept", report.kept)):  # fmt: skip
             if names:
                 print(f"  {label}: {_printable(', '.join(names))}")
+        for note in report.notes:
+            print(f"  note: {_printable(note)}")
     return 1 if report.changed and args.check else 0
 
 

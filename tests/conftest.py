@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -130,6 +131,20 @@ def serving(
     """A real HTTP server with `handler` on `address` (a loopback one), in a thread."""
     with running(http.server.ThreadingHTTPServer((address, 0), handler)) as server:
         yield server  # type: ignore[misc]
+
+
+def corral(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the `corral` command in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 @pytest.fixture

@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import leftovers, running_execution_pid
+from conftest import corral, leftovers, running_execution_pid
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hello.py"
 JSON_KEYS = ["ok", "output", "logs", "executor", "usage", "error"]
-
-
-def corral(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
-    """Run the `corral` command in a fresh interpreter, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "corral", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture

@@ -410,6 +410,21 @@ async def test_add_seen_is_atomic_among_tasks(store: Store):
     assert sorted(reported, key=int) == [str(n) for n in range(140)]
 
 
+async def test_unseen_reads_without_recording(store: Store, clock: Clock):
+    """unseen answers the members not in the set (or expired there), in order, once each,
+    and records nothing: a poll that dies before it commits loses no item."""
+    await store.add_seen("t", ["a", "b"], ttl_s=10)
+    assert await store.unseen("t", ["c", "a", "c", "d", "b"]) == ["c", "d"]
+    assert await store.unseen("t", ["c"]) == ["c"]  # still not recorded
+    assert await store.unseen("other", ["a"]) == ["a"]
+    assert await store.unseen("t", []) == []
+    clock.advance(10)
+    assert await store.unseen("t", ["a", "b"]) == ["a", "b"]
+    await store.add_seen("forever", ["x"])
+    clock.advance(10**6)
+    assert await store.unseen("forever", ["x", "y"]) == ["y"]
+
+
 async def test_json_values_are_kept_and_expire(store: Store, clock: Clock):
     """put_json keeps a value until replaced, or for ttl_s seconds."""
     assert await store.get_json("cursor") is None

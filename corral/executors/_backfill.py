@@ -20,10 +20,10 @@ import json_source_map
 
 from corral.executors._catalog import CatalogError, app_folders
 
-#: What an action lacking them gets: it runs in Python, and nothing else runs it when its
-#: bespoke handler cannot (a fallback is opted into, never assumed).
+#: What an action lacking them gets: it runs in Python, and it declares no fallback of its
+#: own (the deployment's GENERIC_EXECUTOR_ENABLED decides, DESIGN §7 and §9).
 ACTION_DEFAULTS: dict[str, Any] = {"runtimes": ["python"], "fallback": None}
-#: What a trigger lacking them gets. Conservative: no fallback, and dedupe by id with the
+#: What a trigger lacking them gets. Conservative: no fallback declared, and dedupe by id with the
 #: item's update time as the cursor, so an item is delivered again only when it changed.
 TRIGGER_DEFAULTS: dict[str, Any] = {
     "runtimes": ["python"],
@@ -64,7 +64,8 @@ def backfill(
         for app in app_folders(Path(folder)):
             file = app / "connector.json"
             try:
-                text = file.read_text(encoding="utf-8")
+                with open(file, encoding="utf-8", newline="") as stream:  # CRLF stays CRLF
+                    text = stream.read()
             except (OSError, UnicodeDecodeError) as exc:
                 raise CatalogError(f"corral: {file}: cannot be read: {exc}") from None
             updated, additions = fill_missing(text, kind, defaults, file=file)
@@ -95,7 +96,7 @@ def fill_missing(
         if not missing:
             continue
         pointer = f"/{kind}/{index}"
-        edits.append(_insertion(text, spans, pointer, item, missing))
+        edits.append(_insertion(text, spans, pointer, missing))
         additions.append(Addition(file, kind, str(item.get("id", f"#{index}")), missing))
     for position, insert in sorted(edits, reverse=True):
         text = text[:position] + insert + text[position:]
@@ -111,24 +112,25 @@ def fill_missing(
 
 
 def _insertion(
-    text: str, spans: dict[str, Any], pointer: str, item: dict[str, Any], missing: dict[str, Any]
+    text: str, spans: dict[str, Any], pointer: str, missing: dict[str, Any]
 ) -> tuple[int, str]:
-    """Where and what to insert so that `missing` ends the object at `pointer`."""
-    close = spans[pointer].value_end.position - 1  # the object's closing brace
-    members = [
-        (spans[f"{pointer}/{_escape(key)}"].key_start, spans[f"{pointer}/{_escape(key)}"])
-        for key in item
-    ]
+    """Where and what to insert so that `missing` ends the object at `pointer`.
+
+    The object's own text says its style: members one a line when a line break
+    comes before the first, at that member's indentation; inline otherwise. (Its
+    members are not looked up by key: the source map names them by their raw text.)
+    """
+    start = spans[pointer].value_start.position  # the object's opening brace
+    close = spans[pointer].value_end.position - 1  # and its closing one
+    inside = text[start + 1 : close]
     rendered = [f"{json.dumps(key)}: {_inline(value)}" for key, value in missing.items()]
-    if not members:
+    if not inside.strip():
         return close, ", ".join(rendered)
-    last_key, last = members[-1]
-    after_last = last.value_end.position
-    line_start = text.rfind("\n", 0, last_key.position) + 1
-    own_line = text[line_start : last_key.position].strip() == ""
-    if own_line:  # one member a line: the new ones too, at the same indentation
-        indent = text[line_start : last_key.position]
-        newline = "\r\n" if text[line_start - 2 : line_start] == "\r\n" else "\n"
+    after_last = start + 1 + len(inside.rstrip())
+    lead = inside[: len(inside) - len(inside.lstrip())]
+    if "\n" in lead:  # one member a line: the new ones too, at the same indentation
+        newline = "\r\n" if "\r\n" in lead else "\n"
+        indent = lead.rsplit("\n", 1)[1]
         return after_last, "".join(f",{newline}{indent}{member}" for member in rendered)
     return after_last, "".join(f", {member}" for member in rendered)
 
@@ -137,16 +139,11 @@ def _inline(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _escape(key: str) -> str:
-    """`key` as a JSON Pointer reference token (RFC 6901)."""
-    return key.replace("~", "~0").replace("/", "~1")
-
-
 def _replace(file: Path, text: str) -> None:
     """Write `text` to `file` through a temporary file and a rename: never half-written."""
     temporary = file.with_name(f".{file.name}.corral-tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8", newline="")
         temporary.replace(file)
     except OSError as exc:
         temporary.unlink(missing_ok=True)

@@ -27,7 +27,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -182,13 +181,10 @@ class Operation(_Model):
     headers: dict[str, str] | None = None
     runtimes: list[Literal["python"]] | None = Field(None, min_length=1)
     fallback: Literal["generic"] | None = Field(
-        None, description="what may run it when the bespoke handler cannot"
+        None,
+        description="what runs it when the bespoke handler cannot: 'generic' declares the "
+        "generic path; null leaves it to GENERIC_EXECUTOR_ENABLED",
     )
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _upper_method(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _endpoint_placeholders_are_required(self) -> Operation:
