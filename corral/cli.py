@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -521,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc)
         print(message if message.startswith("corral") else f"corral: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `corral registry | head`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -201,3 +201,17 @@ def test_selftest_says_what_is_degraded_and_why():
     assert rows["memory limit"]["status"] == "degraded"
     assert rows["cpu limit"]["status"] == "enforced"
     assert done.returncode == 0  # degraded still holds; only a failed check fails the run
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`corral registry | head -1`: when the reader closes the pipe, corral stops quietly."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "corral", "registry"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # before corral writes a line: its first write finds no reader
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert process.returncode == 1

@@ -164,12 +164,20 @@ def _with_cursor(operation: Operation, params: dict[str, Any], cursor: Any) -> d
 
 
 def _items(operation: Operation, body: Any) -> list[Any]:
-    """The list of items in what the trigger returned (`items`, default the value itself)."""
+    """The list of items in what the trigger returned (`items`, default the value itself).
+
+    A path ending in `[*]` (`$.data[*]`) names each item: its matches are the items, none
+    when the lists it goes through are empty. Any other path names the list itself.
+    """
     path = operation.items or "$"
     found = [match.value for match in compile_jsonpath(path).find(body)]
-    if len(found) == 1 and isinstance(found[0], list):
+    if path.endswith("[*]"):
+        lists = [match.value for match in compile_jsonpath(path[:-3]).find(body)]
+        if found or (lists and all(isinstance(value, list) for value in lists)):
+            return found
+    elif len(found) == 1 and isinstance(found[0], list):
         return found[0]
-    if len(found) > 1 or (found and path.endswith("[*]")):  # `$.data[*]`: each match
+    elif len(found) > 1:
         return found
     shape = type(body).__name__ if body is not None else "null"
     raise CodeError(
