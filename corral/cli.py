@@ -349,7 +349,7 @@ def _catalog_validate(args: argparse.Namespace) -> int:
     from corral.executors import check_catalog
 
     folders = _catalog_folders(args)
-    count, found = check_catalog(folders)
+    count, found = check_catalog(folders, get_settings().allowed_imports)
     if args.json:
         print(json.dumps({"ok": not found, "apps": count,
                           "problems": [p.to_dict() for p in found]}))  # fmt: skip
@@ -358,8 +358,8 @@ def _catalog_validate(args: argparse.Namespace) -> int:
             print(_printable(str(problem)))
         where = ", ".join(map(str, folders))
         files = len({p.file.parent for p in found})
-        print(f"{count} apps checked in {where}: " + (
-            f"{len(found)} problems in {files} apps" if found else "all valid"
+        print(f"{_count(count, 'app')} checked in {where}: " + (
+            f"{_count(len(found), 'problem')} in {_count(files, 'app')}" if found else "all valid"
         ))  # fmt: skip
     return 1 if found else 0
 
@@ -378,14 +378,14 @@ def _catalog_backfill(args: argparse.Namespace) -> int:
             print(line)
         files = len({a.file for a in additions})
         verb = "would add" if args.check else "added"
-        print(f"{args.catalog_command}: {verb} defaults to {len(additions)} "
-              f"{additions[0].kind if additions else 'functions'} in {files} files"
+        print(f"{args.catalog_command}: {verb} defaults to "
+              f"{_count(len(additions), additions[0].kind[:-1])} in {_count(files, 'file')}"
               if additions else f"{args.catalog_command}: nothing to add")  # fmt: skip
     return 1 if additions and args.check else 0
 
 
 def _catalog_import_openapi(args: argparse.Namespace) -> int:
-    from corral.executors._openapi import import_openapi
+    from corral.executors import import_openapi
 
     folder = _catalog_folders(args)[0]
     report = import_openapi(args.spec, args.app, folder, check=args.check)
@@ -465,6 +465,11 @@ def _print_failure(error: SandboxError, executor: str, as_json: bool) -> None:
     if error.usage is not None:
         print(f"        {_summary(error.executor or executor, error.usage)}")
     _print_logs(error.logs)
+
+
+def _count(number: int, noun: str) -> str:
+    """`1 app`, `2 apps`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _summary(executor: str, usage: Usage) -> str:

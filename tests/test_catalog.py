@@ -94,7 +94,7 @@ def test_a_valid_catalog_passes(tmp_path):
     assert check_catalog([tmp_path]) == (1, [])
     done = corral("catalog", "validate", "--dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == f"1 apps checked in {tmp_path}: all valid"
+    assert done.stdout.strip() == f"1 app checked in {tmp_path}: all valid"
 
 
 def _edit(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
@@ -147,11 +147,15 @@ PROBLEM_CASES = {
     ),
     "handlers.py breaks the sandbox policy": (
         _write("handlers.py", HANDLERS.replace('{"answer": 42}', "params.__class__")),
-        "handlers.py", None, '"__class__" is an invalid attribute name',
+        "handlers.py", "$", 'policy_violation: Line 2: "__class__" is an invalid attribute',
+    ),
+    "handlers.py imports what the sandbox refuses": (
+        _write("handlers.py", "from os import path\nimport json, urllib.parse\n" + HANDLERS),
+        "handlers.py", "line 1", "imports 'os.path', which connector code may not import",
     ),
     "handlers.py is not Python": (
         _write("handlers.py", "def compute(params, context)\n    return 1\n"),
-        "handlers.py", None, "line 1",
+        "handlers.py", "$", "line 1",
     ),
     "nothing can run an action": (
         _write("handlers.py", HANDLERS.replace("def compute", "def computed")),
@@ -463,7 +467,7 @@ def test_backfill_commands_report_check_and_write(tmp_path):
     assert check.returncode == 1, check.stderr
     assert file.read_text() == before
     lines = check.stdout.splitlines()
-    assert lines[-1] == "backfill-actions: would add defaults to 3 actions in 1 files"
+    assert lines[-1] == "backfill-actions: would add defaults to 3 actions in 1 file"
     assert [line.split()[:2] for line in lines[:-1]] == [
         [str(file), "actions.compute"], [str(file), "actions.create_thing"],
         [str(file), "actions.get_thing"],
@@ -483,7 +487,7 @@ def test_backfill_commands_report_check_and_write(tmp_path):
 
     run = corral(*command)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[-1] == "backfill-actions: added defaults to 3 actions in 1 files"
+    assert run.stdout.splitlines()[-1] == "backfill-actions: added defaults to 3 actions in 1 file"
     assert "actions.get_thing" in run.stdout
     assert file.read_text() != before
 

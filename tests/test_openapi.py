@@ -22,8 +22,14 @@ from conftest import corral, serving
 
 import corral as corral_api
 from corral.config import load_settings
-from corral.executors import CatalogError, ConnectorFramework, IntegrationManager, problems
-from corral.executors._openapi import MARK, import_openapi
+from corral.executors import (
+    CatalogError,
+    ConnectorFramework,
+    IntegrationManager,
+    import_openapi,
+    problems,
+)
+from corral.executors._openapi import MARK
 
 API_KEY = "pk_c0rralPetst0reK3y9a8b7c"
 

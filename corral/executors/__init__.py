@@ -20,6 +20,7 @@ from corral.executors._integration import (
     IntegrationResult,
     credential_secrets,
 )
+from corral.executors._openapi import ImportReport, import_openapi
 from corral.executors._schema import ConnectorDefinition, Problem, json_schema, problems
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "Connector",
     "ConnectorDefinition",
     "ConnectorFramework",
+    "ImportReport",
     "IntegrationManager",
     "IntegrationResult",
     "Operation",
@@ -41,6 +43,7 @@ __all__ = [
     "check_catalog",
     "credential_secrets",
     "generic_request",
+    "import_openapi",
     "json_schema",
     "load_connector",
     "normalise_app_id",

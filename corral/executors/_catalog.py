@@ -22,7 +22,7 @@ import jsonschema
 import referencing
 
 from corral._exceptions import ConfigError, InvalidInput
-from corral.config import Settings
+from corral.config import DEFAULT_ALLOWED_IMPORTS, Settings
 from corral.executors._schema import problems
 
 #: The catalog shipped with corral, next to the package.
@@ -174,19 +174,42 @@ class CatalogProblem:
         return {"file": str(self.file), "path": self.path, "message": self.message}
 
 
-def check_catalog(folders: Iterable[Path]) -> tuple[int, list[CatalogProblem]]:
+def check_catalog(
+    folders: Iterable[Path], allowed_imports: Iterable[str] = DEFAULT_ALLOWED_IMPORTS
+) -> tuple[int, list[CatalogProblem]]:
     """How many apps the catalog `folders` define, and every problem in them: the schema,
-    the folder name, handlers that do not compile under the sandbox's policy, functions
-    nothing can run."""
+    the folder name, handlers that do not compile under the sandbox's policy or import a
+    module outside `allowed_imports`, functions nothing can run."""
     count, found = 0, []
+    allowed = frozenset(allowed_imports)
     for folder in folders:
         for path in app_folders(Path(folder)):
             count += 1
-            found += _app_problems(path)
+            found += _app_problems(path, allowed)
     return count, found
 
 
-def _app_problems(path: Path) -> list[CatalogProblem]:
+def _refused_imports(source: str, allowed: frozenset[str]) -> Iterator[tuple[int, str]]:
+    """(line, module) of each import in `source` the sandbox would refuse. A package that
+    only holds allowed modules (`urllib` of `urllib.parse`) may be named on its way there."""
+
+    def importable(name: str) -> bool:
+        return name in allowed or any(module.startswith(f"{name}.") for module in allowed)
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names = [base] if base in allowed or node.level else [
+                f"{base}.{alias.name}" for alias in node.names
+            ]  # fmt: skip
+        else:
+            continue
+        yield from ((node.lineno, name) for name in names if not importable(name))
+
+
+def _app_problems(path: Path, allowed_imports: frozenset[str]) -> list[CatalogProblem]:
     from corral.sandbox._policy import compile_connector  # the child's compiler, host side
 
     file = path / "connector.json"
@@ -209,7 +232,13 @@ def _app_problems(path: Path) -> list[CatalogProblem]:
     if source is not None:
         _, error_type, message = compile_connector(source, str(handlers_file))
         if error_type is not None:
-            found.append(CatalogProblem(handlers_file, error_type, message))
+            found.append(CatalogProblem(handlers_file, "$", f"{error_type}: {message}"))
+        for line, module in _refused_imports(source, allowed_imports):
+            found.append(CatalogProblem(
+                handlers_file, f"line {line}",
+                f"imports {module!r}, which connector code may not import (allowed: "
+                f"{', '.join(sorted(allowed_imports))}; CORRAL_ALLOWED_IMPORTS chooses more)",
+            ))  # fmt: skip
     for kind in ("actions", "triggers"):
         for index, item in enumerate(definition.get(kind, [])):
             if item["id"] not in names and not (item.get("method") and item.get("endpoint")):
