@@ -307,13 +307,19 @@ def _print_run(run: Any) -> None:
             print(f"  {node.id}: {node.error['type']}: {_printable(str(node.error['message']))}")
 
 
-def _catalog_folders(args: argparse.Namespace) -> list[Path]:
-    from corral.executors import SHIPPED_CATALOG
+def _catalog_folders(args: argparse.Namespace, *, with_apps: bool = True) -> list[Path]:
+    """The --dir folders, else the catalog in use; each --dir must hold an app (a typo'd
+    folder would pass every check) unless `with_apps` is off."""
+    from corral.executors import SHIPPED_CATALOG, app_folders
 
     folders = args.dir or [*map(Path, get_settings().connectors_dir), SHIPPED_CATALOG]
     for folder in folders:
         if not folder.is_dir():
             raise UsageError(f"{folder} is not a folder")
+        if with_apps and args.dir and next(app_folders(folder), None) is None:
+            hint = (f": it is an app's folder; pass the catalog, {folder.resolve().parent}"
+                    if (folder / "connector.json").is_file() else "")  # fmt: skip
+            raise UsageError(f"{folder} holds no app (no */connector.json){hint}")
     return folders
 
 
@@ -387,7 +393,7 @@ def _catalog_backfill(args: argparse.Namespace) -> int:
 def _catalog_import_openapi(args: argparse.Namespace) -> int:
     from corral.executors import import_openapi
 
-    folder = _catalog_folders(args)[0]
+    folder = _catalog_folders(args, with_apps=False)[0]
     report = import_openapi(args.spec, args.app, folder, check=args.check)
     if args.json:
         print(json.dumps({

@@ -153,6 +153,15 @@ PROBLEM_CASES = {
         _write("handlers.py", "from os import path\nimport json, urllib.parse\n" + HANDLERS),
         "handlers.py", "line 1", "imports 'os.path', which connector code may not import",
     ),
+    "handlers.py imports a name its module's view does not show": (
+        _write("handlers.py", "import json\nfrom functools import reduce, wraps\n" + HANDLERS),
+        "handlers.py", "line 2", "imports 'functools.wraps', which connector code may not",
+    ),
+    "a params $ref that does not resolve": (
+        _set(lambda d: d["actions"][1]["params"]["properties"], "tag",
+             {"$ref": "#/$defs/Tag"}),
+        "connector.json", "$.actions[1].params", "$ref '#/$defs/Tag' does not resolve",
+    ),
     "handlers.py is not Python": (
         _write("handlers.py", "def compute(params, context)\n    return 1\n"),
         "handlers.py", "$", "line 1",
@@ -193,6 +202,28 @@ def test_the_loader_refuses_an_invalid_definition_naming_file_and_path(tmp_path)
     message = str(caught.value)
     assert f"{app / 'connector.json'}: $.actions[0]: unknown key 'endpiont'" in message
     assert "and 1 more: run `corral catalog validate`" in message
+
+
+def test_the_loader_refuses_an_app_in_a_folder_of_another_name(tmp_path):
+    """A definition whose id is not its folder's name does not load: a stale copy in
+    `github-old` must not stand in for `github`."""
+    definition = copy.deepcopy(VALID)
+    app = _app(tmp_path, "demo-old", definition, HANDLERS)
+    with pytest.raises(CatalogError, match="'demo' differs from its folder's name 'demo-old'"):
+        load_connector(app)
+
+
+def test_a_catalog_folder_without_apps_is_refused(tmp_path):
+    """`--dir` naming a folder with no app (or an app's own folder) exits 2 saying so,
+    rather than passing every check on nothing."""
+    app = _app(tmp_path, "demo", VALID, HANDLERS)
+    for folder, hint in ((app, f"pass the catalog, {tmp_path}"), (tmp_path / "empty", None)):
+        folder.mkdir(exist_ok=True)
+        for command in ("validate", "backfill-actions"):
+            done = corral("catalog", command, "--dir", str(folder))
+            assert done.returncode == 2 and done.stdout == ""
+            assert f"{folder} holds no app" in done.stderr
+            assert hint is None or hint in done.stderr
 
 
 def test_extension_keys_pass_validation(tmp_path):
@@ -454,6 +485,32 @@ def test_a_function_with_any_extension_key_can_be_backfilled(tmp_path, key):
     assert problems(json.loads(text)) == []
     updated, _ = fill_missing(text, "actions", ACTION_DEFAULTS, file=tmp_path / "f")
     assert updated == text[:-3] + ', "runtimes": ["python"], "fallback": null}]}'
+
+
+def test_a_key_written_with_escapes_is_a_clear_error(tmp_path):
+    """A definition whose "actions" key is spelled with an escape cannot be edited as text:
+    one clear error, the file untouched."""
+    text = '{"id": "demo", "\\u0061ctions": [{"id": "a", "method": "GET", "endpoint": "/a"}]}'
+    file = _app(tmp_path, "demo", text) / "connector.json"
+    with pytest.raises(CatalogError, match="write the key 'actions' without escape"):
+        backfill([tmp_path], "backfill-actions")
+    assert file.read_text() == text
+
+
+def test_a_backfill_writes_through_a_symlink_and_keeps_the_mode(tmp_path):
+    """A symlinked definition is updated where it lives, with its permissions."""
+    real = tmp_path / "shared" / "demo.json"
+    real.parent.mkdir()
+    real.write_text(json.dumps({"id": "demo", "actions": [
+        {"id": "a", "method": "GET", "endpoint": "/a"}]}))  # fmt: skip
+    real.chmod(0o640)
+    app = tmp_path / "catalog" / "demo"
+    app.mkdir(parents=True)
+    (app / "connector.json").symlink_to(real)
+    assert len(backfill([tmp_path / "catalog"], "backfill-actions")) == 1
+    assert (app / "connector.json").is_symlink()
+    assert json.loads(real.read_text())["actions"][0]["fallback"] is None
+    assert real.stat().st_mode & 0o777 == 0o640
 
 
 def test_backfill_commands_report_check_and_write(tmp_path):

@@ -400,3 +400,92 @@ def test_the_command_line_refuses_bad_input_with_exit_2(spec, catalog, tmp_path)
         assert done.returncode == 2
         assert message in done.stderr and done.stdout == ""
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_yaml_is_read_as_json_would_be(tmp_path, catalog):
+    """Unquoted dates stay the strings they were written as, response codes may be bare
+    numbers, and an alias (which could stand for an endless tree) is refused with where."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "openapi: 3.0.3\ninfo: {title: Dates, version: '1'}\npaths:\n  /days:\n    get:\n"
+        "      operationId: listDays\n      parameters:\n"
+        "        - {name: since, in: query, schema: {type: string, default: 2024-12-31}}\n"
+        "      responses: {200: {description: ok}}\n"
+    )
+    import_openapi(spec, "dates", catalog)
+    definition = json.loads((catalog / "dates" / "connector.json").read_text())
+    since = definition["actions"][0]["params"]["properties"]["since"]
+    assert since == {"type": "string", "default": "2024-12-31"}
+    spec.write_text("openapi: 3.0.3\ninfo: &info {title: x, version: '1'}\nx-again: *info\n")
+    with pytest.raises(CatalogError, match=r"line 3, column 10: alias \*info is not supported"):
+        import_openapi(spec, "dates", catalog)
+
+
+def test_what_the_generic_path_cannot_send_is_left_out_with_a_note(tmp_path, catalog):
+    """Object query parameters, a DELETE's body, an array body and an operation's own
+    server are left out of the definition, each with a note; a nullable oneOf takes null."""
+    document = copy.deepcopy(PETSTORE)
+    pets = document["paths"]["/pets"]
+    pets["get"]["parameters"].append(
+        {"name": "filter", "in": "query", "style": "deepObject",
+         "schema": {"type": "object", "properties": {"tag": {"type": "string"}}}}
+    )  # fmt: skip
+    pets["get"]["servers"] = [{"url": "https://search.petstore.example"}]
+    pets["delete"] = {
+        "operationId": "deletePets",
+        "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"204": {"description": "gone"}},
+    }
+    pets["put"] = {
+        "operationId": "replacePets",
+        "requestBody": {"content": {"application/json": {"schema": {
+            "type": "array", "items": {"$ref": "#/components/schemas/Pet"}}}}},
+        "responses": {"200": {"description": "ok"}},
+    }  # fmt: skip
+    document["components"]["schemas"]["Pet"]["properties"]["owner"] = {
+        "nullable": True, "oneOf": [{"type": "string"}, {"type": "integer"}],
+    }  # fmt: skip
+    report = import_openapi(write(tmp_path / "spec.yaml", document), "petstore", catalog)
+    found = actions(imported(catalog))
+    assert "filter" not in found["list_pets"]["params"]["properties"]
+    assert found["delete_pets"]["params"]["properties"] == {}
+    assert found["replace_pets"]["params"]["properties"] == {}
+    notes = "\n".join(report.notes)
+    for fragment in (
+        "listPets: query parameter 'filter' left out",
+        "listPets: its own server 'https://search.petstore.example' is not used",
+        "deletePets: request body left out: the generic path sends a DELETE's params",
+        "replacePets: request body left out: the generic path sends an object",
+    ):
+        assert fragment in notes
+    framework = ConnectorFramework([catalog])
+    create = framework.connector("petstore").operation("create_pet")
+    create.validate({"name": "Rex", "owner": None})
+    create.validate({"name": "Rex", "owner": 7})
+    with pytest.raises(corral_api.InvalidInput):
+        create.validate({"name": "Rex", "owner": 1.5})
+
+
+def test_reimport_never_reuses_a_hand_made_id(spec, catalog):
+    """An operation new in the document whose id a hand-made trigger already has gets an
+    id of its own."""
+    import_openapi(spec, "petstore", catalog)
+    file = catalog / "petstore" / "connector.json"
+    definition = json.loads(file.read_text())
+    definition["triggers"] = [{"id": "update_pet", "method": "GET", "endpoint": "/pets"}]
+    file.write_text(json.dumps(definition))
+    report = import_openapi(write(spec, updated_petstore()), "petstore", catalog)
+    assert report.added == ["update_pet_2"]
+    assert problems(imported(catalog)) == []
+
+
+def test_example_data_is_not_a_reference_and_keys_name_one_operation(tmp_path, catalog):
+    """A `$ref` inside an example is data, not a reference; two operations the import
+    would know by the same key are refused."""
+    document = copy.deepcopy(PETSTORE)
+    pet = document["components"]["schemas"]["Pet"]
+    pet["example"] = {"link": {"$ref": "https://elsewhere.example/pet"}}
+    import_openapi(write(tmp_path / "spec.yaml", document), "petstore", catalog)
+    document["paths"]["/pets"]["post"]["operationId"] = "GET /pets/{pet-id}"
+    with pytest.raises(CatalogError, match="names two operations"):
+        import_openapi(write(tmp_path / "spec.yaml", document), "petstore", catalog)

@@ -464,6 +464,29 @@ def test_numeric_cursors_compare_as_numbers(polls, feed):
     assert [query.get("after") for query in feed.queries] == [None, ["9"], ["10"]]
 
 
+def test_numbers_sent_as_strings_compare_as_numbers(polls, feed):
+    """A cursor the API sends as a numeric string ("99", then "100") compares by value: the
+    cursor moves on and no later item is lost."""
+    feed.entries = [entry(1, "98"), entry(2, "99")]
+    polls.step("new_entries")
+    feed.entries = [entry(3, "100"), entry(4, "101"), entry(5, "9.5")]
+    poll = polls.step("new_entries")
+    assert keys(poll) == ["3", "4"] and poll.cursor == "101"
+
+
+def test_two_accounts_of_one_api_keep_their_own_state(polls, feed):
+    """Two connections to the same baseUrl with other credentials are two triggers: what
+    one has seen does not hide the other's items."""
+    feed.entries = [entry(1, 50)]
+    polls.connection = {**polls.connection, "credentials": {"token": "account-a-token"}}
+    polls.step("new_entries")
+    polls.connection = {**polls.connection, "credentials": {"token": "account-b-token"}}
+    feed.entries = [entry(6, 6)]
+    assert polls.step("new_entries").baseline  # its own first poll
+    feed.entries = [entry(6, 6), entry(7, 7)]
+    assert keys(polls.step("new_entries")) == ["7"]
+
+
 def test_a_cursor_the_param_does_not_accept_is_not_sent(polls, feed):
     """A stored cursor that breaks the param's contract (a number for a string param) is
     left out: the API is asked for everything and dedupe still works."""

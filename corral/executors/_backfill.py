@@ -11,6 +11,7 @@ A second run finds nothing missing and changes nothing.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from corral.executors._catalog import CatalogError, app_folders
 #: What an action lacking them gets: it runs in Python, and it declares no fallback of its
 #: own (the deployment's GENERIC_EXECUTOR_ENABLED decides, DESIGN §7 and §9).
 ACTION_DEFAULTS: dict[str, Any] = {"runtimes": ["python"], "fallback": None}
-#: What a trigger lacking them gets. Conservative: no fallback declared, and dedupe by id with the
-#: item's update time as the cursor, so an item is delivered again only when it changed.
+#: What a trigger lacking them gets. Conservative: no fallback declared, and dedupe by id
+#: with the item's update time as the cursor, so nothing older than what was seen is new.
 TRIGGER_DEFAULTS: dict[str, Any] = {
     "runtimes": ["python"],
     "fallback": None,
@@ -96,6 +97,11 @@ def fill_missing(
         if not missing:
             continue
         pointer = f"/{kind}/{index}"
+        if pointer not in spans:  # the source map names members by their raw text
+            raise CatalogError(
+                f"corral: {file}: cannot be edited as text: write the key {kind!r} without "
+                "escape sequences"
+            )
         edits.append(_insertion(text, spans, pointer, missing))
         additions.append(Addition(file, kind, str(item.get("id", f"#{index}")), missing))
     for position, insert in sorted(edits, reverse=True):
@@ -140,10 +146,14 @@ def _inline(value: Any) -> str:
 
 
 def _replace(file: Path, text: str) -> None:
-    """Write `text` to `file` through a temporary file and a rename: never half-written."""
+    """Write `text` to `file` through a temporary file and a rename: never half-written.
+    A symlink's target is what changes, and the file keeps its permissions."""
+    file = file.resolve()
     temporary = file.with_name(f".{file.name}.corral-tmp")
     try:
         temporary.write_text(text, encoding="utf-8", newline="")
+        if file.exists():
+            shutil.copymode(file, temporary)
         temporary.replace(file)
     except OSError as exc:
         temporary.unlink(missing_ok=True)

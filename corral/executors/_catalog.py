@@ -23,6 +23,7 @@ import referencing
 
 from corral._exceptions import ConfigError, InvalidInput
 from corral.config import DEFAULT_ALLOWED_IMPORTS, Settings
+from corral.config._imports import view_attributes
 from corral.executors._schema import problems
 
 #: The catalog shipped with corral, next to the package.
@@ -190,8 +191,9 @@ def check_catalog(
 
 
 def _refused_imports(source: str, allowed: frozenset[str]) -> Iterator[tuple[int, str]]:
-    """(line, module) of each import in `source` the sandbox would refuse. A package that
-    only holds allowed modules (`urllib` of `urllib.parse`) may be named on its way there."""
+    """(line, name) of each import in `source` the sandbox would refuse: a module outside
+    `allowed`, or a name its view does not show (`from functools import wraps`). A package
+    that only holds allowed modules (`urllib` of `urllib.parse`) may be named on the way."""
 
     def importable(name: str) -> bool:
         return name in allowed or any(module.startswith(f"{name}.") for module in allowed)
@@ -199,11 +201,17 @@ def _refused_imports(source: str, allowed: frozenset[str]) -> Iterator[tuple[int
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            names = ["." * node.level + (node.module or "")]
+        elif isinstance(node, ast.ImportFrom) and node.module in allowed:
+            shown = set(view_attributes(node.module))
+            names = [f"{node.module}.{alias.name}" for alias in node.names
+                     if alias.name != "*" and alias.name not in shown
+                     and f"{node.module}.{alias.name}" not in allowed]  # fmt: skip
+            yield from ((node.lineno, name) for name in names)
+            continue
         elif isinstance(node, ast.ImportFrom):
-            base = "." * node.level + (node.module or "")
-            names = [base] if base in allowed or node.level else [
-                f"{base}.{alias.name}" for alias in node.names
-            ]  # fmt: skip
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
         yield from ((node.lineno, name) for name in names if not importable(name))
@@ -287,6 +295,11 @@ def load_connector(path: Path) -> Connector:
     except CatalogError as exc:
         raise CatalogError(f"corral: {handlers_file}: {exc}") from None
     app = definition["id"]
+    if app != path.name:  # two folders could otherwise define one app, the later winning
+        raise CatalogError(
+            f"corral: {definition_file}: $.id: {app!r} differs from its folder's name "
+            f"{path.name!r}"
+        )
     operations = {
         kind: {
             item["id"]: _operation(app, kind, item)

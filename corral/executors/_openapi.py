@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import openapi_spec_validator
 import referencing
@@ -103,10 +103,14 @@ def _read_document(spec: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise CatalogError(f"corral: {spec}: cannot be read: {exc}") from None
     try:
-        document = json.loads(text) if spec.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        kind = "JSON" if spec.suffix == ".json" else "YAML"
-        raise CatalogError(f"corral: {spec}: cannot be read as {kind}: {exc}") from None
+        document = json.loads(text) if spec.suffix == ".json" else yaml.load(text, _YamlLoader)
+    except ValueError as exc:
+        raise CatalogError(f"corral: {spec}: cannot be read as JSON: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CatalogError(f"corral: {spec}: cannot be read as YAML: {where}{problem}") from None
     if not isinstance(document, dict):
         raise CatalogError(f"corral: {spec}: an OpenAPI document is an object")
     version = str(document.get("openapi", ""))
@@ -129,8 +133,6 @@ def _read_document(spec: Path) -> dict[str, Any]:
         raise CatalogError(f"corral: {spec}: {exc.json_path}: {exc.message}") from None
     except referencing.exceptions.Unresolvable as exc:
         raise CatalogError(f"corral: {spec}: $ref {exc.ref!r} does not resolve") from None
-    except RecursionError:  # a YAML alias that contains itself
-        raise CatalogError(f"corral: {spec}: the document contains itself") from None
     except CatalogError:
         raise
     except Exception as exc:  # the validator fails in its own ways on some malformed input
@@ -138,6 +140,36 @@ def _read_document(spec: Path) -> dict[str, Any]:
             f"corral: {spec}: not a valid OpenAPI document ({type(exc).__name__}: {exc})"
         ) from None
     return document
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe loading as a JSON document reads: no aliases (`*name` would let a few bytes
+    stand for an exponential or endless tree), dates left as the strings they were
+    written as, and mapping keys as strings (a response code `200:` is "200")."""
+
+    yaml_implicit_resolvers: ClassVar[dict[Any, list[Any]]] = {
+        first: [(tag, pattern) for tag, pattern in resolvers if not tag.endswith(":timestamp")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not supported: write the value out",
+                event.start_mark,
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep=deep)
+
+
+#: Keys whose values are data, not parts of the document: a `$ref` there is an example.
+_DATA_KEYS = frozenset({"example", "examples", "default", "enum", "const"})
 
 
 def _outside_reference(document: Any) -> tuple[str, str] | None:
@@ -149,7 +181,8 @@ def _outside_reference(document: Any) -> tuple[str, str] | None:
             ref = item.get("$ref")
             if isinstance(ref, str) and not ref.startswith("#"):
                 return where, ref
-            pending += [(f"{where}.{key}", value) for key, value in item.items()]
+            pending += [(f"{where}.{key}", value) for key, value in item.items()
+                        if key not in _DATA_KEYS]  # fmt: skip
         elif isinstance(item, list):
             pending += [(f"{where}[{index}]", value) for index, value in enumerate(item)]
     return None
@@ -253,12 +286,19 @@ class _Importer:
 
     def _actions(self) -> Iterator[dict[str, Any]]:
         ids: set[str] = set()
+        keys: set[str] = set()
         for route, path_item in (self.document.get("paths") or {}).items():
             path_item = self.resolve(path_item) or {}
             for method, operation in path_item.items():
                 if method.upper() not in HTTP_METHODS or not isinstance(operation, dict):
                     continue  # parameters, summary, servers, and TRACE (not sent)
                 key = operation.get("operationId") or f"{method.upper()} {route}"
+                if key in keys:  # re-imports match actions by it: it must name one
+                    raise CatalogError(
+                        f"corral: {self.spec}: {key!r} names two operations; give each an "
+                        "operationId of its own"
+                    )
+                keys.add(key)
                 action_id = _unique(_python_name(key), ids)
                 ids.add(action_id)
                 yield self._action(action_id, key, method.upper(), route, path_item, operation)
@@ -277,6 +317,9 @@ class _Importer:
             where = parameter.get("in")
             if where == "path":
                 renamed[parameter["name"]] = params.add(parameter, required=True, path=True)
+            elif where == "query" and _nested(self.resolve(parameter.get("schema") or {})):
+                self.note(f"{key}: query parameter {parameter['name']!r} left out: the generic "
+                          "path sends flat query values, not objects")  # fmt: skip
             elif where == "query" and method in _QUERY_METHODS:
                 params.add(parameter, required=bool(parameter.get("required")))
             elif where == "query":
@@ -285,8 +328,15 @@ class _Importer:
             else:
                 self.note(f"{key}: {where} parameter {parameter.get('name')!r} left out: the "
                           "generic path sends only path, query and body params")  # fmt: skip
-        if "requestBody" in operation:
+        if "requestBody" in operation and method in _QUERY_METHODS:
+            self.note(f"{key}: request body left out: the generic path sends a {method}'s "
+                      "params as its query")  # fmt: skip
+        elif "requestBody" in operation:
             params.add_body(self.resolve(operation["requestBody"]) or {})
+        servers = operation.get("servers") or path_item.get("servers")
+        if servers:
+            self.note(f"{key}: its own server {servers[0].get('url')!r} is not used: the "
+                      "generic path sends to the connector's baseUrl")  # fmt: skip
         endpoint = re.sub(
             r"\{([^}]+)\}", lambda match: "{" + renamed.get(match[1], match[1]) + "}", route
         )
@@ -337,6 +387,10 @@ class _Params:
                                    f"sends JSON, the operation takes {takes}")  # fmt: skip
             return
         schema = self.importer.resolve(content[media].get("schema") or {})
+        if schema.get("type", "object") != "object":
+            self.importer.note(f"{self.key}: request body left out: the generic path sends "
+                               f"an object, the operation takes {schema['type']}")  # fmt: skip
+            return
         parts = [self.importer.resolve(part) for part in schema.get("allOf", [schema])]
         if not all(part.get("type", "object") == "object" and "properties" in part
                    for part in parts):  # fmt: skip
@@ -393,10 +447,12 @@ class _Params:
         }
         if node.get("nullable") is True:  # OpenAPI 3.0's spelling of "or null"
             kind = converted.get("type")
-            if isinstance(kind, str):
+            if not isinstance(kind, str):  # oneOf, allOf, a $ref...: null or all of that
+                converted = {"anyOf": [converted, {"type": "null"}]}
+            else:
                 converted["type"] = [kind, "null"]
-            if isinstance(converted.get("enum"), list) and None not in converted["enum"]:
-                converted["enum"] = [*converted["enum"], None]
+                if isinstance(converted.get("enum"), list) and None not in converted["enum"]:
+                    converted["enum"] = [*converted["enum"], None]
         for bound in ("Minimum", "Maximum"):  # 3.0: a flag on minimum; 2020-12: a number
             flag = converted.get(f"exclusive{bound}")
             if isinstance(flag, bool):
@@ -411,6 +467,11 @@ class _Params:
         if key in ("enum", "const", "default", "examples", "required", "type"):
             return value  # data, not schemas
         return self.convert(value)
+
+
+def _nested(schema: dict[str, Any]) -> bool:
+    """Whether a query parameter's schema is an object (deepObject and the like)."""
+    return schema.get("type") == "object" or "properties" in schema
 
 
 def _merge(
@@ -440,7 +501,8 @@ def _merge(
         if any(action.get(key) != old.get(key) for key in ("method", "endpoint", "params")):
             report.updated.append(str(old["id"]))
         actions.append(action)
-    taken = {action.get("id") for action in actions if isinstance(action, dict)}
+    taken = {item.get("id") for item in [*actions, *existing.get("triggers", [])]
+             if isinstance(item, dict)}  # fmt: skip
     for new in fresh.values():  # operations new in the document
         new = {**new, "id": _unique(new["id"], taken)}
         taken.add(new["id"])

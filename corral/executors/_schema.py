@@ -15,12 +15,16 @@ pass silently).
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import jsonpath_ng
 import jsonschema
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -33,6 +37,7 @@ from pydantic import (
 #: The `$schema` a definition may name to get editor checks.
 SCHEMA_ID = "urn:corral:connector-definition"
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+_PARAMS_URI = "urn:corral:params"
 PLACEHOLDER = re.compile(r"[{]([A-Za-z][A-Za-z0-9_]*)[}]")  # what GENERIC_SOURCE fills
 
 
@@ -63,19 +68,19 @@ def _jsonpath(expression: str) -> str:
     return expression
 
 
-def _outside_reference(schema: Any) -> str | None:
-    """The first `$ref` (or `$dynamicRef`) of `schema` that is not local (`#...`)."""
-    pending = [schema]
+def _references(schema: Any) -> list[str]:
+    """Every `$ref` (and `$dynamicRef`) in `schema`, in no particular order."""
+    found, pending = [], [schema]
     while pending:
         item = pending.pop()
         if isinstance(item, dict):
             for key, value in item.items():
-                if key in ("$ref", "$dynamicRef") and not str(value).startswith("#"):
-                    return str(value)
+                if key in ("$ref", "$dynamicRef"):
+                    found.append(str(value))
                 pending.append(value)
         elif isinstance(item, list):
             pending.extend(item)
-    return None
+    return found
 
 
 def _params_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -83,11 +88,21 @@ def _params_schema(schema: dict[str, Any]) -> dict[str, Any]:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
-    outside = _outside_reference(schema)
-    if outside is not None:
-        raise ValueError(f"$ref {outside!r} points outside the definition")
+    references = _references(schema)
+    for reference in references:
+        if not reference.startswith("#"):
+            raise ValueError(f"$ref {reference!r} points outside the definition")
+    if references and "$id" not in json.dumps(schema):  # an $id moves the base: not checked
+        resolver = referencing.Registry().with_resource(
+            _PARAMS_URI, referencing.jsonschema.DRAFT202012.create_resource(schema)
+        ).resolver(_PARAMS_URI)  # fmt: skip
+        for reference in references:
+            try:
+                resolver.lookup(reference)
+            except referencing.exceptions.Unresolvable:
+                raise ValueError(f"$ref {reference!r} does not resolve in params") from None
     if schema.get("type", "object") != "object":
-        raise ValueError("params must describe an object (\"type\": \"object\")")
+        raise ValueError('params must describe an object ("type": "object")')
     return schema
 
 

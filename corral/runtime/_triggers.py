@@ -21,7 +21,9 @@ delivered (`deliver_existing=True` delivers it).
 from __future__ import annotations
 
 import datetime
+import decimal
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,8 @@ from corral.runtime._store import Store
 #: The seen keys' lifetime when the caller names none (CORRAL_TRIGGER_SEEN_TTL_S's default).
 DEFAULT_SEEN_TTL_S = 30 * 86_400
 _STATE_PREFIX = "trigger:"
+_NUMERIC = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_NUMBERS = (int, float, decimal.Decimal)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ class TriggerPoller:
         """Run the trigger once and say which items are new; records nothing (`commit` does).
 
         `state` names the trigger's stored cursor and seen keys (the scheduler passes the
-        workflow's id); by default they belong to this app, trigger, params and baseUrl.
+        workflow's id); by default they belong to this app, trigger, params and connection
+        (baseUrl and credentials: two accounts of one API list different items). A caller
+        that rotates credentials passes `state`, or the next poll is a baseline again.
         Raises the SandboxError the call ended with; CodeError when what it returned holds
         no list of items; InvalidInput for a function that is not a trigger.
         """
@@ -108,6 +114,7 @@ class TriggerPoller:
         params = dict(params or {})
         state = _STATE_PREFIX + (state or canonical_digest([
             operation.app, operation.id, params, (connection or {}).get("baseUrl"),
+            (connection or {}).get("credentials"),
         ]))  # fmt: skip
         stored = await self.store.get_json(state)
         cursor_before = (stored or {}).get("cursor")
@@ -205,11 +212,13 @@ def _first(path: str | None, value: Any) -> Any:
 
 
 def _older(a: Any, b: Any) -> bool:
-    """Whether cursor `a` comes before cursor `b`: numbers by value, ISO 8601 times as
-    instants, other strings in order; values that do not compare are not older."""
+    """Whether cursor `a` comes before cursor `b`: numbers by value (numbers sent as
+    strings, `"100"`, too), ISO 8601 times as instants, other strings in order; values that
+    do not compare are not older."""
     if isinstance(a, bool) or isinstance(b, bool):
         return False
-    if isinstance(a, int | float) and isinstance(b, int | float):
+    a, b = _number(a), _number(b)
+    if isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS):
         return a < b
     if isinstance(a, str) and isinstance(b, str):
         times = _instant(a), _instant(b)
@@ -217,6 +226,13 @@ def _older(a: Any, b: Any) -> bool:
             return times[0] < times[1]
         return a < b
     return False
+
+
+def _number(value: Any) -> Any:
+    """`value`, or the number a numeric string spells (`"100"`, `"-2.5"`)."""
+    if isinstance(value, str) and _NUMERIC.fullmatch(value):
+        return decimal.Decimal(value)
+    return value
 
 
 def _instant(text: str) -> datetime.datetime | None:
