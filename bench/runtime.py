@@ -11,20 +11,23 @@ Interleaved round by round on one process-backend sandbox:
   admission and record, events) on the embedded SQLite store, a fresh run id
   each time (so every node really runs).
 
-Target: runtime p50 at most 1.5x bare.
+Target: runtime p50 at most 1.5x bare. `bench/run.py` uses RuntimeBench.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import TracebackType
 
 from corral import Limits, NodeSandbox
 from corral.config import load_settings
@@ -32,6 +35,7 @@ from corral.executors import ConnectorFramework
 from corral.runtime import WorkflowRuntime
 
 TARGET_RATIO = 1.5
+WARM_EXECUTIONS = 20
 HANDLER = "def echo(params, context):\n    return {'echo': params['n'] + 1}\n"
 DEFINITION = {
     "id": "bench",
@@ -50,38 +54,83 @@ def _catalog(root: Path) -> Path:
     return folder.parent
 
 
-async def measure(rounds: int, per_round: int) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as root:
-        settings = load_settings(CORRAL_STATE_DIR=str(Path(root) / "state"))
-        with NodeSandbox(
-            executor="process", limits=Limits(max_memory_mb=64), settings=settings
-        ) as sandbox:
-            runtime = WorkflowRuntime(
-                settings, framework=ConnectorFramework([_catalog(Path(root))]), sandbox=sandbox
+class RuntimeBench:
+    """A process-backend sandbox and a WorkflowRuntime on it (embedded store in a temporary
+    directory); each round times bare executions, then one-node workflows, on it."""
+
+    def __init__(self, per_round: int) -> None:
+        self.per_round = per_round
+        self.times: dict[str, list[float]] = {"bare": [], "runtime": []}
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> RuntimeBench:
+        async with contextlib.AsyncExitStack() as stack:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-bench-")))
+            settings = load_settings(CORRAL_STATE_DIR=str(root / "state"))
+            self.sandbox = stack.enter_context(
+                NodeSandbox(executor="process", limits=Limits(max_memory_mb=64),
+                            settings=settings)
+            )  # fmt: skip
+            framework = ConnectorFramework([_catalog(root)])
+            self.runtime = await stack.enter_async_context(
+                WorkflowRuntime(settings, framework=framework, sandbox=self.sandbox)
             )
-            async with runtime:
-                times: dict[str, list[float]] = {"bare": [], "runtime": []}
+            for n in range(WARM_EXECUTIONS):
+                await self.bare(n)
+                await self.through_runtime(n)
+            self._stack = stack.pop_all()
+        return self
 
-                async def bare(n: int) -> None:
-                    await sandbox.execute(HANDLER, entry_point="echo", params={"n": n},
-                                          context={"connection": {}})  # fmt: skip
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
 
-                async def through_runtime(n: int) -> None:
-                    run = await runtime.run_workflow(
-                        WORKFLOW, input={"n": n}, run_id=uuid.uuid4().hex
-                    )
-                    assert run.status == "succeeded", run.to_dict()
+    async def bare(self, n: int) -> None:
+        """The handler, executed directly."""
+        result = await self.sandbox.execute(
+            HANDLER, entry_point="echo", params={"n": n}, context={"connection": {}}
+        )
+        assert result.output == {"echo": n + 1}, result.output
 
-                for warm in range(20):
-                    await bare(warm)
-                    await through_runtime(warm)
-                for _ in range(rounds):
-                    for name, call in (("bare", bare), ("runtime", through_runtime)):
-                        for n in range(per_round):
-                            started = time.perf_counter()
-                            await call(n)
-                            times[name].append((time.perf_counter() - started) * 1000)
-                return times
+    async def through_runtime(self, n: int) -> None:
+        """The handler as the one node of a workflow, under a fresh run id."""
+        run = await self.runtime.run_workflow(WORKFLOW, input={"n": n}, run_id=uuid.uuid4().hex)
+        assert run.status == "succeeded", run.to_dict()
+
+    async def round(self) -> None:
+        """`per_round` bare executions, then as many workflows."""
+        calls: tuple[tuple[str, Callable[[int], Awaitable[None]]], ...] = (
+            ("bare", self.bare), ("runtime", self.through_runtime)
+        )  # fmt: skip
+        for name, call in calls:
+            for n in range(self.per_round):
+                started = time.perf_counter()
+                await call(n)
+                self.times[name].append((time.perf_counter() - started) * 1000)
+
+    def p50(self, name: str) -> float:
+        """The median of `bare` or `runtime`, in ms."""
+        return statistics.median(self.times[name])
+
+    def p95(self, name: str) -> float:
+        return statistics.quantiles(self.times[name], n=20)[-1]
+
+    @property
+    def ratio(self) -> float:
+        """Runtime p50 over bare p50."""
+        return self.p50("runtime") / self.p50("bare")
+
+
+async def measure(rounds: int, per_round: int) -> RuntimeBench:
+    """Bare executions and workflows, `rounds` rounds of `per_round` each."""
+    async with RuntimeBench(per_round) as bench:
+        for _ in range(rounds):
+            await bench.round()
+    return bench
 
 
 def main() -> int:
@@ -90,17 +139,19 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=30)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    times = asyncio.run(measure(args.rounds, args.per_round))
-    p50 = {name: statistics.median(values) for name, values in times.items()}
-    p95 = {name: statistics.quantiles(values, n=20)[-1] for name, values in times.items()}
-    ratio = p50["runtime"] / p50["bare"]
+    bench = asyncio.run(measure(args.rounds, args.per_round))
+    names = ("bare", "runtime")
+    ratio = bench.ratio
     if args.json:
-        print(json.dumps({"p50_ms": p50, "p95_ms": p95, "ratio": ratio}))
+        print(json.dumps({"p50_ms": {name: bench.p50(name) for name in names},
+                          "p95_ms": {name: bench.p95(name) for name in names},
+                          "ratio": ratio}))  # fmt: skip
     else:
         print(f"{'method':<10}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'x bare':>9}")
-        for name in ("bare", "runtime"):
-            print(f"{name:<10}{len(times[name]):>6}{p50[name]:>10.3f}{p95[name]:>10.3f}"
-                  f"{p50[name] / p50['bare']:>9.2f}")  # fmt: skip
+        for name in names:
+            p50 = bench.p50(name)
+            print(f"{name:<10}{len(bench.times[name]):>6}{p50:>10.3f}"
+                  f"{bench.p95(name):>10.3f}{p50 / bench.p50('bare'):>9.2f}")  # fmt: skip
         verdict = "met " if ratio <= TARGET_RATIO else "MISSED"
         print(f"{verdict} runtime p50 <= {TARGET_RATIO}x a bare execution ({ratio:.2f}x)")
     return 0 if ratio <= TARGET_RATIO else 1

@@ -204,9 +204,10 @@ class WorkerBackend(Backend):
             expected = await self.spawn(spec, theirs, cgroup)
             theirs.close()
             try:
-                received = await asyncio.wait_for(
-                    receive_pidfd(ours, expected), ZYGOTE_START_TIMEOUT_S
-                )
+                # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
+                # lands as the pidfd arrives, and the cancelled execution would run on.
+                async with asyncio.timeout(ZYGOTE_START_TIMEOUT_S):
+                    received = await receive_pidfd(ours, expected)
             except Failure as exc:
                 raise SandboxCrash(exc.message) from None
             if received is None or received[1] is None:
