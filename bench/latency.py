@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -80,20 +81,14 @@ def fork_floor(n: int) -> None:
     os.waitpid(pid, 0)
 
 
-BARE_FORK_SCRIPT = """\
+# The same fork floor, in a bare interpreter: fork_floor's own source, timed in a loop.
+BARE_FORK_SCRIPT = f"""\
 import json, os, sys, time
+{inspect.getsource(fork_floor)}
 samples = []
 for n in range(int(sys.argv[1])):
     start = time.perf_counter()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.write(write_end, json.dumps({"echo": n + 1}).encode())
-        os._exit(0)
-    os.close(write_end)
-    json.loads(os.read(read_end, 4096))
-    os.close(read_end)
-    os.waitpid(pid, 0)
+    fork_floor(n)
     samples.append((time.perf_counter() - start) * 1000)
 print(json.dumps(samples))
 """

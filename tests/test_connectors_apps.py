@@ -15,22 +15,23 @@ import base64
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BACKENDS, running
-from test_connectors import (
+from test_connectors import (  # the same server, catalog and sandbox fixtures
     Api,
+    api,  # noqa: F401
     assert_generic,
     assert_no_secret,
     assert_not_supported_without_flag,
+    framework,  # noqa: F401
+    generic_off,  # noqa: F401
+    manager,  # noqa: F401
     run,
 )
 
 import corral
-from corral.config import load_settings
 from corral.executors import SHIPPED_CATALOG, ConnectorFramework, IntegrationManager
 from corral.runtime import SqliteStore, TriggerPoller, capabilities
 
@@ -42,38 +43,6 @@ PD_ROUTING_KEY = "R0UT1NGc0rralPagerDutyK3y1234567"  # 32 characters, as PagerDu
 PD_API_KEY = "u+c0rralPdRestK3y-9f8e"
 
 NEW_APPS = ("gitlab", "jira", "sendgrid", "pagerduty")
-
-
-# -- fixtures: the same server, catalog and sandbox as test_connectors ------------------
-
-
-@pytest.fixture
-def api() -> Iterator[Api]:
-    with running(Api()) as server:
-        yield server  # type: ignore[misc]
-
-
-@pytest.fixture(scope="module")
-def framework() -> ConnectorFramework:
-    return ConnectorFramework([SHIPPED_CATALOG])
-
-
-@pytest.fixture(params=BACKENDS)
-def manager(request: pytest.FixtureRequest, framework) -> Iterator[IntegrationManager]:
-    """IntegrationManager over the shipped catalog and a sandbox that may reach 127.0.0.1."""
-    with corral.NodeSandbox(
-        executor=request.param,
-        limits=corral.Limits(max_memory_mb=64),
-        settings=load_settings(CORRAL_EGRESS_ALLOW="127.0.0.1"),
-    ) as sandbox:
-        yield IntegrationManager(framework, sandbox)
-
-
-@pytest.fixture(autouse=True)
-def generic_off() -> Iterator[None]:
-    """The flag is off unless a test turns it on, whatever the environment says."""
-    with corral.FLAGS.override(GENERIC_EXECUTOR_ENABLED=False):
-        yield
 
 
 def gitlab(api: Api) -> dict[str, Any]:
