@@ -155,12 +155,12 @@ def _add_catalog_commands(commands: Any) -> None:
         "in use: the CORRAL_CONNECTORS_DIR folders, then the shipped one.",
     ).add_subparsers(dest="catalog_command", metavar="COMMAND", required=True)
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, summary: str, description: str,
+        dir_help: str = "a catalog folder (one folder per app); repeatable",
+    ) -> argparse.ArgumentParser:  # fmt: skip
         parser = catalog.add_parser(name, help=summary, description=description)
-        parser.add_argument(
-            "--dir", action="append", type=Path, metavar="D",
-            help="a catalog folder (one folder per app); repeatable",
-        )  # fmt: skip
+        parser.add_argument("--dir", action="append", type=Path, metavar="D", help=dir_help)
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         return parser
 
@@ -193,6 +193,7 @@ def _add_catalog_commands(commands: Any) -> None:
         "operation. Re-importing keeps what a person set (runtimes, fallback, names, "
         "triggers). Without --dir, the first CORRAL_CONNECTORS_DIR folder, else the shipped "
         "catalog. Exit status: 0, or with --check 1 when the import would change the file.",
+        "the catalog folder to write the app into",
     )  # fmt: skip
     openapi.add_argument("spec", metavar="SPEC", type=Path, help="the OpenAPI document")
     openapi.add_argument("--app", required=True, metavar="ID", help="the app's id (lower case)")
