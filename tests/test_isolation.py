@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 
 import psutil
 import pytest
-from conftest import leftovers, running_execution_pid
+from conftest import _corral_cgroups, leftovers, running_execution_pid
 
 import corral
 from corral import Limits, NodeSandbox
 from corral.config import load_settings
+from corral.sandbox._child import SPARE_FD
 from corral.sandbox._confine import WORKDIR
 
 SLEEP = "import time\ndef run(params, context):\n    time.sleep(30)\n"
@@ -42,6 +43,20 @@ def _wait_until_confined(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _execution_pid(root: str | None, timeout: float = 10.0) -> int:
+    """The pid of this host's sandbox child that took its request. A waiting spare is in a
+    cgroup of its own too, but still holds its socket to the host (fd 4)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for cgroup in _corral_cgroups(None, root):
+            with contextlib.suppress(FileNotFoundError):
+                for pid in map(int, (cgroup / "cgroup.procs").read_text().split()):
+                    if not os.path.exists(f"/proc/{pid}/fd/{SPARE_FD}"):
+                        return pid
+        time.sleep(0.02)
+    raise AssertionError(f"no sandbox execution started within {timeout} s")
+
+
 @contextlib.asynccontextmanager
 async def in_flight(
     sandbox: NodeSandbox, cgroup_root: str | None = None
@@ -52,7 +67,7 @@ async def in_flight(
     """
     task = asyncio.ensure_future(sandbox.execute(SLEEP, timeout_ms=20_000))
     try:
-        pid = await asyncio.to_thread(running_execution_pid, None, 10.0, cgroup_root)
+        pid = await asyncio.to_thread(_execution_pid, cgroup_root)
         await asyncio.to_thread(_wait_until_confined, pid)
         yield task, pid
     finally:

@@ -99,6 +99,7 @@ class Backend:
         self._release()
         self.reaper.drain()
         self.zygote.stop()  # its janitor removes whatever cgroup of ours is left
+        self.reaper.drain()  # the cgroups of the spares stop() retired
         if self.hierarchy is not None:
             self.hierarchy.remove_roots()
 

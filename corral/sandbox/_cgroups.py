@@ -2,8 +2,10 @@
 
 Host side. Each execution gets a fresh cgroup (one directory per v1
 controller, one directory on v2) that the sandbox child joins before it runs
-anything; the host reads CPU time, peak memory and OOM kills from it and
-removes it when the execution ends, killing whatever is still inside.
+anything (a process-backend spare joins a blank one while it waits, and the
+host writes the limits into it with the request); the host reads CPU time,
+peak memory and OOM kills from it and removes it when the execution ends,
+killing whatever is still inside.
 
 cgroupspy is not used: it knows neither the pids controller nor cgroup v2,
 and it walks the whole tree to open one node, which costs more than the
@@ -236,6 +238,14 @@ class Hierarchy:
             raise CgroupUnavailable(f"cannot set limits on {cgroup!r}: {exc}") from exc
         return cgroup
 
+    def take_ready(self) -> ExecutionCgroup | None:
+        """A blank cgroup made ahead of need, or None when none is ready; never blocks (the
+        process backend's spares join one while they wait)."""
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
     def replenish(self) -> None:
         """Make blank cgroups ahead of need, off the caller's path (the reaper calls this)."""
         while len(self._ready) < READY_CGROUPS:
@@ -392,8 +402,12 @@ class ExecutionCgroup:
         """The processes in the cgroup now (every v1 controller holds the same ones)."""
         try:
             return [int(line) for line in _read(self._dir("pids") / "cgroup.procs").split()]
-        except FileNotFoundError:
-            return []
+        except OSError as exc:
+            # Removed, or being removed by another hand (the reaper and the zygote's janitor
+            # may both clean up a closing sandbox's spares): nothing left inside.
+            if exc.errno in (errno.ENOENT, errno.ENODEV):
+                return []
+            raise
 
     def kill_all(self) -> None:
         """SIGKILL everything in the cgroup and wait until it has left."""

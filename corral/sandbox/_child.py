@@ -4,9 +4,10 @@ Child side: imports only the standard library and the other child-side
 modules (`_policy`, `_protocol`, the import table in `corral.config`). The
 order matters: a spare confines itself (session, death signal, descriptors,
 environment, its uid, no_new_privs and the system-call filter of
-`_confine`) while it waits; with its request it joins the execution's
-cgroup through files the host opened, hands the host a pidfd, starts the
-heartbeat, sets rlimits, and only then compiles and runs connector code.
+`_confine`) while it waits, and joins the cgroup it will run in through
+files the host opened (while it waits, or with its request); with its
+request it hands the host a pidfd, starts the heartbeat, sets rlimits, and
+only then compiles and runs connector code.
 """
 
 from __future__ import annotations
@@ -238,15 +239,44 @@ def _prepare(zygote_pid: int, spare_fd: int) -> None:
     os.umask(0o077)
 
 
-def _join(joins: list[int], channel_fd: int) -> None:
-    """Enter the execution's cgroups through the files the host opened, close them (they
-    could move any process), and put the channel in place."""
+def _enter_cgroups(joins: list[int]) -> None:
+    """Enter the execution's cgroups through the files the host opened, and close them
+    (they could move any process)."""
     try:
         for fd in joins:
             os.write(fd, b"0")
     finally:
         for fd in joins:
             os.close(fd)
+
+
+def _await_spawn(control: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The SPAWN frame's spec and descriptors; a JOIN frame before it is carried out first.
+
+    The host sends a JOIN while the spare waits so that the move into a cgroup
+    (slow after an idle spell) is off the request's path. Anything else ends
+    the spare: it has run no connector code, but it trusts nothing unexpected.
+    """
+    joined = False
+    while True:
+        header, fds = proto.recv_fds(control, proto.HEADER.size, 1 + MAX_JOINS)
+        if not header or not fds:
+            for fd in fds:
+                os.close(fd)
+            os._exit(0)  # the zygote retired this spare
+        header += proto.recv_exactly(control, proto.HEADER.size - len(header))
+        size, kind = proto.HEADER.unpack(header)
+        message = json.loads(proto.recv_exactly(control, size))
+        if kind == proto.SPAWN:
+            return message, fds
+        if kind != proto.JOIN or joined or len(fds) != message["joins"]:
+            raise OSError(f"unexpected frame {kind} (or its cgroup files) from the host")
+        _enter_cgroups(fds)
+        joined = True
+
+
+def _place_channel(channel_fd: int) -> None:
+    """Put the execution's channel at CHANNEL_FD and close the spare's socket."""
     if channel_fd != CHANNEL_FD:
         os.dup2(channel_fd, CHANNEL_FD)
         os.close(channel_fd)
@@ -421,9 +451,10 @@ def spare(
 ) -> NoReturn:
     """The whole life of a sandbox child. Never returns.
 
-    Forked ahead of need by the zygote, it confines itself, waits for one
-    request (a spec and the channel to its host), joins the execution's
-    cgroups, hands the host its pidfd, and only then touches connector code.
+    Forked ahead of need by the zygote, it confines itself, joins the
+    execution's cgroups (while it waits, or with the request), waits for one
+    request (a spec and the channel to its host), hands the host its pidfd,
+    and only then touches connector code.
     """
     status = 1
     try:
@@ -436,17 +467,13 @@ def spare(
         confinement.apply()  # single-threaded still: a uid change need not visit threads
         standby = _Standby()
         control = socket.socket(fileno=SPARE_FD)
-        header, fds = proto.recv_fds(control, proto.HEADER.size, 1 + MAX_JOINS)
-        if not header or not fds:
-            os._exit(0)  # the zygote retired this spare
-        header += proto.recv_exactly(control, proto.HEADER.size - len(header))
-        size, _kind = proto.HEADER.unpack(header)
-        spec = json.loads(proto.recv_exactly(control, size))
+        spec, fds = _await_spawn(control)
         control.detach()
         channel_fd, joins = fds[0], fds[1:]
         if len(joins) != spec["joins"]:
             raise OSError("the host's cgroup files did not all arrive")
-        _join(joins, channel_fd)
+        _enter_cgroups(joins)
+        _place_channel(channel_fd)
         if spec.get("worker"):
             worker = sys.modules["corral.sandbox._worker"]
             worker.serve(spec, cache, imports, standby.run)

@@ -4,11 +4,15 @@ Both sides import this module; it uses the standard library only.
 
 A frame is a 4-byte big-endian payload length, a 1-byte kind and the payload
 (JSON text). The zygote sends the host each spare it forks as 8 bytes (its
-pid) with the spare's socket attached; the host sends a spare one SPAWN frame
-with the execution's channel attached, and the `cgroup.procs` files of its
-cgroup, opened by the host (a write through them is checked against the
-opener's credentials: the spare joins its cgroup without any right to
-cgroup files of its own). The channel then carries, in order:
+pid) with the spare's socket attached. The host may first send a waiting
+spare a JOIN frame with the `cgroup.procs` files of the cgroup it is to
+run in attached (the process backend, so that the slow move into a cgroup
+happens while the spare waits); it then sends it one SPAWN frame with the
+execution's channel attached and, when the spare joined nothing ahead, the
+`cgroup.procs` files. The host opens these files (a write through them is
+checked against the opener's credentials: the spare joins its cgroup
+without any right to cgroup files of its own). The channel then carries,
+in order:
 
     child -> host   PIDFD      8 bytes: the child's pid; SCM_RIGHTS holds its pidfd
     host  -> child  REQUEST    {"entry_point", "params", "context"}
@@ -47,6 +51,7 @@ ERROR = ord("e")
 HTTP = ord("t")  # child -> host: a request for the `http` capability
 HTTP_REPLY = ord("u")  # host -> child: its response, refusal or error
 SPAWN = ord("s")  # host -> spare: the spec of its one execution (SCM_RIGHTS: the channel)
+JOIN = ord("j")  # host -> waiting spare: {"joins": n}; SCM_RIGHTS: the cgroup.procs to join now
 SPARES = ord("f")  # host -> zygote: {"count": n, "source": str | None}: fork n spares
 
 

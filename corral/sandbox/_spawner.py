@@ -6,6 +6,13 @@ queues them. Each execution takes a spare, asks the zygote for a replacement
 at once, and gives the spare its request directly: neither a fork nor the
 zygote is on the caller's path. Requests to the zygote go through a sender
 thread, so a zygote busy compiling never blocks an event loop.
+
+With `join_ahead` (the process backend, with cgroups), each spare is given a
+blank cgroup made ahead of need as it arrives and joins it while it waits:
+moving a process into a cgroup can take milliseconds after an idle spell,
+and this keeps it off the caller's path. A spare's cgroup goes with it to
+its execution; a spare that is retired (a zygote restart, close()) takes
+its cgroup along to `release`.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral._exceptions import Aborted, SandboxCrash
 from corral.sandbox import _protocol as proto
+from corral.sandbox._cgroups import ExecutionCgroup
 
 logger = logging.getLogger("corral.sandbox")
 
@@ -58,6 +67,7 @@ class _Spare:
 
     pid: int
     sock: socket.socket
+    cgroup: ExecutionCgroup | None = None  # the one it joined while it waits, if any
 
 
 class Spawner:
@@ -78,6 +88,26 @@ class Spawner:
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._compiled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.closed = False
+        self._ready_cgroup: Callable[[], ExecutionCgroup | None] | None = None
+        self._release: Callable[[ExecutionCgroup], None] | None = None
+        self._before_start: Callable[[], None] | None = None
+
+    def join_ahead(
+        self,
+        ready_cgroup: Callable[[], ExecutionCgroup | None],
+        release: Callable[[ExecutionCgroup], None],
+        before_start: Callable[[], None],
+    ) -> None:
+        """Have each spare join a cgroup while it waits (call before the zygote starts).
+
+        `ready_cgroup` gives a blank cgroup made ahead, or None, and must not
+        block: it runs as spares arrive. `release` gets the cgroup of a spare
+        that will run nothing (retired or dead), to remove it off the caller's
+        path. `before_start` runs as a zygote (re)starts, which is on the
+        caller's path anyway: it makes the cgroups its first spares join.
+        """
+        self._ready_cgroup, self._release = ready_cgroup, release
+        self._before_start = before_start
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -99,7 +129,7 @@ class Spawner:
         self._outbox = outbox = queue.SimpleQueue()
         self._compiled.clear()
         threading.Thread(
-            target=_receive_spares, args=(ours, spares), name="corral-zygote-rx", daemon=True
+            target=self._receive_spares, args=(ours, spares), name="corral-zygote-rx", daemon=True
         ).start()
         threading.Thread(
             target=_send_requests, args=(ours, outbox), name="corral-zygote-tx", daemon=True
@@ -112,10 +142,14 @@ class Spawner:
                 raise Aborted("the sandbox was closed before the execution started")
             if self._proc is None or self._proc.poll() is not None:
                 self._discard()
+                if self._before_start is not None:
+                    self._before_start()
                 self._start()
             return self._spares
 
-    async def _take(self) -> _Spare:
+    async def take(self) -> _Spare:
+        """A spare, which may have died since it was forked: `give` it its request or `retire`
+        it. A replacement is asked for at once."""
         for _ in range(3):
             spares = self._running()
             # Asked before waiting, so that a cancelled wait still gets its spare replaced.
@@ -144,29 +178,102 @@ class Spawner:
                 self._compiled.popitem(last=False)
             self._outbox.put(proto.json_frame(proto.SPARES, {"source": source}))
 
+    async def give(
+        self,
+        spare: _Spare,
+        spec: dict[str, Any],
+        channel: socket.socket,
+        join: list[int] | tuple[int, ...] = (),
+    ) -> None:
+        """Send `spare` its SPAWN frame: `spec`, with `channel` and the cgroup files to `join`
+        attached. OSError: the spare is gone. The host's end of its socket is closed after,
+        whatever happens; its cgroup is the caller's."""
+        data = proto.json_frame(proto.SPAWN, spec)
+        fds = _fd_array(channel.fileno(), *join)
+        try:
+            spare.sock.setblocking(False)
+            sent = spare.sock.sendmsg(  # the spare's buffer is empty: this takes the fds
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+            )
+            if sent < len(data):  # (an empty send would fail once the spare hung up)
+                await asyncio.get_running_loop().sock_sendall(spare.sock, data[sent:])
+        finally:
+            spare.sock.close()
+
     async def spawn(
         self, spec: dict[str, Any], channel: socket.socket, join: list[int] | tuple[int, ...] = ()
     ) -> int:
         """Give `spec`, `channel` and the cgroup files to `join` to a spare; its pid (as
-        the zygote sees it)."""
-        data = proto.json_frame(proto.SPAWN, spec)
-        fds = _fd_array(channel.fileno(), *join)
-        loop = asyncio.get_running_loop()
+        the zygote sees it). Only for spawners that do not `join_ahead`."""
         for _ in range(3):
-            spare = await self._take()
+            spare = await self.take()
             try:
-                spare.sock.setblocking(False)
-                sent = spare.sock.sendmsg(  # the spare's buffer is empty: this takes the fds
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-                )
-                if sent < len(data):  # (an empty send would fail once the spare hung up)
-                    await loop.sock_sendall(spare.sock, data[sent:])
-                return spare.pid
+                await self.give(spare, spec, channel, join)
             except OSError:
                 continue  # that spare died (killed from outside): take the next
-            finally:
-                spare.sock.close()
+            return spare.pid
         raise SandboxCrash("no spare sandbox process could take the execution")
+
+    def retire(self, spare: _Spare) -> None:
+        """Let a spare go unused: it reads EOF and exits; its cgroup goes to `release`."""
+        spare.sock.close()
+        cgroup, spare.cgroup = spare.cgroup, None
+        if cgroup is not None and self._release is not None:
+            self._release(cgroup)
+
+    def _join_ahead(self, spare: _Spare) -> None:
+        """Give a new spare a blank cgroup to join while it waits (receiver thread).
+
+        When none is ready the spare joins nothing now, and its cgroup is made
+        and joined with its request, as without `join_ahead`.
+        """
+        if self._ready_cgroup is None or (cgroup := self._ready_cgroup()) is None:
+            return
+        try:
+            join = cgroup.open_procs()
+        except OSError:  # removed under us (a janitor swept our cgroups): not for this spare
+            if self._release is not None:
+                self._release(cgroup)
+            return
+        try:
+            # Tiny, into an empty buffer: a blocking send that does not wait.
+            spare.sock.sendmsg(
+                [proto.json_frame(proto.JOIN, {"joins": len(join)})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(*join))],
+            )
+        except OSError:  # the spare is gone already; whoever takes it will see
+            if self._release is not None:
+                self._release(cgroup)
+            return
+        finally:
+            for fd in join:
+                os.close(fd)
+        spare.cgroup = cgroup
+
+    def _receive_spares(
+        self, sock: socket.socket, spares: queue.SimpleQueue[_Spare | None]
+    ) -> None:
+        """Receiver thread: every spare the zygote forks, then None when it is gone."""
+        try:
+            while True:
+                data, fd = proto.recv_fd(sock, proto.PID.size)
+                if fd is None or len(data) < proto.PID.size:
+                    if fd is not None:
+                        os.close(fd)
+                    return
+                spare = _Spare(proto.PID.unpack(data)[0], socket.socket(fileno=fd))
+                self._join_ahead(spare)
+                with self._lock:  # queued only while this zygote is current: else never taken
+                    current = self._sock is sock
+                    if current:
+                        spares.put(spare)
+                if not current:
+                    self.retire(spare)
+                    return
+        except OSError:
+            return
+        finally:
+            spares.put(None)
 
     @property
     def pid(self) -> int | None:
@@ -197,7 +304,7 @@ class Spawner:
             except queue.Empty:
                 break
             if spare is not None:
-                spare.sock.close()  # the spare reads EOF and exits
+                self.retire(spare)  # the spare reads EOF and exits
 
     def stop(self) -> None:
         """Close the control socket; the zygote cleans up after its children and exits."""
@@ -238,22 +345,6 @@ def _send_requests(sock: socket.socket, outbox: queue.SimpleQueue[bytes | None])
             sock.sendall(data)
         except OSError:
             return  # the zygote is gone; the next execution restarts it
-
-
-def _receive_spares(sock: socket.socket, spares: queue.SimpleQueue[_Spare | None]) -> None:
-    """Receiver thread: every spare the zygote forks, then None when it is gone."""
-    try:
-        while True:
-            data, fd = proto.recv_fd(sock, proto.PID.size)
-            if fd is None or len(data) < proto.PID.size:
-                if fd is not None:
-                    os.close(fd)
-                return
-            spares.put(_Spare(proto.PID.unpack(data)[0], socket.socket(fileno=fd)))
-    except OSError:
-        return
-    finally:
-        spares.put(None)
 
 
 def _fd_array(*fds: int) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import errno
 import json
 import os
 import signal
@@ -403,7 +404,9 @@ class Supervisor:
                 self.cpu_ms = (self.cgroup_counters[0] - self.cpu_base_ns) / 1e6
                 self.peak = max(0, self.cgroup.peak_memory_bytes() - self.memory_base)
                 self.oom = self.cgroup_counters[1] > self.oom_base
-            except FileNotFoundError:  # close() raced us: the zygote removed the cgroup
+            except OSError as exc:  # close() raced us: the zygote removed (or is removing) it
+                if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                    raise
                 self.cpu_ms, self.peak, self.oom = self.child_cpu_ms, None, False
         else:
             self.cpu_ms = max(self.child_cpu_ms, self._last_cpu_poll)
