@@ -381,13 +381,20 @@ def test_github_generic_only_functions(manager, api):
     assert polled.output["data"] == [ISSUE]
 
 
+def without_handlers(manager: IntegrationManager, app: str, catalog: Path) -> IntegrationManager:
+    """An IntegrationManager over a copy of `app`'s definition with no handlers.py, on the
+    same sandbox: what the generic path alone sends."""
+    (catalog / app).mkdir()
+    shutil.copy(SHIPPED_CATALOG / app / "connector.json", catalog / app)
+    bare = IntegrationManager(ConnectorFramework([catalog]), manager.sandbox)
+    assert bare.framework.connector(app).handlers_source is None
+    return bare
+
+
 def test_github_generic_fallback_sends_the_same_request(manager, api, tmp_path):
     """create_issue and add_comment declare `fallback: generic`: the generic path, run from
     the same definition with no handlers.py, sends the same request as the handler."""
-    (tmp_path / "github").mkdir()
-    shutil.copy(SHIPPED_CATALOG / "github" / "connector.json", tmp_path / "github")
-    bare = IntegrationManager(ConnectorFramework([tmp_path]), manager.sandbox)
-    assert bare.framework.connector("github").handlers_source is None
+    bare = without_handlers(manager, "github", tmp_path)
     api.answer("POST", "/repos/acme/web/issues", ISSUE, status=201)
     api.answer("POST", "/repos/acme/web/issues/7/comments", {"id": 1}, status=201)
     issue = {"owner": "acme", "repo": "web", "title": "Found a bug", "labels": ["bug"]}

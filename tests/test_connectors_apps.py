@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +28,11 @@ from test_connectors import (  # the same server, catalog and sandbox fixtures
     generic_off,  # noqa: F401
     manager,  # noqa: F401
     run,
+    without_handlers,
 )
 
 import corral
-from corral.executors import SHIPPED_CATALOG, ConnectorFramework, IntegrationManager
+from corral.executors import SHIPPED_CATALOG
 from corral.runtime import SqliteStore, TriggerPoller, capabilities
 
 GITLAB_TOKEN = "glpat-c0rralGitLabT0ken4f3e2d1c"
@@ -206,10 +206,7 @@ def test_gitlab_generic_only_functions(manager, api):
 def test_gitlab_generic_fallback_sends_the_same_request(manager, api, tmp_path):
     """create_issue and add_note declare `fallback: generic`: the generic path, run from
     the same definition with no handlers.py, sends the same request as the handler."""
-    (tmp_path / "gitlab").mkdir()
-    shutil.copy(SHIPPED_CATALOG / "gitlab" / "connector.json", tmp_path / "gitlab")
-    bare = IntegrationManager(ConnectorFramework([tmp_path]), manager.sandbox)
-    assert bare.framework.connector("gitlab").handlers_source is None
+    bare = without_handlers(manager, "gitlab", tmp_path)
     api.answer("POST", "/api/v4/projects/acme%2Fweb-app/issues", GL_ISSUE, status=201)
     api.answer("POST", "/api/v4/projects/acme%2Fweb-app/issues/14/notes", {"id": 1}, status=201)
     issue = {"id": "acme/web-app", "title": "Checkout fails", "labels": "bug"}
