@@ -141,8 +141,16 @@ def main() -> int:
     }
     met = all(f.rss_mb <= TARGET_RSS_MB for f in worst.values())
     if args.json:
-        print(json.dumps({"bare interpreter": asdict(bare), **{
-            name: asdict(f) for name, f in worst.items()}, "all": asdict(memory)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "bare interpreter": asdict(bare),
+                    **{name: asdict(f) for name, f in worst.items()},
+                    "all": asdict(memory),
+                },
+                indent=2,
+            )
+        )
         return 0 if met else 1
     print(f"{'process':<18}{'RSS MB':>9}{'PSS MB':>9}{'USS MB':>9}")
     rows = [("bare interpreter", bare), *worst.items(),

@@ -139,8 +139,10 @@ async def measure(sizes: Sizes) -> tuple[list[Row], dict[str, object]]:
     rows.append(ratio_row("worker p50 / fork floor", worker, floor, "ms",
                           at_most=latency.TARGET_WORKER_FLOOR_RATIO))  # fmt: skip
     apart_floor = lat.p50("fork floor, apart")
-    for name, target in (("process", latency.TARGET_FLOOR_RATIO),
-                         ("worker", latency.TARGET_WORKER_FLOOR_RATIO)):
+    for name, target in (
+        ("process", latency.TARGET_FLOOR_RATIO),
+        ("worker", latency.TARGET_WORKER_FLOOR_RATIO),
+    ):
         value = lat.p50(f"corral {name}, apart")
         verdict = "meets" if value / apart_floor <= target else "would FAIL"
         rows.append(ratio_row(

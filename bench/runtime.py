@@ -42,8 +42,10 @@ DEFINITION = {
     "actions": [{"id": "echo", "params": {"type": "object", "required": ["n"],
                                           "properties": {"n": {"type": "integer"}}}}],
 }  # fmt: skip
-WORKFLOW = {"id": "bench", "nodes": [
-    {"id": "echo", "app": "bench", "function": "echo", "params": {"n": "{{ input.n }}"}}]}
+WORKFLOW = {
+    "id": "bench",
+    "nodes": [{"id": "echo", "app": "bench", "function": "echo", "params": {"n": "{{ input.n }}"}}],
+}
 
 
 def _catalog(root: Path) -> Path:

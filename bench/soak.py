@@ -408,8 +408,12 @@ def _print(report: SoakReport) -> None:
     kinds = list(DECK)
     print(f"{'outcome':<20}" + "".join(f"{backend:>10}" for backend in BACKENDS))
     for kind in kinds:
-        print(f"{kind:<20}" + "".join(
-            f"{report.outcomes.get(backend, {}).get(kind, 0):>10}" for backend in BACKENDS))
+        print(
+            f"{kind:<20}"
+            + "".join(
+                f"{report.outcomes.get(backend, {}).get(kind, 0):>10}" for backend in BACKENDS
+            )
+        )
     assert report.before is not None and report.after is not None
     print(f"\n{'host':<20}{'before':>10}{'after':>10}")
     for name in ("fds", "children", "cgroups", "rss_mb", "threads"):

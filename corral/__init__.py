@@ -36,6 +36,7 @@ def __getattr__(name: str) -> object:
         return getattr(corral.runtime, name)
     raise AttributeError(f"module 'corral' has no attribute {name!r}")
 
+
 __all__ = [
     "FLAGS",
     "UNSET",

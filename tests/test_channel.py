@@ -30,7 +30,6 @@ def run(params, context):
 """
 
 
-
 @pytest.mark.parametrize(
     "frames",
     [

@@ -1186,7 +1186,6 @@ def test_corpus_is_large_and_distinct():
     assert len({p.values[0].code for p in CORPUS}) == len(CORPUS)
 
 
-
 @pytest.mark.parametrize("case", [p for p in CORPUS if p.values[0].plain])
 def test_payload_escapes_without_the_language_layer(plain, case):
     """Without the language layer, the payload does produce its evidence: the case

@@ -193,9 +193,7 @@ def test_a_request_outliving_the_execution_leaves_the_next_one_clean(allowed, se
     assert allowed.execute_sync(quick).output["path"] == "/echo"
 
 
-def test_a_request_without_response_left_uncaught_is_an_http_error_without_status(
-    allowed, server
-):
+def test_a_request_without_response_left_uncaught_is_an_http_error_without_status(allowed, server):
     """A connection failure the code does not catch: http_error with status None."""
     code = "def run(params, context):\n    http.get('http://127.0.0.1:1/')\n"
     with pytest.raises(corral.HttpError) as caught:

@@ -129,8 +129,15 @@ def test_a_contract_never_reaches_outside_its_definition(tmp_path):
     validating params never makes the host read a file or open a connection."""
     folder = tmp_path / "leaky"
     folder.mkdir()
-    definition = {"id": "leaky", "actions": [{"id": "run", "params": {
-        "type": "object", "properties": {"q": {"$ref": "file:///etc/passwd"}}}}]}
+    definition = {
+        "id": "leaky",
+        "actions": [
+            {
+                "id": "run",
+                "params": {"type": "object", "properties": {"q": {"$ref": "file:///etc/passwd"}}},
+            }
+        ],
+    }
     (folder / "connector.json").write_text(json.dumps(definition))
     with pytest.raises(corral.executors.CatalogError, match="points outside"):
         ConnectorFramework([tmp_path])
@@ -139,7 +146,15 @@ def test_a_contract_never_reaches_outside_its_definition(tmp_path):
 def test_dot_segments_in_path_params_stay_inside_the_endpoint(manager, api):
     """A path param of '..' is sent encoded: the generic path cannot climb the URL."""
     with FLAGS.override(GENERIC_EXECUTOR_ENABLED=True):
-        asyncio.run(manager.execute("demo", "dots", {"item": ".."}, {
-            "baseUrl": f"http://127.0.0.1:{api.server_address[1]}/api",
-            "credentials": {"token": "tok-integration-1"}}))
+        asyncio.run(
+            manager.execute(
+                "demo",
+                "dots",
+                {"item": ".."},
+                {
+                    "baseUrl": f"http://127.0.0.1:{api.server_address[1]}/api",
+                    "credentials": {"token": "tok-integration-1"},
+                },
+            )
+        )
     assert api.paths == ["/api/items/%2E%2E/x"]

@@ -44,9 +44,14 @@ PETSTORE: dict[str, Any] = {
         "securitySchemes": {"key": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}},
         "parameters": {
             "Limit": {
-                "name": "limit", "in": "query",
-                "schema": {"type": "integer", "minimum": 1, "maximum": 100,
-                           "exclusiveMaximum": True},
+                "name": "limit",
+                "in": "query",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 100,
+                    "exclusiveMaximum": True,
+                },
             }
         },
         "schemas": {
@@ -292,7 +297,11 @@ def test_reimport_refreshes_the_document_and_keeps_what_a_person_set(spec, catal
     assert after["baseUrl"] == "https://pets.internal.example/v1"
     assert after["triggers"] == definition["triggers"]
     assert [a["id"] for a in after["actions"]] == [
-        "list_pets", "create_pet", "get_pet", "adopt", "update_pet"
+        "list_pets",
+        "create_pet",
+        "get_pet",
+        "adopt",
+        "update_pet",
     ]
     found = actions(after)
     assert found["list_pets"]["name"] == "All the pets"
@@ -366,8 +375,7 @@ def test_a_reference_outside_the_document_is_refused_never_fetched(tmp_path, cat
         ("openapi: 3.0.3\ninfo: {title: x\n", "cannot be read as YAML"),
         ("- just\n- a list\n", "an OpenAPI document is an object"),
         (
-            "openapi: 3.0.3\ninfo: {title: x, version: '1'}\n"
-            "paths: {/a: {get: {responses: 5}}}\n",
+            "openapi: 3.0.3\ninfo: {title: x, version: '1'}\npaths: {/a: {get: {responses: 5}}}\n",
             "$.paths['/a'].get.responses: 5 is not of type 'object'",
         ),
         (

@@ -31,7 +31,6 @@ def _sandbox(executor: str, layers_off: set[str]) -> NodeSandbox:
     )
 
 
-
 @pytest.fixture(params=[(b, layers) for b in BACKENDS for layers in LAYERS_OFF], ids=str)
 def below(request: pytest.FixtureRequest) -> Iterator[NodeSandbox]:
     """Plain Python, with and without the system-call filter: each layer must hold alone."""
@@ -212,4 +211,3 @@ def test_no_cgroup_file_is_in_reach(below):
         " else 'other')\nreturn kinds",
     )
     assert set(kinds) <= {"socket", "device"}  # the channel and /dev/null: no cgroup file
-

@@ -39,7 +39,7 @@ CONNECTOR = {
     ],
 }  # fmt: skip
 
-HANDLERS = '''
+HANDLERS = """
 def call(params, context):
     connection = context["connection"]
     token = connection["credentials"]["token"]
@@ -48,7 +48,7 @@ def call(params, context):
                         headers={"Authorization": "Bearer " + token})
     response.raise_for_status()
     return response.json()
-'''
+"""
 
 
 class _Service(http.server.BaseHTTPRequestHandler):
@@ -337,9 +337,13 @@ def test_credentials_never_reach_output_or_logs(catalog, sandbox, service, caplo
     output, no event line, no error."""
     caplog.set_level(logging.INFO, logger="corral.events")
     spec = {"CORRAL_STATE_DIR": str(catalog.parent / "state")}
-    workflow = {"id": "wf", "nodes": [
-        {"id": "a", "app": "svc", "function": "call", "params": {"path": f"ok/{TOKEN}"}},
-        {"id": "b", "app": "svc", "function": "call", "params": {"path": "missing/x"}}]}
+    workflow = {
+        "id": "wf",
+        "nodes": [
+            {"id": "a", "app": "svc", "function": "call", "params": {"path": f"ok/{TOKEN}"}},
+            {"id": "b", "app": "svc", "function": "call", "params": {"path": "missing/x"}},
+        ],
+    }
     run = _run(catalog, sandbox, spec, workflow, connections=_connections(service))
     shown = json.dumps(run.to_dict()) + "\n".join(r.getMessage() for r in caplog.records)
     assert TOKEN not in shown and "[redacted]" in shown

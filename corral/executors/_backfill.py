@@ -54,9 +54,7 @@ class Addition:
         }  # fmt: skip
 
 
-def backfill(
-    folders: Iterable[Path], name: str, *, write: bool = True
-) -> list[Addition]:
+def backfill(folders: Iterable[Path], name: str, *, write: bool = True) -> list[Addition]:
     """Run backfill `name` (a key of BACKFILLS) over every definition in the catalog
     `folders`; the additions made (with `write=False`, those a run would make)."""
     kind, defaults = BACKFILLS[name]

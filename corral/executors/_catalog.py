@@ -104,9 +104,7 @@ class Connector:
         found = self.actions.get(function) or self.triggers.get(function)
         if found is None:
             known = ", ".join(sorted({*self.actions, *self.triggers})) or "none"
-            raise InvalidInput(
-                f"{self.id} has no action or trigger {function!r}; it has: {known}"
-            )
+            raise InvalidInput(f"{self.id} has no action or trigger {function!r}; it has: {known}")
         return found
 
     def handler(self, function: str) -> str | None:
@@ -297,14 +295,10 @@ def load_connector(path: Path) -> Connector:
     app = definition["id"]
     if app != path.name:  # two folders could otherwise define one app, the later winning
         raise CatalogError(
-            f"corral: {definition_file}: $.id: {app!r} differs from its folder's name "
-            f"{path.name!r}"
+            f"corral: {definition_file}: $.id: {app!r} differs from its folder's name {path.name!r}"
         )
     operations = {
-        kind: {
-            item["id"]: _operation(app, kind, item)
-            for item in definition.get(f"{kind}s", [])
-        }
+        kind: {item["id"]: _operation(app, kind, item) for item in definition.get(f"{kind}s", [])}
         for kind in ("action", "trigger")
     }
     return Connector(

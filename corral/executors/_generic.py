@@ -17,7 +17,7 @@ from corral.executors._catalog import Connector, Operation
 
 ENTRY_POINT = "run"
 
-GENERIC_SOURCE = '''
+GENERIC_SOURCE = """
 import base64
 import re
 import urllib.parse
@@ -98,7 +98,7 @@ def run(params, context):
     if "json" in response.headers.get("content-type", "") and data:
         data = response.json()
     return {"status": response.status_code, "headers": response.headers, "data": data}
-'''
+"""
 
 
 def generic_request(connector: Connector, operation: Operation) -> dict[str, Any]:

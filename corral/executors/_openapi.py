@@ -210,8 +210,8 @@ class _Importer:
         resource = referencing.Resource.from_contents(
             document, default_specification=referencing.jsonschema.DRAFT202012
         )
-        self.resolver = referencing.Registry().with_resource(_BASE_URI, resource).resolver(
-            _BASE_URI
+        self.resolver = (
+            referencing.Registry().with_resource(_BASE_URI, resource).resolver(_BASE_URI)
         )
 
     def definition(self, app: str) -> dict[str, Any]:

@@ -69,8 +69,10 @@ class RetryPolicy:
         _whole("initial_interval_ms", self.initial_interval_ms, 0, MAX_INTERVAL_MS)
         _whole("max_interval_ms", self.max_interval_ms, 0, MAX_INTERVAL_MS)
         coefficient = self.backoff_coefficient
-        if isinstance(coefficient, bool) or not isinstance(coefficient, int | float) or not (
-            1 <= coefficient <= MAX_COEFFICIENT
+        if (
+            isinstance(coefficient, bool)
+            or not isinstance(coefficient, int | float)
+            or not (1 <= coefficient <= MAX_COEFFICIENT)
         ):
             raise ValueError(f"backoff_coefficient must be a number from 1 to {MAX_COEFFICIENT}")
         if not all(isinstance(name, str) for name in self.non_retryable):
@@ -82,8 +84,8 @@ class RetryPolicy:
         if error.type in self.non_retryable:
             return False
         if isinstance(error, HttpError):
-            return error.status is None or error.status in RETRYABLE_STATUSES or (
-                error.status >= 500
+            return (
+                error.status is None or error.status in RETRYABLE_STATUSES or (error.status >= 500)
             )
         return error.type in RETRYABLE_TYPES
 

@@ -241,4 +241,3 @@ def _instant(text: str) -> datetime.datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
-

@@ -473,4 +473,3 @@ def _render(value: Any, run_input: dict[str, Any], run: WorkflowRun, *, where: s
     if isinstance(value, list):
         return [_render(v, run_input, run, where=where) for v in value]
     return value
-

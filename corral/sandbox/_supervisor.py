@@ -238,7 +238,11 @@ class Supervisor:
                     self.child_cpu_ms = float(message.get("cpu_ms", self.child_cpu_ms))
                     self.child_maxrss = int(message.get("maxrss", self.child_maxrss))
                 except (
-                    ValueError, TypeError, AttributeError, ArithmeticError, RecursionError
+                    ValueError,
+                    TypeError,
+                    AttributeError,
+                    ArithmeticError,
+                    RecursionError,
                 ) as exc:
                     raise Failure(
                         SandboxCrash, f"the sandbox sent a malformed frame: {exc}"
@@ -522,9 +526,7 @@ def _shortened(message: str) -> str:
     return f"{message[:MAX_ERROR_MESSAGE_CHARS]}… ({cut} more characters)"
 
 
-async def receive_pidfd(
-    sock: socket.socket, expected_pid: int
-) -> tuple[int, int | None] | None:
+async def receive_pidfd(sock: socket.socket, expected_pid: int) -> tuple[int, int | None] | None:
     """A new child's first message: its pidfd and its pid as this host sees it (None once
     it exited), or None if it died before sending one.
 

@@ -31,11 +31,14 @@ class FakeApis(http.server.BaseHTTPRequestHandler):
         status, answer = 404, {"message": "Not Found"}
         if self.path.startswith("/repos/") and self.path.endswith("/issues"):
             owner_repo = self.path.removeprefix("/repos/").removesuffix("/issues")
-            status, answer = 201, {
-                "number": 42,
-                "title": body.get("title"),
-                "html_url": f"https://github.example/{owner_repo}/issues/42",
-            }
+            status, answer = (
+                201,
+                {
+                    "number": 42,
+                    "title": body.get("title"),
+                    "html_url": f"https://github.example/{owner_repo}/issues/42",
+                },
+            )
         elif self.path == "/api/chat.postMessage":
             FakeApis.slack_calls += 1
             if FakeApis.slack_calls == 1:
