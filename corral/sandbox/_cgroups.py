@@ -27,6 +27,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.sandbox import _delegation as delegation
+from corral.sandbox._cgroupfs import (
+    CgroupUnavailable,
+    Mount,
+    keyed,
+    mounts,
+    own_cgroups,
+    read,
+    under,
+    write,
+)
+from corral.sandbox._delegation import own_base
+
 logger = logging.getLogger("corral.sandbox")
 
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
@@ -38,95 +51,37 @@ READY_CGROUPS = 4  # made ahead of need: mkdir in four hierarchies is slow on so
 _REMOVE_PATIENCE_S = 2.0  # how long a killed task may take to leave its cgroup
 
 
-class CgroupUnavailable(Exception):
-    """cgroups cannot be used on this host; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class _Mount:
-    mountpoint: Path
-    root: str  # the path inside the hierarchy the mount shows
-    fstype: str
-    options: frozenset[str]
-
-
-def _mounts() -> list[_Mount]:
-    mounts = []
-    with open("/proc/self/mountinfo") as lines:
-        for line in lines:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
-                continue
-            options = frozenset(tail[2].split(",")) | frozenset(fields[5].split(","))
-            mounts.append(_Mount(Path(fields[4]), fields[3], tail[0], options))
-    return mounts
-
-
-def _own_cgroups() -> dict[str, str]:
-    """Controller name (or "" for v2) -> this process's cgroup path."""
-    own = {}
-    with open("/proc/self/cgroup") as lines:
-        for line in lines:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for name in controllers.split(",") if controllers else [""]:
-                own[name] = path
-    return own
-
-
-def _under(mount: _Mount, hierarchy_path: str) -> Path:
-    relative = os.path.relpath(hierarchy_path, mount.root) if mount.root != "/" else hierarchy_path
-    return mount.mountpoint / relative.lstrip("./").lstrip("/")
-
-
-def _write(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY)  # not open(): this is on every execution's path
-    try:
-        return os.read(fd, 1 << 16).decode()
-    finally:
-        os.close(fd)
-
-
-def _keyed(path: Path, key: str) -> int:
-    for line in _read(path).splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            return int(value)
-    return 0
-
-
 def default_roots(root: str | None) -> tuple[int, dict[str, Path]]:
     """The cgroup version to use and where its per-execution cgroups go (nothing is created).
 
     `root` is SANDBOX_CGROUP_ROOT: a path inside the hierarchy. Unset, it is
     `corral` below this process's own cgroup, so the parent's limits still hold.
     """
-    mounts, own = _mounts(), _own_cgroups()
+    found, own = mounts(), own_cgroups()
     v1 = {}
     for controller in V1_CONTROLLERS:
-        mount = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options), None)
+        mount = next((m for m in found if m.fstype == "cgroup" and controller in m.options), None)
         if mount is not None:
             base = root if root is not None else f"{own.get(controller, '/')}/corral"
-            v1[controller] = _under(mount, base)
+            v1[controller] = under(mount, base)
     if len(v1) == len(V1_CONTROLLERS):
         return 1, v1
-    unified = next((m for m in mounts if m.fstype == "cgroup2"), None)
-    if unified is None or not (unified.mountpoint / "cgroup.controllers").exists():
+    unified = _unified(found)
+    if unified is None:
         missing = ", ".join(c for c in V1_CONTROLLERS if c not in v1)
         raise CgroupUnavailable(
             f"no cgroup v1 mount for {missing} and no cgroup v2 hierarchy: "
-            "mount cgroup v2 with the memory, cpu and pids controllers"
+            "mount cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)"
         )
-    base = root if root is not None else f"{own.get('', '/')}/corral"
-    return 2, {"unified": _under(unified, base)}
+    base = root if root is not None else f"{own_base(own.get('', '/')).rstrip('/')}/corral"
+    return 2, {"unified": under(unified, base)}
+
+
+def _unified(found: list[Mount]) -> Mount | None:
+    unified = next((m for m in found if m.fstype == "cgroup2"), None)
+    if unified is None or not (unified.mountpoint / "cgroup.controllers").exists():
+        return None
+    return unified
 
 
 def _set_v1_memory(memory: Path, value: str) -> None:
@@ -134,15 +89,15 @@ def _set_v1_memory(memory: Path, value: str) -> None:
     it); memsw may never be below the plain limit, so the order depends on the direction."""
     limit, swap = memory / "memory.limit_in_bytes", memory / "memory.memsw.limit_in_bytes"
     if not swap.exists():  # no swap accounting on this kernel
-        _write(limit, value)
+        write(limit, value)
         return
     try:
-        _write(limit, value)
+        write(limit, value)
     except OSError:  # raising the limit past the current memsw: memsw first
-        _write(swap, value)
-        _write(limit, value)
+        write(swap, value)
+        write(limit, value)
     else:
-        _write(swap, value)
+        write(swap, value)
 
 
 @dataclass(frozen=True)
@@ -164,6 +119,7 @@ class Hierarchy:
         # and the pid tells a later host whether the owner is gone.
         self.prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
         self._ready: collections.deque[ExecutionCgroup] = collections.deque()
+        self.changes: list[str] = []  # what setting the hierarchy up changed on the host
 
     @property
     def label(self) -> str:
@@ -172,35 +128,33 @@ class Hierarchy:
 
     @classmethod
     def detect(cls, root: str | None) -> Hierarchy:
-        """Find a usable hierarchy; raise CgroupUnavailable saying why there is none."""
-        if os.geteuid() != 0:
-            raise CgroupUnavailable("not running as root: run as root to get per-execution cgroups")
+        """Find a usable hierarchy and set it up; raise CgroupUnavailable saying why there
+        is none and what to do."""
         version, roots = default_roots(root)
+        if version == 1 and os.geteuid() != 0:
+            raise CgroupUnavailable(
+                "not running as root: cgroup v1 needs root for per-execution cgroups"
+            )
         hierarchy = cls(version, roots)
         hierarchy._prepare_roots()
         return hierarchy
 
     def _prepare_roots(self) -> None:
-        for path in self.roots.values():
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise CgroupUnavailable(f"cannot create the cgroup root {path}: {exc}") from None
-        if self.version == 2:
-            root = self.roots["unified"]
-            wanted = set(V2_CONTROLLERS)
-            available = set(_read(root / "cgroup.controllers").split())
-            if not wanted <= available:
-                raise CgroupUnavailable(
-                    f"the cgroup v2 root {root} lacks the {', '.join(sorted(wanted - available))} "
-                    "controller(s): enable them in the parent's cgroup.subtree_control"
-                )
-            try:
-                _write(root / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
-            except OSError as exc:
-                raise CgroupUnavailable(
-                    f"cannot delegate controllers below {root}: {exc}"
-                ) from None
+        if self.version == 1:
+            for path in self.roots.values():
+                try:
+                    path.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise CgroupUnavailable(
+                        f"cannot create the cgroup root {path}: {exc}"
+                    ) from None
+            return
+        unified = _unified(mounts())
+        assert unified is not None  # default_roots found it
+        own = under(unified, own_cgroups().get("", "/"))
+        self.changes += delegation.prepare(
+            unified.mountpoint, own, self.roots["unified"], V2_CONTROLLERS
+        )
 
     def _blank(self) -> ExecutionCgroup:
         """A new cgroup with no limits but pids.max."""
@@ -299,6 +253,13 @@ class ExecutionCgroup:
         self.version = version
         self.dirs = dirs
         self._peak_seen = 0
+        # v2 on kernels whose memory.peak cannot be reset (before Linux 6.12): the lifetime
+        # peak when the execution began, and the process whose resident high-water mark
+        # stands in for the peak of an execution that stays below an earlier one.
+        self._peak_fd: int | None = None
+        self._peak_resettable: bool | None = None  # unknown until the first reset
+        self._lifetime_base = 0
+        self._hiwater: tuple[int, int, int] | None = None  # pid, usage and RSS at the reset
         self._applied: tuple[int | None, int | None] = (-1, -1)  # memory, quota last written
 
     def __repr__(self) -> str:
@@ -325,7 +286,7 @@ class ExecutionCgroup:
         """Create the directories, limited only in processes (pids.max)."""
         for path in dict.fromkeys(self.dirs.values()):
             path.mkdir()
-        _write(self._dir("pids") / "pids.max", str(PIDS_MAX))
+        write(self._dir("pids") / "pids.max", str(PIDS_MAX))
 
     def apply(self, limits: CgroupLimits, *, reused: bool = False) -> None:
         """Write the memory limit and the CPU quota into the controllers.
@@ -352,56 +313,102 @@ class ExecutionCgroup:
             if memory_bytes is not None or reused:
                 _set_v1_memory(memory, "-1" if memory_bytes is None else str(memory_bytes))
             if limits.cpu_quota_us is not None or reused:
-                _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
                 quota = "-1" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
-                _write(cpu / "cpu.cfs_quota_us", quota)
+                write(cpu / "cpu.cfs_quota_us", quota)
         else:
             if memory_bytes is not None or reused:
-                _write(memory / "memory.max", "max" if memory_bytes is None else str(memory_bytes))
+                write(memory / "memory.max", "max" if memory_bytes is None else str(memory_bytes))
                 if (memory / "memory.swap.max").exists():
-                    _write(memory / "memory.swap.max", "0")
+                    write(memory / "memory.swap.max", "0")
             if limits.cpu_quota_us is not None or reused:
                 quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
-                _write(cpu / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+                write(cpu / "cpu.max", f"{quota} {CFS_PERIOD_US}")
 
     def cpu_ns(self) -> int:
         """CPU time (user + sys) used by everything that ran in the cgroup."""
         if self.version == 1:
-            return int(_read(self.dirs["cpuacct"] / "cpuacct.usage"))
-        return _keyed(self.dirs["unified"] / "cpu.stat", "usage_usec") * 1000
+            return int(read(self.dirs["cpuacct"] / "cpuacct.usage"))
+        return keyed(self.dirs["unified"] / "cpu.stat", "usage_usec") * 1000
 
     def memory_bytes(self) -> int:
         """Memory charged to the cgroup now."""
         name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
-        current = int(_read(self._dir("memory") / name))
+        current = int(read(self._dir("memory") / name))
         self._peak_seen = max(self._peak_seen, current)
         return current
 
     def peak_memory_bytes(self) -> int:
-        """The most memory the cgroup held at once."""
-        memory = self._dir("memory")
-        peak_file = memory / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
+        """The most memory the cgroup held at once since the last `reset_peak`."""
+        if self.version == 1:
+            return max(
+                int(read(self.dirs["memory"] / "memory.max_usage_in_bytes")), self._peak_seen
+            )
+        if self._peak_fd is not None:
+            return max(int(os.pread(self._peak_fd, 64, 0)), self._peak_seen)
         try:
-            return max(int(_read(peak_file)), self._peak_seen)
+            lifetime = int(read(self.dirs["unified"] / "memory.peak"))
         except FileNotFoundError:  # memory.peak needs Linux 5.19
-            return self._peak_seen
+            lifetime = 0
+        if lifetime > self._lifetime_base:  # this execution set the cgroup's high: exact
+            return max(lifetime, self._peak_seen)
+        peak = self._peak_seen
+        if self._hiwater is not None:
+            pid, usage, rss = self._hiwater
+            with contextlib.suppress(OSError, ValueError):
+                peak = max(peak, usage + _status_kib(pid, "VmHWM") * 1024 - rss)
+        return peak
 
     def oom_kills(self) -> int:
         """How many tasks of this cgroup the kernel's OOM killer has killed."""
         if self.version == 1:
-            return _keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill")
-        return _keyed(self.dirs["unified"] / "memory.events", "oom_kill")
+            return keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill")
+        return keyed(self.dirs["unified"] / "memory.events", "oom_kill")
 
-    def reset_peak(self) -> None:
-        """Start the peak over, for the next execution in a reused cgroup (v1; v2 keeps it)."""
+    def reset_peak(self, pid: int | None = None) -> None:
+        """Start the peak over, for the next execution (in a reused cgroup, that of `pid`).
+
+        v1 resets `memory.max_usage_in_bytes`; v2 resets `memory.peak` through a
+        descriptor held open (Linux 6.12). Older v2 kernels keep the lifetime peak:
+        an execution that passes it still gets an exact figure, and one that stays
+        below gets its process's resident high-water mark, reset here, over the
+        cgroup's usage now.
+        """
         self._peak_seen = 0
         if self.version == 1:
-            _write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            return
+        peak_file = self.dirs["unified"] / "memory.peak"
+        if self._peak_resettable is not False:
+            try:
+                if self._peak_fd is None:
+                    self._peak_fd = os.open(peak_file, os.O_RDWR | os.O_CLOEXEC)
+                os.write(self._peak_fd, b"reset\n")
+                self._peak_resettable = True
+                return
+            except OSError:  # read-only before Linux 6.12
+                self.close()
+                self._peak_resettable = False
+        try:
+            self._lifetime_base = int(read(peak_file))
+        except FileNotFoundError:
+            self._lifetime_base = 0
+        self._hiwater = None
+        if pid is not None:
+            with contextlib.suppress(OSError, ValueError):
+                write(Path(f"/proc/{pid}/clear_refs"), "5")  # 5: reset the RSS high-water mark
+                self._hiwater = (pid, self.memory_bytes(), _status_kib(pid, "VmRSS") * 1024)
+
+    def close(self) -> None:
+        """Close the descriptors held open on the cgroup's files."""
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
 
     def pids(self) -> list[int]:
         """The processes in the cgroup now (every v1 controller holds the same ones)."""
         try:
-            return [int(line) for line in _read(self._dir("pids") / "cgroup.procs").split()]
+            return [int(line) for line in read(self._dir("pids") / "cgroup.procs").split()]
         except OSError as exc:
             # Removed, or being removed by another hand (the reaper and the zygote's janitor
             # may both clean up a closing sandbox's spares): nothing left inside.
@@ -411,6 +418,9 @@ class ExecutionCgroup:
 
     def kill_all(self) -> None:
         """SIGKILL everything in the cgroup and wait until it has left."""
+        if self.version == 2:
+            with contextlib.suppress(OSError):  # cgroup.kill needs Linux 5.14
+                write(self.dirs["unified"] / "cgroup.kill", "1")  # also what forks meanwhile
         deadline = time.monotonic() + _REMOVE_PATIENCE_S
         while pids := self.pids():
             for pid in pids:
@@ -423,6 +433,7 @@ class ExecutionCgroup:
 
     def remove(self) -> None:
         """Kill what is left inside and remove the cgroup's directories."""
+        self.close()
         self.kill_all()
         deadline = time.monotonic() + _REMOVE_PATIENCE_S
         for path in dict.fromkeys(self.dirs.values()):
@@ -437,6 +448,15 @@ class ExecutionCgroup:
                         logger.warning("corral: could not remove cgroup %s: %s", path, exc)
                         break
                     time.sleep(delay)
+
+
+def _status_kib(pid: int, key: str) -> int:
+    """A `kB` figure of /proc/PID/status (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    raise ValueError(f"no {key} in /proc/{pid}/status")
 
 
 def _backoff() -> Iterator[float]:

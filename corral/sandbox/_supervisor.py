@@ -163,7 +163,7 @@ class Supervisor:
         """Count from the given cgroup counters (a worker's, when its last execution ended)."""
         if self.cgroup is not None:
             self.cpu_base_ns, self.oom_base = cpu_ns, oom_kills
-            self.cgroup.reset_peak()
+            self.cgroup.reset_peak(self.pid)
             self.memory_base = self.cgroup.memory_bytes()  # what the worker holds already
         elif self.pid is not None:
             with contextlib.suppress(psutil.Error):
