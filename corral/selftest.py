@@ -246,7 +246,13 @@ class SelfTest:
         if not unprivileged or status.get("NoNewPrivs") != "1":
             detail = f"the child runs as uid {status.get('Uid')}: run as root so corral can drop it"
             return Check("privileges", "", DEGRADED, detail)
-        detail = f"uid {uids.pop()}, no capabilities, no_new_privs, not dumpable"
+        uid = uids.pop()
+        detail = f"uid {uid}, no capabilities, no_new_privs, not dumpable"
+        if uid == str(os.geteuid()):
+            detail += (
+                " (the host's own uid: an unprivileged host's user namespace maps only that "
+                "one; run as root for a uid of the sandbox's own)"
+            )
         return Check("privileges", "", ENFORCED, detail)
 
     def seccomp(self) -> Check:
@@ -278,7 +284,13 @@ def _inspect_running_child(sandbox: NodeSandbox) -> dict[str, Any]:
             for child in psutil.Process(zygote).children(recursive=True) if zygote else []:
                 with contextlib.suppress(OSError, psutil.Error):
                     if _status(child.pid).get("NoNewPrivs") == "1":  # locking down
-                        return _layers_of(child.pid, _locked_down(child.pid))
+                        status = _locked_down(child.pid)
+                        try:
+                            return _layers_of(child.pid, status)
+                        except PermissionError:
+                            # An unprivileged host may not look into its non-dumpable
+                            # children: their namespaces and root are their zygote's.
+                            return _layers_of(child.ppid(), status)
             time.sleep(0.01)
         raise RuntimeError("no sandbox child could be seen running")
     finally:

@@ -134,7 +134,7 @@ def zygote_config(settings: Settings, hierarchy: Hierarchy | None) -> dict[str, 
 def detect_cgroups(settings: Settings) -> tuple[Hierarchy | None, str]:
     """The hierarchy to use and the isolation label; warns once when degraded."""
     if settings.cgroups is CgroupMode.OFF:
-        reason = "cgroups are switched off (CORRAL_CGROUPS=off)"
+        reason = "cgroups are switched off (CORRAL_CGROUPS=off): unset it to use them"
     else:
         try:
             hierarchy = Hierarchy.detect(settings.sandbox_cgroup_root)

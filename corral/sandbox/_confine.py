@@ -155,6 +155,16 @@ def map_user_namespace(pid: int, host_uid: int) -> None:
             mapping.write(f"0 {host_uid} 2\n")
 
 
+def enter_own_user_namespace(flags: int) -> None:
+    """Unprivileged: enter a new user namespace (and `flags`' namespaces) whose only uid
+    and gid, 0, are this process's own, so that the namespaces below it are allowed."""
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER | flags, "user namespace")
+    for name, line in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as mapping:
+            mapping.write(f"{line}\n")
+
+
 def become_namespace_root() -> None:
     """In a freshly mapped user namespace: take uid and gid 0 there (the mapped host uid)."""
     os.setresgid(0, 0, 0)
@@ -165,11 +175,14 @@ def become_namespace_root() -> None:
 @dataclass
 class Confinement:
     """What each child applies to itself once in its cgroup, before connector code runs:
-    the uid to drop to (None when the host is not root) and the system-call filter."""
+    the uid to drop to (None when the host is not root), the system-call filter, and
+    whether to drop every capability without a uid to drop to (an unprivileged host's
+    user namespace maps one uid only)."""
 
     uid: int | None
     program: bytes | None
     seccomp_nr: int
+    drop_capabilities: bool = False
 
     def apply(self) -> None:
         """Drop to the uid for good (every capability goes) and become non-dumpable (the
@@ -179,9 +192,30 @@ class Confinement:
             os.setgroups([])
             os.setresgid(self.uid, self.uid, self.uid)
             os.setresuid(self.uid, self.uid, self.uid)
+        elif self.drop_capabilities:
+            _drop_capabilities()
         _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
         if self.program is not None:
             install_filter(self.program, self.seccomp_nr)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (and with them the ambient one).
+    Without execve, which the filter refuses, nothing gives them back."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()  # all zero
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 #: System calls connector code never needs, refused with EPERM. The child's own

@@ -109,18 +109,28 @@ def _confined(config: dict[str, Any], ask_for_map: int, mapped: int) -> confine.
 
     Layers the host refuses are left out and said on stderr; `corral selftest`
     shows which hold. `ask_for_map`/`mapped` are pipes to the parent, which maps
-    the user namespace.
+    the user namespace. An unprivileged host's zygote is already in a user
+    namespace of its own (see `main`): it builds the same view there, and its
+    children drop every capability instead of changing uid.
     """
     layers_off = set(config["unsafe_layers_off"])
     program = None if "seccomp" in layers_off else confine.filter_program()
     confinement = confine.Confinement(None, program, confine.syscall_number("seccomp"))
     try:
         if os.geteuid() != 0:
-            raise OSError(1, "not running as root: run the host as root for the OS layers")
+            raise OSError(1, "not running as root, and no user namespace of its own")
         confine.unshare(confine.CLONE_NEWNS, "mount namespace")
         confine.enter_filesystem_view(confine.interpreter_paths())
     except OSError as exc:
         print(f"corral zygote: no filesystem view: {exc}", file=sys.stderr)
+    if config.get("own_user_namespace"):
+        os.write(ask_for_map, b"-")
+        try:
+            confine.unshare(_WITH_USER_NAMESPACE, "network, IPC and UTS namespaces")
+        except OSError as exc:
+            print(f"corral zygote: {exc}", file=sys.stderr)
+        confinement.drop_capabilities = True
+        return confinement
     try:
         confine.unshare(confine.CLONE_NEWUSER | _WITH_USER_NAMESPACE, "user namespace")
         os.write(ask_for_map, b"u")
@@ -162,8 +172,15 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the host
     control = socket.socket(fileno=int(sys.argv[1]))
     config = json.loads(sys.argv[2])
-    with contextlib.suppress(OSError):  # not root: the host's PID namespace it is
-        confine.unshare(confine.CLONE_NEWPID, "PID namespace")
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            confine.unshare(confine.CLONE_NEWPID, "PID namespace")
+    else:  # a user namespace of our own first, in which the other namespaces are allowed
+        try:
+            confine.enter_own_user_namespace(confine.CLONE_NEWPID)
+            config["own_user_namespace"] = True
+        except OSError as exc:
+            print(f"corral zygote: no user namespace: {exc}", file=sys.stderr)
     ask_for_map, asked = os.pipe()
     answer, mapped = os.pipe()
     pid = os.fork()
