@@ -429,3 +429,15 @@ def test_waiter_on_a_closed_loop_is_skipped(workers):
         return (await asyncio.wait_for(quick, timeout=5)).output
 
     assert asyncio.run(scenario()) == 8
+
+
+def test_peak_memory_is_per_execution(clean_env):
+    """A worker's second execution reports its own peak, not the larger one of the first
+    (cgroup v1 resets the peak; v2 resets memory.peak, or on kernels that cannot, such as
+    6.1, falls back to the worker's resident high-water mark)."""
+    hoard = "def run(params, context):\n    a = 'x' * (params['mb'] << 20)\n    return len(a)\n"
+    with one_worker(clean_env, max_memory_mb=256) as sandbox:
+        big = sandbox.execute_sync(hoard, params={"mb": 96})
+        small = sandbox.execute_sync(hoard, params={"mb": 8})
+    assert big.usage.peak_memory_bytes >= 90 << 20, big.usage
+    assert 7 << 20 <= small.usage.peak_memory_bytes <= 32 << 20, small.usage
