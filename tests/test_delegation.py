@@ -32,11 +32,14 @@ def _v2_mount() -> Path | None:
 
 
 MOUNT = _v2_mount()
-pytestmark = pytest.mark.skipif(
-    MOUNT is None,
-    reason="needs root and a cgroup v2 hierarchy holding the cpu, memory and pids "
-    "controllers; this host gives them to v1 (tests/cgroup2/run boots a v2 kernel for them)",
-)
+pytestmark = [
+    pytest.mark.limits,
+    pytest.mark.skipif(
+        MOUNT is None,
+        reason="needs root and a cgroup v2 hierarchy holding the cpu, memory and pids "
+        "controllers; this host gives them to v1 (tests/cgroup2/run boots a v2 kernel for them)",
+    ),
+]
 
 
 def _listed(cgroup: Path, name: str) -> set[str]:

@@ -87,6 +87,7 @@ def _pids_max(pid: int) -> str:
     raise AssertionError(f"pid {pid} is in no pids cgroup")
 
 
+@pytest.mark.limits
 def test_child_is_confined(sandbox):
     """The child has its own session, cgroup, empty env, no stray fds, rlimits, no_new_privs."""
 
@@ -108,6 +109,7 @@ def test_child_is_confined(sandbox):
     asyncio.run(scenario())
 
 
+@pytest.mark.limits
 def test_pids_limit_stops_new_processes(sandbox):
     """The execution cgroup admits no process or thread beyond the child's own two."""
 
@@ -118,6 +120,7 @@ def test_pids_limit_stops_new_processes(sandbox):
     asyncio.run(scenario())
 
 
+@pytest.mark.limits
 def test_child_killed_from_outside_is_a_sandbox_crash(sandbox):
     """A child that dies without answering (not by a limit) is sandbox_crash."""
 
@@ -133,6 +136,7 @@ def test_child_killed_from_outside_is_a_sandbox_crash(sandbox):
     assert "exited without an answer" in error.message
 
 
+@pytest.mark.limits
 def test_dead_zygote_is_restarted(sandbox):
     """If the zygote dies, the next execution starts a new one and succeeds."""
     code = "def run(params, context):\n    return params\n"
@@ -178,6 +182,7 @@ HOST = textwrap.dedent(
 )
 
 
+@pytest.mark.limits
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_host_killed_mid_execution_leaves_nothing(signum):
     """A host that dies mid-execution (even by SIGKILL) leaves no process and no cgroup."""
@@ -240,6 +245,7 @@ def _cgroup_version() -> int | None:
     reason="this host gives memory, cpu and pids to cgroup v1 (its v2 hierarchy has none of "
     "them), so the v2 path cannot run here; the v1 path is what the rest of the suite tests",
 )
+@pytest.mark.limits
 def test_cgroup_v2_enforces_memory_and_cpu(sandbox):
     """On a cgroup v2 host, the unified hierarchy enforces memory and CPU like v1 does."""
     assert sandbox.isolation == "cgroup-v2"
@@ -251,6 +257,7 @@ def test_cgroup_v2_enforces_memory_and_cpu(sandbox):
         sandbox.execute_sync(spin, limits=Limits(max_cpu_ms=200))
 
 
+@pytest.mark.limits
 def test_close_removes_idle_cgroup_roots(backend):
     """After close(), corral's cgroup roots are gone unless another host still uses them."""
     from corral.sandbox._cgroups import default_roots
@@ -261,6 +268,7 @@ def test_close_removes_idle_cgroup_roots(backend):
         assert not root.exists() or any(root.iterdir()), f"{root} left behind"
 
 
+@pytest.mark.limits
 def test_sandboxes_in_one_host_are_independent(backend):
     """Closing one NodeSandbox leaves another one's execution in flight untouched."""
     code = "import time\ndef run(params, context):\n    time.sleep(0.6)\n    return 'done'\n"
@@ -277,6 +285,7 @@ def test_sandboxes_in_one_host_are_independent(backend):
     assert asyncio.run(scenario()) == "done"
 
 
+@pytest.mark.limits
 def test_cgroup_root_setting_places_the_cgroups(clean_env):
     """SANDBOX_CGROUP_ROOT puts the execution cgroups under it, and close() removes it."""
     from corral.sandbox._cgroups import default_roots

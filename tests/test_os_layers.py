@@ -84,6 +84,7 @@ def test_no_program_can_be_executed(below):
     assert _errno_of(below, "return os.path.exists('/bin/sh')") is False
 
 
+@pytest.mark.limits
 def test_no_new_processes(below):
     """fork() fails: EPERM from the filter; without it EAGAIN, the dropped uid may own
     no more processes (RLIMIT_NPROC) and the cgroup admits none (pids.max)."""
@@ -197,6 +198,7 @@ def test_no_state_or_signal_crosses_to_other_executions(plain, attack):
     assert _errno_of(plain, attack) == EPERM
 
 
+@pytest.mark.limits
 def test_no_cgroup_file_is_in_reach(below):
     """The child joined its cgroup through files the host opened and closed them: no cgroup
     file is in its view, so it cannot leave its cgroup or move another process."""

@@ -36,7 +36,10 @@ def _roots() -> tuple[int, dict[str, Path]]:
         pytest.skip(f"no cgroups: {exc}")
 
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="per-execution cgroups need root")
+pytestmark = [
+    pytest.mark.limits,
+    pytest.mark.skipif(os.geteuid() != 0, reason="per-execution cgroups need root"),
+]
 
 
 def _procs(cgroup: Path) -> list[int]:

@@ -23,6 +23,7 @@ def expect(sandbox: NodeSandbox, error_type: str, code: str, **kwargs) -> corral
     return caught.value
 
 
+@pytest.mark.limits
 def test_ok_result_carries_output_logs_executor_and_usage(sandbox):
     """A successful run returns the output, the log lines, the backend and what it used."""
     code = (
@@ -140,12 +141,14 @@ def test_wall_timeout(sandbox):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.limits
 def test_cpu_limit_is_precise(sandbox):
     """A 300 ms CPU limit kills a spin after between 300 and 600 ms of CPU."""
     error = expect(sandbox, "cpu_limit", SPIN, limits=Limits(max_cpu_ms=300))
     assert 300 <= error.usage.cpu_ms <= 600, error.usage
 
 
+@pytest.mark.limits
 def test_cpu_quota_throttles_without_killing(sandbox):
     """Under a 10 ms per 100 ms quota, 500 ms of wall time buys about 50 ms of CPU, no kill."""
     code = (
@@ -162,6 +165,7 @@ def test_cpu_quota_throttles_without_killing(sandbox):
     assert result.usage.cpu_ms < 150, result.usage  # unthrottled it would be ~500
 
 
+@pytest.mark.limits
 def test_memory_limit_kills_and_reports_peak(sandbox):
     """A 64 MB limit kills a growing list as memory_limit, with the peak reported."""
     code = (
@@ -236,6 +240,7 @@ def test_a_secret_the_code_splits_or_reassembles_stays_masked(sandbox):
     assert result.output["rebuilt"] == "[redacted]"
 
 
+@pytest.mark.limits
 def test_cancelling_the_awaiting_task_kills_the_execution(sandbox):
     """Cancellation kills the child and cleans up before CancelledError reaches the caller."""
 
@@ -252,6 +257,7 @@ def test_cancelling_the_awaiting_task_kills_the_execution(sandbox):
     asyncio.run(scenario())
 
 
+@pytest.mark.limits
 def test_wait_for_timeout_leaves_nothing_behind(sandbox):
     """asyncio.wait_for around execute() ends it with TimeoutError and no leftovers."""
 
@@ -262,6 +268,7 @@ def test_wait_for_timeout_leaves_nothing_behind(sandbox):
     asyncio.run(scenario())
 
 
+@pytest.mark.limits
 def test_close_aborts_executions_in_flight(backend):
     """Closing the sandbox while an execution runs ends it as `aborted`."""
     sandbox = NodeSandbox(executor=backend, limits=Limits(max_memory_mb=64))

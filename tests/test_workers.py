@@ -55,6 +55,7 @@ def workers(clean_env) -> Iterator[NodeSandbox]:
         yield sandbox
 
 
+@pytest.mark.limits
 def test_executions_reuse_one_worker(workers):
     """Back-to-back executions run in the same long-lived worker process."""
     code = "def run(params, context):\n    return params\n"
@@ -65,6 +66,7 @@ def test_executions_reuse_one_worker(workers):
     assert worker_pids() == first and len(first) == 1
 
 
+@pytest.mark.limits
 def test_worker_stops_a_spin_itself_and_survives(workers):
     """A CPU limit in pure Python is stopped by the worker's control thread; the worker lives."""
     workers.execute_sync("def run(params, context):\n    return 1\n")
@@ -77,6 +79,7 @@ def test_worker_stops_a_spin_itself_and_survives(workers):
     assert worker_pids() == before
 
 
+@pytest.mark.limits
 def test_worker_killed_mid_execution_is_replaced(workers):
     """A worker killed from outside fails its execution as sandbox_crash and is replaced."""
 
@@ -93,6 +96,7 @@ def test_worker_killed_mid_execution_is_replaced(workers):
     asyncio.run(scenario())
 
 
+@pytest.mark.limits
 def test_gil_holding_loop_gets_the_worker_replaced(workers):
     """A regex backtracking in C cannot be stopped cooperatively: the host kills the worker."""
     workers.execute_sync("def run(params, context):\n    return 1\n")
@@ -118,6 +122,7 @@ def test_worker_recycled_after_max_executions(clean_env):
         assert worker_pids().isdisjoint(first)
 
 
+@pytest.mark.limits
 def test_worker_recycled_when_its_memory_grows(clean_env):
     """A worker whose peak memory grew past CORRAL_WORKER_MAX_MEMORY_MB is replaced."""
     hog = "def run(params, context):\n    data = 'x' * (32 << 20)\n    return len(data)\n"
@@ -253,6 +258,7 @@ def test_cli_executor_flag_overrides_the_environment():
     assert json.loads(done.stdout)["executor"] == "worker"
 
 
+@pytest.mark.limits
 def test_close_with_executions_in_flight_leaves_no_worker():
     """close() while workers are busy aborts them and leaves no process behind."""
     sandbox = NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64))
@@ -431,6 +437,7 @@ def test_waiter_on_a_closed_loop_is_skipped(workers):
     assert asyncio.run(scenario()) == 8
 
 
+@pytest.mark.limits
 def test_peak_memory_is_per_execution(clean_env):
     """A worker's second execution reports its own peak, not the larger one of the first
     (cgroup v1 resets the peak; v2 resets memory.peak, or on kernels that cannot, such as
