@@ -4,7 +4,7 @@ Host side. `problems(definition)` lists everything wrong with a definition as
 `Problem(path, message)`, `path` a JSONPath such as `$.actions[2].method`;
 the loader refuses a definition with any, and `corral catalog validate`
 prints them all. `json_schema()` is the same schema as JSON Schema (committed
-as `connectors/schema.json`, so an editor can check a definition as it is
+as `corral/connectors/schema.json`, so an editor can check a definition as it is
 typed).
 
 Keys starting with `x-` are extensions: kept, never checked. Any other key
@@ -297,7 +297,7 @@ def _problem(error: Any) -> Problem:
 
 
 def json_schema() -> dict[str, Any]:
-    """The definition schema as JSON Schema (what `connectors/schema.json` holds)."""
+    """The definition schema as JSON Schema (what `corral/connectors/schema.json` holds)."""
     schema = ConnectorDefinition.model_json_schema(by_alias=True, mode="validation")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
