@@ -122,7 +122,7 @@ def test_a_spare_holding_more_than_the_limit_never_runs_an_execution_unlimited()
                 assert _cgroup(name).memory_bytes() >= 80 << 20
             with pytest.raises(corral.MemoryLimitExceeded):
                 sandbox.execute_sync(HOG)
-        assert sandbox.execute_sync(TRIVIAL, params=1).output == 1
+        assert sandbox.execute_sync(TRIVIAL, params={"n": 1}).output == {"n": 1}
 
 
 def test_a_spare_killed_while_waiting_leaves_no_cgroup():

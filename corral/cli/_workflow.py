@@ -43,7 +43,7 @@ def add_commands(commands: Any) -> None:
 def _run_workflow(args: argparse.Namespace) -> int:
     from corral.runtime import WorkflowRuntime
 
-    workflow = json_argument("FILE", f"@{args.file}")
+    workflow = json_argument(args.file, f"@{args.file}")
     run_input = json_argument("--input", args.input)
     connections = json_argument("--connections", args.connections)
 

@@ -242,7 +242,16 @@ class Settings(BaseSettings):
     @field_validator("sandbox_executor", mode="before")
     @classmethod
     def _executor_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() not in _EXECUTOR_ALIASES:
+            raise ValueError("unknown executor")  # the field's description lists the names
         return parse_executor(value) if isinstance(value, str) else value
+
+    @field_validator("sandbox_cgroup_root")
+    @classmethod
+    def _inside_the_hierarchy(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value.split("/"):
+            raise ValueError("'..' would leave the cgroup hierarchy")
+        return value
 
     @field_validator("egress_allow", "egress_deny", "allowed_imports", mode="before")
     @classmethod
