@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import corral, leftovers, running_execution_pid
+from conftest import corral, leftovers, running_execution_pid, serving
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hello.py"
 JSON_KEYS = ["ok", "output", "logs", "executor", "usage", "error", "isolation"]
@@ -404,3 +405,63 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     _, stderr = process.communicate(timeout=60)
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert process.returncode == 1
+
+
+# -- corral workflow run: the README's example -------------------------------------------
+
+WORKFLOW = EXAMPLE.parent / "workflow"
+TRIAGE_INPUT = '{"title": "Checkout is slow", "body": "p95 doubled"}'
+
+
+def _stand_in() -> type:
+    """The README example's local stand-in for GitHub and Slack (examples/workflow)."""
+    spec = importlib.util.spec_from_file_location("run_offline", WORKFLOW / "run_offline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FakeApis
+
+
+def test_the_shipped_connections_file_asks_for_its_tokens(tmp_path):
+    """The README's workflow command, as written, stops before anything runs (exit 2) and
+    says which credential the shipped connections file still lacks."""
+    done = corral("workflow", "run", str(WORKFLOW / "triage.json"), "--input", TRIAGE_INPUT,
+                  "--connections", f"@{WORKFLOW / 'connections.json'}", "--json",
+                  cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert json.loads(done.stdout)["error"] == {
+        "type": "invalid_input",
+        "message": "connections: the github connection needs credentials.token or "
+        "credentials.access_token or credentials.api_key (bearer auth)",
+    }
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was stored
+
+
+def test_a_connection_no_node_uses_is_invalid_input(tmp_path):
+    """A connection for an app no node uses (a typo) names it and the apps the workflow uses."""
+    done = corral("workflow", "run", str(WORKFLOW / "triage.json"), "--input", TRIAGE_INPUT,
+                  "--connections", '{"githubb": {"credentials": {"token": "t0k3n"}}}',
+                  cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        "corral workflow: connections: no node of workflow 'triage' uses the app 'githubb'; "
+        "it uses github, slack\n"
+    )
+
+
+def test_the_shipped_connections_file_runs_once_filled_in(tmp_path):
+    """The shipped connections file with tokens filled in (and pointed at a local stand-in)
+    runs the README's workflow command to success."""
+    connections = json.loads((WORKFLOW / "connections.json").read_text())
+    with serving(_stand_in()) as server:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        connections["github"].update(baseUrl=base, credentials={"token": "ghp_test_token"})
+        connections["slack"].update(baseUrl=f"{base}/api", credentials={"token": "xoxb-test"})
+        (tmp_path / "connections.json").write_text(json.dumps(connections))
+        done = corral("workflow", "run", str(WORKFLOW / "triage.json"), "--input", TRIAGE_INPUT,
+                      "--connections", "@connections.json", "--json", cwd=tmp_path,
+                      env={"CORRAL_EGRESS_ALLOW": "127.0.0.1", "SANDBOX_MAX_MEMORY_MB": "64",
+                           "CORRAL_STATE_DIR": str(tmp_path / "state")})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = json.loads(done.stdout)
+    assert run["status"] == "succeeded"
+    assert run["nodes"]["notify"]["metadata"]["attempts"] == 2  # the stand-in's first 503

@@ -477,5 +477,6 @@ def test_the_workflow_command(catalog, service, tmp_path):
     failed = corral_cli(_one("missing/cli"))
     assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
     bad = corral_cli({"id": "wf", "nodes": [{"id": "n", "app": "nope", "function": "x"}]})
-    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["error"]["type"] == "invalid_input"  # one object, as ever
     assert len(bad.stderr.strip().splitlines()) == 1 and "unknown app 'nope'" in bad.stderr

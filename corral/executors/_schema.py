@@ -136,6 +136,31 @@ class _Model(BaseModel):
         return self
 
 
+#: The credential names each auth type reads, any one of which will do (what the generic path
+#: sends, and what a connection must carry before anything runs). Basic auth's password is
+#: optional: API keys used as the user (Stripe) have none.
+CREDENTIAL_NAMES: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "bearer": ("token", "access_token", "api_key"),
+    "basic": ("username", "user", "api_key"),
+    "header": ("api_key", "token"),
+    "query": ("api_key", "token"),
+}
+
+
+def missing_credentials(auth: dict[str, Any] | None, credentials: Any) -> str | None:
+    """What a connection's credentials lack for `auth` (a definition's `auth` object), or
+    None when nothing is missing."""
+    names = CREDENTIAL_NAMES.get((auth or {}).get("type", "none"), ())
+    if not names:
+        return None
+    given = credentials if isinstance(credentials, dict) else {}
+    if any(given.get(name) not in (None, "") for name in names):
+        return None
+    choice = " or ".join(f"credentials.{name}" for name in names)
+    return f"needs {choice} ({auth['type']} auth)"  # type: ignore[index]
+
+
 class Auth(_Model):
     """How the generic path authenticates with the connection's credentials."""
 
