@@ -142,7 +142,7 @@ def test_dead_zygote_is_restarted(sandbox):
     assert len(zygotes) == 1
     zygotes[0].kill()
     zygotes[0].wait(5)
-    assert sandbox.execute_sync(code, params=2).output == 2
+    assert sandbox.execute_sync(code, params={"n": 2}).output == {"n": 2}
 
 
 def _settled_fd_count(sandbox: NodeSandbox) -> int:

@@ -43,7 +43,7 @@ def test_ok_result_carries_output_logs_executor_and_usage(sandbox):
     assert result.usage.cpu_ms > 0
     assert result.usage.peak_memory_bytes > 0
     document = result.to_dict()
-    assert list(document) == ["ok", "output", "logs", "executor", "usage", "error"]
+    assert list(document) == ["ok", "output", "logs", "executor", "usage", "error", "isolation"]
     assert list(document["usage"]) == ["wall_ms", "cpu_ms", "peak_memory_bytes"]
     assert document["ok"] is True and document["error"] is None
 

@@ -61,7 +61,7 @@ def test_executions_reuse_one_worker(workers):
     workers.execute_sync(code, params={"n": 1})
     first = worker_pids()
     for n in range(5):
-        assert workers.execute_sync(code, params=n).output == n
+        assert workers.execute_sync(code, params={"n": n}).output == {"n": n}
     assert worker_pids() == first and len(first) == 1
 
 
