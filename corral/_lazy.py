@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
+import importlib
+from typing import Any
 
 
-def lazy_import(name: str) -> types.ModuleType:
-    """Module `name`, its import deferred to the first attribute read (importlib's LazyLoader);
-    the module itself when something imported it already."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+class LazyModule:
+    """Stands for module `name` and imports it at the first attribute read (the import
+    system's lock makes that safe from any thread); then every read is the module's own."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+    def __repr__(self) -> str:
+        return f"<module {self._name!r}, imported on first use>"
+
+
+def lazy_import(name: str) -> Any:
+    """Module `name`, imported when first used (see LazyModule)."""
+    return LazyModule(name)
