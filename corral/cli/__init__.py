@@ -30,11 +30,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, self)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("corral")
-    except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
-        return "unknown (not installed)"
+class _Version(argparse.Action):
+    """`--version`: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print corral's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        try:
+            version = metadata.version("corral")
+        except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+            version = "unknown (not installed)"
+        print(f"corral {version}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run untrusted connector code in a sandbox with hard limits.",
         epilog="Limits default to the SANDBOX_* environment variables; see the README.",
     )
-    parser.add_argument("--version", action="version", version=f"corral {_version()}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in (_run, _workflow, _catalog, _selftest):
         group.add_commands(commands)
