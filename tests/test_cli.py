@@ -465,3 +465,12 @@ def test_the_shipped_connections_file_runs_once_filled_in(tmp_path):
     run = json.loads(done.stdout)
     assert run["status"] == "succeeded"
     assert run["nodes"]["notify"]["metadata"]["attempts"] == 2  # the stand-in's first 503
+
+
+def test_a_workflow_file_that_is_not_json_is_named(tmp_path):
+    """A workflow file that is not JSON is named by its path, not as FILE."""
+    path = tmp_path / "broken.json"
+    path.write_text("{")
+    done = corral("workflow", "run", str(path))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"corral workflow: {path} is not valid JSON: ")

@@ -33,3 +33,9 @@ def test_the_contracts_doc_holds_what_a_program_relies_on():
                    "dependsOn", "fallback_reason", "circuit_state", "CORRAL_API_TOKEN",
                    "ENABLE_INLINE_WORKER", '"dedupe"'):  # fmt: skip
         assert needed in contracts, needed
+
+
+def test_the_readme_names_the_hosts_system_packages():
+    """The system packages a host needs are in the README, not only in .ci/run."""
+    for package in ("libseccomp2", "iproute2", "redis-server"):
+        assert f"`{package}`" in README, package
