@@ -46,7 +46,6 @@ import urllib.parse
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, Literal
 
 from corral._exceptions import ConfigError
@@ -718,6 +717,8 @@ class HttpBroker:
         key = tls_name or ""
         client = self._clients.get(key)
         if client is None:
+            from http.cookiejar import CookieJar, DefaultCookiePolicy  # with httpx: on first use
+
             client = self._clients[key] = httpx.AsyncClient(
                 verify=_ssl_context(),
                 trust_env=False,  # no proxies or .netrc credentials from the host's environment
