@@ -8,8 +8,9 @@ execution by a raw fork, a fresh interpreter, bubblewrap (where installed)
 and both backends (`latency.Latency`); the throughput of both backends at 1,
 2 and the worker pool's size in flight (`latency.Throughput`); a one-node
 workflow through WorkflowRuntime against a bare execution
-(`runtime.RuntimeBench`). Then, with everything idle, the memory of the
-zygote and of a worker (`memory.sandbox_memory`).
+(`runtime.RuntimeBench`); the start-up of whole commands, `import corral` and
+`corral run`, against a bare `python3 -I -c pass` (`startup.StartupBench`). Then, with
+everything idle, the memory of the zygote and of a worker (`memory.sandbox_memory`).
 
 Each row: the measured value, its baseline, their ratio, the target and
 PASS/FAIL (`info` where there is no target). Progress goes to stderr. Exit
@@ -29,8 +30,10 @@ from dataclasses import asdict, dataclass
 import latency
 import memory
 import runtime
+import startup
 from latency import Latency, Throughput, progress, warm_sandboxes
 from runtime import RuntimeBench
+from startup import StartupBench
 
 from corral.config import get_settings
 
@@ -44,10 +47,11 @@ class Sizes:
     slow: int  # fresh interpreter, bubblewrap and idle-first samples a round (~20-60 ms each)
     throughput: int  # executions of each backend at each concurrency a round
     runtime: int  # bare executions and workflows a round
+    startup: int  # runs of each whole command a round (~20-300 ms each)
 
 
-FULL = Sizes(rounds=10, latency=40, slow=8, throughput=40, runtime=20)
-QUICK = Sizes(rounds=3, latency=20, slow=4, throughput=20, runtime=10)
+FULL = Sizes(rounds=10, latency=40, slow=8, throughput=40, runtime=20, startup=2)
+QUICK = Sizes(rounds=3, latency=20, slow=4, throughput=20, runtime=10, startup=2)
 BARE_FLOOR_NOTE = (
     "fork floor timed inside a bare python -I -S, not this host: what a fork costs "
     "whatever the caller's size"
@@ -108,6 +112,7 @@ async def measure(sizes: Sizes) -> tuple[list[Row], dict[str, object]]:
     async with warm_sandboxes() as sandboxes, RuntimeBench(sizes.runtime) as workflows:
         lat = Latency(sandboxes, sizes.latency, sizes.slow, sizes.slow)
         put = Throughput(sandboxes, sizes.throughput)
+        commands = StartupBench(sizes.startup)
         for round_ in range(sizes.rounds):
             progress(f"round {round_ + 1}/{sizes.rounds}: latency")
             await lat.round()
@@ -115,6 +120,8 @@ async def measure(sizes: Sizes) -> tuple[list[Row], dict[str, object]]:
             await put.round()
             progress(f"round {round_ + 1}/{sizes.rounds}: runtime")
             await workflows.round()
+            progress(f"round {round_ + 1}/{sizes.rounds}: start-up")
+            await asyncio.to_thread(commands.round)
         progress("memory")
         await asyncio.sleep(SETTLE_S)
         footprints = memory.sandbox_memory()
@@ -167,6 +174,13 @@ async def measure(sizes: Sizes) -> tuple[list[Row], dict[str, object]]:
         memory_row("idle worker", footprints.workers, bare),
         ratio_row("runtime p50 / bare execution", workflows.p50("runtime"),
                   workflows.p50("bare"), "ms", at_most=runtime.TARGET_RATIO),
+        ratio_row("import corral / bare python", commands.p50("import"), commands.p50("bare"),
+                  "ms", at_most=startup.TARGET_IMPORT_RATIO,
+                  note="whole commands: python3 -I -c 'import corral' / python3 -I -c pass"),
+        ratio_row("corral run / bare python", commands.p50("run"), commands.p50("bare"), "ms",
+                  at_most=startup.TARGET_RUN_RATIO,
+                  note="corral run examples/hello.py --json, zygote start and clean-up "
+                       "included"),
     ]  # fmt: skip
     details = {
         "latency_ms": lat.summary(),
@@ -181,6 +195,7 @@ async def measure(sizes: Sizes) -> tuple[list[Row], dict[str, object]]:
             }
             for name in ("bare", "runtime")
         },
+        "startup_ms": {name: round(commands.p50(name), 1) for name in startup.COMMANDS},
         "memory_mb": {"bare interpreter": asdict(bare), **asdict(footprints)},
         "machine": {
             "cpus": _cpus(),
@@ -226,7 +241,9 @@ def main() -> int:
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.rounds is not None:
-        sizes = Sizes(args.rounds, sizes.latency, sizes.slow, sizes.throughput, sizes.runtime)
+        sizes = Sizes(
+            args.rounds, sizes.latency, sizes.slow, sizes.throughput, sizes.runtime, sizes.startup
+        )
     rows, details = asyncio.run(measure(sizes))
     met = all(row.passed is not False for row in rows)
     if args.json:

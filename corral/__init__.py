@@ -19,22 +19,38 @@ from corral._exceptions import (
     SandboxCrash,
     SandboxError,
 )
-from corral.config import FLAGS
-from corral.sandbox import UNSET, ExecutionResult, Limits, LogEntry, NodeSandbox, Usage
 
 __version__ = "0.1.0"
 
-#: Names of the runtime, imported on first use: `import corral` stays light for the
-#: sandbox alone (the runtime brings jsonschema, redis and prometheus-client).
-_RUNTIME = ("CircuitBreakerPolicy", "RetryManager", "RetryPolicy", "WorkflowRuntime")
+#: Where each name that is not an exception lives. They are imported on first use (PEP 562),
+#: so that `import corral` costs next to nothing: settings bring pydantic, the sandbox
+#: asyncio, the runtime jsonschema, redis and prometheus-client.
+_LAZY = {
+    "FLAGS": "corral.config",
+    **dict.fromkeys(
+        ("UNSET", "ExecutionResult", "Limits", "LogEntry", "NodeSandbox", "Usage"),
+        "corral.sandbox",
+    ),
+    **dict.fromkeys(
+        ("CircuitBreakerPolicy", "RetryManager", "RetryPolicy", "WorkflowRuntime"),
+        "corral.runtime",
+    ),
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _RUNTIME:
-        import corral.runtime
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    import importlib
 
-        return getattr(corral.runtime, name)
-    raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next read is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -295,9 +295,9 @@ def test_a_dir_that_is_not_a_folder_is_a_usage_error(tmp_path, kind):
 
 
 def test_the_committed_schema_is_the_models_export():
-    """connectors/schema.json is exactly what `json_schema()` and `corral catalog schema`
+    """corral/connectors/schema.json is exactly what `json_schema()` and `corral catalog schema`
     give, so the committed export cannot drift from the models (regenerate with
-    `corral catalog schema > connectors/schema.json`)."""
+    `corral catalog schema > corral/connectors/schema.json`)."""
     committed = SCHEMA_FILE.read_text(encoding="utf-8")
     assert json.loads(committed) == json_schema()
     done = corral("catalog", "schema")
@@ -306,7 +306,7 @@ def test_the_committed_schema_is_the_models_export():
 
 
 def test_shipped_definitions_validate_against_the_exported_schema():
-    """Every shipped connector.json validates against connectors/schema.json with
+    """Every shipped connector.json validates against corral/connectors/schema.json with
     jsonschema, and the exported schema still rejects a typo and a bad method."""
     schema = json.loads(SCHEMA_FILE.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -324,7 +324,7 @@ def test_shipped_definitions_validate_against_the_exported_schema():
 
 
 def test_validate_and_the_exported_schema_agree_on_a_lower_case_method():
-    """`corral catalog validate` and connectors/schema.json give the same verdict on a
+    """`corral catalog validate` and corral/connectors/schema.json give the same verdict on a
     lower-case method."""
     definition = copy.deepcopy(VALID)
     definition["actions"][1]["method"] = "post"

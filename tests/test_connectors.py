@@ -1,4 +1,4 @@
-"""The shipped connector catalog (`connectors/`) end to end.
+"""The shipped connector catalog (`corral/connectors/`) end to end.
 
 The real catalog (ConnectorFramework over SHIPPED_CATALOG), a real NodeSandbox on
 each backend, IntegrationManager, and a real HTTP server on 127.0.0.1 that records

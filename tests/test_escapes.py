@@ -1068,7 +1068,7 @@ def run(params, context):
     found = open('/proc/self/status').read()
     log(found)
     return found
-""", expect="code_error", evidence=FILE),
+""", evidence=FILE),
     case("help-builtin-globals", """
 def run(params, context):
     found = list(help.__call__.__globals__['sys'].modules)
@@ -1402,5 +1402,7 @@ def test_resource_attack_ends_in_its_type(sandbox, attack):
     assert elapsed < attack.within_s, f"took {elapsed:.1f} s"
     assert len(caught.value.message) < 100_000
     # At once: a worker that could not stop its code says so in its answer and is replaced.
-    follow_up = sandbox.execute_sync("def run(params, context):\n    return params\n", params=7)
+    follow_up = sandbox.execute_sync(
+        "def run(params, context):\n    return params['n']\n", params={"n": 7}
+    )
     assert follow_up.output == 7

@@ -140,13 +140,13 @@ def test_child_killed_from_outside_is_a_sandbox_crash(sandbox):
 def test_dead_zygote_is_restarted(sandbox):
     """If the zygote dies, the next execution starts a new one and succeeds."""
     code = "def run(params, context):\n    return params\n"
-    assert sandbox.execute_sync(code, params=1).output == 1
+    assert sandbox.execute_sync(code, params={"n": 1}).output == {"n": 1}
     zygotes = [child for child in psutil.Process().children()
                if "corral.sandbox._zygote" in " ".join(child.cmdline())]  # fmt: skip
     assert len(zygotes) == 1
     zygotes[0].kill()
     zygotes[0].wait(5)
-    assert sandbox.execute_sync(code, params=2).output == 2
+    assert sandbox.execute_sync(code, params={"n": 2}).output == {"n": 2}
 
 
 def _settled_fd_count(sandbox: NodeSandbox) -> int:

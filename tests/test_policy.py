@@ -127,3 +127,13 @@ def test_views_hold_no_mutable_containers():
                               for a in dir(value) if not a.startswith("_")]  # fmt: skip
             for path, item in reachable:
                 assert not isinstance(item, dict | list | set | bytearray), path
+
+
+def test_several_refusals_read_as_one_sentence_each():
+    """Compile refusals are joined with '; ' and no stray '.;' between them."""
+    _, error_type, message = compile_connector("_x = 1\n_y = 2\n")
+    assert error_type == "policy_violation"
+    assert ".;" not in message
+    assert (
+        message.startswith('Line 1: "_x" is an invalid variable name') and "; Line 2: " in message
+    )

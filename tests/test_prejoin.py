@@ -109,8 +109,8 @@ def test_cpu_spent_in_a_spares_cgroup_before_its_request_does_not_count():
                            "while time.process_time() < end:\n    pass"):  # fmt: skip
                 pass
             assert _cgroup(name).cpu_ns() >= 300_000_000  # charged to the spare's cgroup
-        result = sandbox.execute_sync(TRIVIAL, params=7)
-        assert result.output == 7
+        result = sandbox.execute_sync(TRIVIAL, params={"n": 7})
+        assert result.output == {"n": 7}
         assert result.usage.cpu_ms < 100
 
 
@@ -125,7 +125,7 @@ def test_a_spare_holding_more_than_the_limit_never_runs_an_execution_unlimited()
                 assert _cgroup(name).memory_bytes() >= 80 << 20
             with pytest.raises(corral.MemoryLimitExceeded):
                 sandbox.execute_sync(HOG)
-        assert sandbox.execute_sync(TRIVIAL, params=1).output == 1
+        assert sandbox.execute_sync(TRIVIAL, params={"n": 1}).output == {"n": 1}
 
 
 def test_a_spare_killed_while_waiting_leaves_no_cgroup():
@@ -141,7 +141,7 @@ def test_a_spare_killed_while_waiting_leaves_no_cgroup():
                   for name in spares):  # fmt: skip
             assert time.monotonic() < deadline, "a killed spare did not exit"
             time.sleep(0.01)
-        assert sandbox.execute_sync(TRIVIAL, params=2).output == 2
+        assert sandbox.execute_sync(TRIVIAL, params={"n": 2}).output == {"n": 2}
         assert _gone(list(spares)), "a dead spare's cgroup was left"
 
 
@@ -154,13 +154,13 @@ def test_a_zygote_restart_leaves_no_spare_cgroup():
         zygote = psutil.Process(sandbox._backend.zygote.pid)
         zygote.kill()  # no janitor: nothing sweeps the cgroups for the host
         zygote.wait(5)
-        assert sandbox.execute_sync(TRIVIAL, params=3).output == 3
+        assert sandbox.execute_sync(TRIVIAL, params={"n": 3}).output == {"n": 3}
         assert _gone(list(spares)), "a spare's cgroup outlived its zygote"
 
 
 def test_close_removes_the_cgroups_of_waiting_spares():
     """After close(), no cgroup a spare joined while waiting is left."""
     with NodeSandbox(executor="process", limits=Limits(max_memory_mb=64)) as sandbox:
-        assert sandbox.execute_sync(TRIVIAL, params=4).output == 4
+        assert sandbox.execute_sync(TRIVIAL, params={"n": 4}).output == {"n": 4}
         spares = _waiting_spares(2)
     assert _gone(list(spares), timeout=0.0)

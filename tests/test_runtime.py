@@ -477,5 +477,29 @@ def test_the_workflow_command(catalog, service, tmp_path):
     failed = corral_cli(_one("missing/cli"))
     assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
     bad = corral_cli({"id": "wf", "nodes": [{"id": "n", "app": "nope", "function": "x"}]})
-    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["error"]["type"] == "invalid_input"  # one object, as ever
     assert len(bad.stderr.strip().splitlines()) == 1 and "unknown app 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("connections", "expected"),
+    [
+        ({"svc": {"baseUrl": "http://127.0.0.1:9"}},
+         r"the svc connection needs credentials.token or credentials.access_token or "
+         r"credentials.api_key \(bearer auth\)"),
+        ({"svc": {"credentials": {"token": ""}}}, "the svc connection needs credentials.token"),
+        (None, "the svc connection needs credentials.token"),
+        ({"svc": {"credentials": {"token": TOKEN}}, "svcc": {}},
+         "no node of workflow 'wf' uses the app 'svcc'; it uses svc"),
+    ],
+    ids=["no-credentials", "empty-token", "no-connection", "unused-app"],
+)  # fmt: skip
+def test_connections_are_checked_before_anything_runs(catalog, sandbox, service, connections,
+                                                      expected):  # fmt: skip
+    """Credentials a node's app needs (its definition's auth) and a connection for an app no
+    node uses are InvalidInput before any request, naming what to fix."""
+    spec = {"CORRAL_STATE_DIR": str(catalog.parent / "state")}
+    with pytest.raises(corral.InvalidInput, match=expected):
+        _run(catalog, sandbox, spec, _one("ok/1"), connections=connections)
+    assert service.hits == []

@@ -44,7 +44,7 @@ def test_ok_result_carries_output_logs_executor_and_usage(sandbox):
     assert result.usage.cpu_ms > 0
     assert result.usage.peak_memory_bytes > 0
     document = result.to_dict()
-    assert list(document) == ["ok", "output", "logs", "executor", "usage", "error"]
+    assert list(document) == ["ok", "output", "logs", "executor", "usage", "error", "isolation"]
     assert list(document["usage"]) == ["wall_ms", "cpu_ms", "peak_memory_bytes"]
     assert document["ok"] is True and document["error"] is None
 
@@ -457,3 +457,23 @@ def test_error_message_is_cut_after_masking(sandbox):
     error = expect(sandbox, "code_error", code, context={"t": "tok_live_9f8e7d6c5b"},
                    secrets=["tok_live_9f8e7d6c5b"])  # fmt: skip
     assert "tok_live" not in error.message and "9f8e7d" not in error.message
+
+
+def test_open_is_a_policy_violation_even_when_caught(sandbox):
+    """open() is refused as a policy_violation, also when the code catches what it raised."""
+    code = (
+        "def run(params, context):\n"
+        "    try:\n"
+        "        open('/etc/passwd')\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "    return 'escaped'\n"
+    )
+    with pytest.raises(corral.PolicyViolation, match=r"open\(\) is refused"):
+        sandbox.execute_sync(code)
+
+
+def test_params_must_be_a_json_object(sandbox):
+    """params that are not a JSON object are invalid_input: nothing runs."""
+    with pytest.raises(corral.InvalidInput, match="params must be a JSON object, not an array"):
+        sandbox.execute_sync("def run(params, context):\n    return 1\n", params=[1, 2])

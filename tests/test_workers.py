@@ -59,10 +59,10 @@ def workers(clean_env) -> Iterator[NodeSandbox]:
 def test_executions_reuse_one_worker(workers):
     """Back-to-back executions run in the same long-lived worker process."""
     code = "def run(params, context):\n    return params\n"
-    workers.execute_sync(code, params=1)
+    workers.execute_sync(code, params={"n": 1})
     first = worker_pids()
     for n in range(5):
-        assert workers.execute_sync(code, params=n).output == n
+        assert workers.execute_sync(code, params={"n": n}).output == {"n": n}
     assert worker_pids() == first and len(first) == 1
 
 

@@ -41,7 +41,7 @@ def add_commands(commands: Any) -> None:
 
     validate = command(
         "validate", "check every definition against the schema",
-        "Check every connector.json against the schema (connectors/schema.json) and every "
+        "Check every connector.json against the schema (corral/connectors/schema.json) and every "
         "handlers.py against the sandbox's policy. Exit status: 0 all valid, 1 a problem found.",
     )  # fmt: skip
     validate.set_defaults(handler=_catalog_validate)
@@ -76,7 +76,8 @@ def add_commands(commands: Any) -> None:
     openapi.set_defaults(handler=_catalog_import_openapi)
     schema = catalog.add_parser(
         "schema", help="print the definition schema (JSON Schema)",
-        description="Print the JSON Schema of a connector definition (connectors/schema.json).",
+        description="Print the JSON Schema of a connector definition "
+        "(corral/connectors/schema.json).",
     )  # fmt: skip
     schema.set_defaults(handler=_catalog_schema)
 

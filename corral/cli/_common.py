@@ -32,7 +32,8 @@ def json_argument(option: str, text: str) -> Any:
         try:
             text = Path(text[1:]).read_text(encoding="utf-8")
         except OSError as exc:
-            raise UsageError(f"{option}: cannot read {text[1:]}: {exc.strerror}") from None
+            where = "" if option == text[1:] else f"{option}: "
+            raise UsageError(f"{where}cannot read {text[1:]}: {exc.strerror}") from None
     try:
         return json.loads(text)
     except ValueError as exc:

@@ -7,9 +7,11 @@ import json
 import sys
 from typing import Any
 
+from corral._warnings import claim
 from corral.cli._common import table
 from corral.config import get_settings
 from corral.sandbox import NodeSandbox
+from corral.sandbox._sandbox import NO_MEMORY_LIMIT
 
 
 def add_commands(commands: Any) -> None:
@@ -36,6 +38,9 @@ def _selftest(args: argparse.Namespace) -> int:
         if not args.json or sys.stderr.isatty():
             print(f"\rselftest: {index}/{total} {name:<20}", end="", file=sys.stderr, flush=True)
 
+    # The memory checks set their own limit: a warning about executions without one is
+    # not this command's to give.
+    claim(NO_MEMORY_LIMIT)
     with NodeSandbox(executor=args.executor) as sandbox:
         report = run_selftest(sandbox, settings, progress)
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import warnings
 from typing import Any
 
 from corral._exceptions import InvalidInput
+from corral._warnings import claim
 from corral.cli._common import UsageError, json_argument, printable, table
 from corral.config import get_settings
+from corral.sandbox._sandbox import NO_MEMORY_LIMIT
 
 
 def add_commands(commands: Any) -> None:
@@ -43,7 +46,7 @@ def add_commands(commands: Any) -> None:
 def _run_workflow(args: argparse.Namespace) -> int:
     from corral.runtime import WorkflowRuntime
 
-    workflow = json_argument("FILE", f"@{args.file}")
+    workflow = json_argument(args.file, f"@{args.file}")
     run_input = json_argument("--input", args.input)
     connections = json_argument("--connections", args.connections)
 
@@ -53,10 +56,17 @@ def _run_workflow(args: argparse.Namespace) -> int:
                 workflow, input=run_input, connections=connections, run_id=args.run_id
             )
 
+    # The warning about executions without a memory limit comes after the checks, in the
+    # command's words, so that bad input is the one line a user sees.
+    advise = get_settings().sandbox_max_memory_mb is None and claim(NO_MEMORY_LIMIT)
     try:
         outcome = asyncio.run(run())
     except InvalidInput as exc:
         raise UsageError(exc.message) from None
+    if advise:
+        warnings.warn(
+            "executions have no memory limit; set SANDBOX_MAX_MEMORY_MB", RuntimeWarning, 1
+        )
     if args.json:
         print(json.dumps(outcome.to_dict()))
     else:

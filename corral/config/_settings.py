@@ -1,15 +1,21 @@
-"""Deployment settings read from environment variables (DESIGN §2)."""
+"""Deployment settings read from environment variables (DESIGN §2).
+
+`Settings` is the one source of every variable's name, default and check: each field
+carries its `Setting` (the variable, how its text becomes a value, what it expects).
+Plain Python on purpose: every `corral` command reads the settings first, and a
+validation library's import and schema build took most of a short command's start-up.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Any
 
 from corral._exceptions import ConfigError
 from corral.config._imports import DEFAULT_ALLOWED_IMPORTS, SAFE_MODULES
@@ -51,231 +57,289 @@ class CgroupMode(enum.StrEnum):
     OFF = "off"  # never: rlimits and polling only
 
 
-def _split_commas(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+class SecretStr:
+    """A secret setting: shown as `**********`, read with `get_secret_value()`."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        """The secret itself."""
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretStr) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "SecretStr('**********')"
+
+    __str__ = __repr__
 
 
-PositiveMs = Annotated[int, Field(gt=0)]
-CommaList = Annotated[list[str], NoDecode]
+# -- how a variable's text becomes a value: each raises ValueError saying what is wrong ----
+
+Parse = Callable[[Any], Any]
 
 
-class Settings(BaseSettings):
-    """Every setting of a deployment; each field is read from the env var named by its alias."""
+def _whole(minimum: int = 1, maximum: int | None = None) -> Parse:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("not a whole number")
+        if isinstance(value, str):
+            text = value.strip()
+            if not text.lstrip("+-").isdigit():
+                raise ValueError("not a whole number")
+            value = int(text)
+        if not isinstance(value, int):
+            raise ValueError("not a whole number")
+        if value < minimum:
+            raise ValueError(f"below {minimum}" if minimum > 1 else "not positive")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"above {maximum}")
+        return value
 
-    model_config = SettingsConfigDict(
-        case_sensitive=False, extra="ignore", env_ignore_empty=True, frozen=True
-    )
+    return parse
 
-    sandbox_executor: ExecutorKind | None = Field(
-        None,
-        alias="SANDBOX_EXECUTOR",
-        description="process (also proc, child_process, processes) or worker "
+
+def _positive_number(value: Any) -> float:
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError("not a number") from None
+    if isinstance(value, bool) or not number > 0 or number == float("inf"):
+        raise ValueError("not a positive number")
+    return number
+
+
+_TRUE = {"true", "1", "yes", "on", "t", "y"}
+_FALSE = {"false", "0", "no", "off", "f", "n"}
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError("not a boolean")
+
+
+def _choice(*choices: str) -> Parse:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _executor(value: Any) -> ExecutorKind:
+    if isinstance(value, ExecutorKind):
+        return value
+    if str(value).strip().lower() not in _EXECUTOR_ALIASES:
+        raise ValueError("unknown executor")  # the setting's `expected` lists the names
+    return parse_executor(str(value))
+
+
+def _cgroup_mode(value: Any) -> CgroupMode:
+    return CgroupMode(_choice(*CgroupMode)(value))
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _cgroup_path(value: Any) -> str:
+    if ".." in str(value).split("/"):
+        raise ValueError("'..' would leave the cgroup hierarchy")
+    return str(value)
+
+
+def _separated(separator: str) -> Parse:
+    def parse(value: Any) -> list[str]:
+        parts = value.split(separator) if isinstance(value, str) else list(value)
+        return [str(part).strip() for part in parts if str(part).strip()]
+
+    return parse
+
+
+def _importable(value: Any) -> list[str]:
+    names = _separated(",")(value)
+    for name in names:
+        if name not in SAFE_MODULES:
+            raise ValueError(
+                f"{name!r} has no safe view (modules like os, sys or socket reach the host); "
+                f"importable modules are {', '.join(sorted(SAFE_MODULES))}"
+            )
+    return names
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, how its text becomes a value, what it expects."""
+
+    variable: str
+    parse: Parse
+    expected: str
+
+
+def _setting(
+    variable: str, parse: Parse, expected: str, default: Any = None, *, factory: Any = None
+) -> Any:
+    """A field of Settings read from `variable`."""
+    metadata = {"setting": Setting(variable, parse, expected)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_WHOLE_MS = "a positive whole number of milliseconds"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a deployment; each field is read from the env var its Setting names."""
+
+    sandbox_executor: ExecutorKind | None = _setting(
+        "SANDBOX_EXECUTOR", _executor,
+        "process (also proc, child_process, processes) or worker "
         "(also worker_thread, worker-threads, thread)",
+    )  # fmt: skip
+    worker_sandbox_enabled: bool = _setting(
+        "WORKER_SANDBOX_ENABLED", _boolean, "true or false", False
     )
-    worker_sandbox_enabled: bool = Field(
-        False, alias="WORKER_SANDBOX_ENABLED", description="true or false"
+    sandbox_max_cpu_ms: int | None = _setting(
+        "SANDBOX_MAX_CPU_MS", _whole(),
+        "a positive whole number of milliseconds of CPU time; unset for no limit",
+    )  # fmt: skip
+    sandbox_cpu_quota_ms: int | None = _setting(
+        "SANDBOX_CPU_QUOTA_MS", _whole(),
+        "a positive whole number of CPU milliseconds per 100 ms period (100 = one core); "
+        "unset for no throttle",
+    )  # fmt: skip
+    sandbox_max_memory_mb: int | None = _setting(
+        "SANDBOX_MAX_MEMORY_MB", _whole(),
+        "a positive whole number of megabytes; unset for no limit",
+    )  # fmt: skip
+    sandbox_cgroup_root: str | None = _setting(
+        "SANDBOX_CGROUP_ROOT", _cgroup_path,
+        "a cgroup path such as 'corral' or '/system.slice/corral'",
+    )  # fmt: skip
+    sandbox_heartbeat_interval_ms: int = _setting(
+        "SANDBOX_HEARTBEAT_INTERVAL_MS", _whole(25),
+        "a whole number of milliseconds, at least 25", 500,
+    )  # fmt: skip
+    sandbox_heartbeat_timeout_ms: int = _setting(
+        "SANDBOX_HEARTBEAT_TIMEOUT_MS", _whole(),
+        "a whole number of milliseconds, at least twice SANDBOX_HEARTBEAT_INTERVAL_MS", 3000,
+    )  # fmt: skip
+    generic_executor_enabled: bool = _setting(
+        "GENERIC_EXECUTOR_ENABLED", _boolean, "true or false", False
     )
-    sandbox_max_cpu_ms: PositiveMs | None = Field(
-        None,
-        alias="SANDBOX_MAX_CPU_MS",
-        description="a positive whole number of milliseconds of CPU time; unset for no limit",
+    enable_inline_worker: bool | None = _setting("ENABLE_INLINE_WORKER", _boolean, "true or false")
+    state_dir: Path = _setting("CORRAL_STATE_DIR", Path, "a directory path", Path(".corral"))
+    redis_url: str | None = _setting("CORRAL_REDIS_URL", _text, "a redis:// or rediss:// URL")
+    egress_allow: list[str] = _setting(
+        "CORRAL_EGRESS_ALLOW", _separated(","),
+        "comma-separated domains (*.example.com) and CIDRs", factory=list,
+    )  # fmt: skip
+    egress_deny: list[str] = _setting(
+        "CORRAL_EGRESS_DENY", _separated(","),
+        "comma-separated domains (*.example.com) and CIDRs", factory=list,
+    )  # fmt: skip
+    egress_default: str = _setting(
+        "CORRAL_EGRESS_DEFAULT", _choice("allow", "deny"), "allow or deny", "allow"
     )
-    sandbox_cpu_quota_ms: PositiveMs | None = Field(
-        None,
-        alias="SANDBOX_CPU_QUOTA_MS",
-        description="a positive whole number of CPU milliseconds per 100 ms period "
-        "(100 = one core); unset for no throttle",
-    )
-    sandbox_max_memory_mb: PositiveMs | None = Field(
-        None,
-        alias="SANDBOX_MAX_MEMORY_MB",
-        description="a positive whole number of megabytes; unset for no limit",
-    )
-    sandbox_cgroup_root: str | None = Field(
-        None,
-        alias="SANDBOX_CGROUP_ROOT",
-        description="a cgroup path such as 'corral' or '/system.slice/corral'",
-    )
-    sandbox_heartbeat_interval_ms: int = Field(
-        500,
-        ge=25,
-        alias="SANDBOX_HEARTBEAT_INTERVAL_MS",
-        description="a whole number of milliseconds, at least 25",
-    )
-    sandbox_heartbeat_timeout_ms: PositiveMs = Field(
-        3000,
-        alias="SANDBOX_HEARTBEAT_TIMEOUT_MS",
-        description="a whole number of milliseconds, at least twice SANDBOX_HEARTBEAT_INTERVAL_MS",
-    )
-    generic_executor_enabled: bool = Field(
-        False, alias="GENERIC_EXECUTOR_ENABLED", description="true or false"
-    )
-    enable_inline_worker: bool | None = Field(
-        None, alias="ENABLE_INLINE_WORKER", description="true or false"
-    )
-    state_dir: Path = Field(
-        Path(".corral"), alias="CORRAL_STATE_DIR", description="a directory path"
-    )
-    redis_url: str | None = Field(
-        None, alias="CORRAL_REDIS_URL", description="a redis:// or rediss:// URL"
-    )
-    egress_allow: CommaList = Field(
-        default_factory=list,
-        alias="CORRAL_EGRESS_ALLOW",
-        description="comma-separated domains (*.example.com) and CIDRs",
-    )
-    egress_deny: CommaList = Field(
-        default_factory=list,
-        alias="CORRAL_EGRESS_DENY",
-        description="comma-separated domains (*.example.com) and CIDRs",
-    )
-    egress_default: Literal["allow", "deny"] = Field(
-        "allow", alias="CORRAL_EGRESS_DEFAULT", description="allow or deny"
-    )
-    http_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        alias="CORRAL_HTTP_TIMEOUT_S",
-        description="a positive number of seconds for one brokered HTTP request",
-    )
-    http_max_response_bytes: PositiveMs = Field(
+    http_timeout_s: float = _setting(
+        "CORRAL_HTTP_TIMEOUT_S", _positive_number,
+        "a positive number of seconds for one brokered HTTP request", 30.0,
+    )  # fmt: skip
+    http_max_response_bytes: int = _setting(
+        "CORRAL_HTTP_MAX_RESPONSE_BYTES", _whole(), "a positive whole number of bytes",
         10 << 20,  # 10 MiB: API responses, not downloads
-        alias="CORRAL_HTTP_MAX_RESPONSE_BYTES",
-        description="a positive whole number of bytes",
-    )
-    http_max_requests: PositiveMs = Field(
+    )  # fmt: skip
+    http_max_requests: int = _setting(
+        "CORRAL_HTTP_MAX_REQUESTS", _whole(),
+        "a positive whole number of requests per execution",
         100,  # per execution: a connector pages through an API, it does not crawl it
-        alias="CORRAL_HTTP_MAX_REQUESTS",
-        description="a positive whole number of requests per execution",
-    )
-    http_max_redirects: int = Field(
-        5,
-        ge=0,
-        alias="CORRAL_HTTP_MAX_REDIRECTS",
-        description="a whole number of redirects the host follows, 0 for none",
-    )
-    sandbox_uid: int = Field(
+    )  # fmt: skip
+    http_max_redirects: int = _setting(
+        "CORRAL_HTTP_MAX_REDIRECTS", _whole(0),
+        "a whole number of redirects the host follows, 0 for none", 5,
+    )  # fmt: skip
+    sandbox_uid: int = _setting(
+        "CORRAL_SANDBOX_UID", _whole(1, (1 << 32) - 3),
+        "the first of two unused host uids (and gids) sandbox processes run as",
         0x5F000000,  # far above any account a distribution creates
-        ge=1,
-        le=(1 << 32) - 3,
-        alias="CORRAL_SANDBOX_UID",
-        description="the first of two unused host uids (and gids) sandbox processes run as",
+    )  # fmt: skip
+    connectors_dir: list[str] = _setting(
+        "CORRAL_CONNECTORS_DIR", _separated(":"),
+        "colon-separated catalog folders, searched before the shipped one", factory=list,
+    )  # fmt: skip
+    retry_max_attempts: int = _setting(
+        "CORRAL_RETRY_MAX_ATTEMPTS", _whole(), "a positive whole number of attempts", 3
     )
-    connectors_dir: CommaList = Field(
-        default_factory=list,
-        alias="CORRAL_CONNECTORS_DIR",
-        description="colon-separated catalog folders, searched before the shipped one",
-    )
-    retry_max_attempts: PositiveMs = Field(
-        3, alias="CORRAL_RETRY_MAX_ATTEMPTS", description="a positive whole number of attempts"
-    )
-    retry_initial_ms: PositiveMs = Field(
-        200, alias="CORRAL_RETRY_INITIAL_MS", description="a positive whole number of milliseconds"
-    )
-    retry_max_ms: PositiveMs = Field(
-        10_000, alias="CORRAL_RETRY_MAX_MS", description="a positive whole number of milliseconds"
-    )
-    breaker_failure_threshold: PositiveMs = Field(
-        5,
-        alias="CORRAL_BREAKER_FAILURE_THRESHOLD",
-        description="a positive whole number of consecutive failed executions",
-    )
-    breaker_reset_ms: PositiveMs = Field(
-        30_000,
-        alias="CORRAL_BREAKER_RESET_MS",
-        description="a positive whole number of milliseconds",
-    )
-    idempotency_ttl_s: PositiveMs = Field(
-        86_400, alias="CORRAL_IDEMPOTENCY_TTL_S", description="a positive whole number of seconds"
+    retry_initial_ms: int = _setting("CORRAL_RETRY_INITIAL_MS", _whole(), _WHOLE_MS, 200)
+    retry_max_ms: int = _setting("CORRAL_RETRY_MAX_MS", _whole(), _WHOLE_MS, 10_000)
+    breaker_failure_threshold: int = _setting(
+        "CORRAL_BREAKER_FAILURE_THRESHOLD", _whole(),
+        "a positive whole number of consecutive failed executions", 5,
+    )  # fmt: skip
+    breaker_reset_ms: int = _setting("CORRAL_BREAKER_RESET_MS", _whole(), _WHOLE_MS, 30_000)
+    idempotency_ttl_s: int = _setting(
+        "CORRAL_IDEMPOTENCY_TTL_S", _whole(), "a positive whole number of seconds", 86_400
     )
     # 30 days: a cursor keeps older items out anyway; keys only need to outlive the window
     # in which an API still lists an item it returned before.
-    trigger_seen_ttl_s: PositiveMs = Field(
-        30 * 86_400,
-        alias="CORRAL_TRIGGER_SEEN_TTL_S",
-        description="a positive whole number of seconds",
+    trigger_seen_ttl_s: int = _setting(
+        "CORRAL_TRIGGER_SEEN_TTL_S", _whole(), "a positive whole number of seconds", 30 * 86_400
     )
-    api_token: SecretStr | None = Field(
-        None, alias="CORRAL_API_TOKEN", description="a bearer token"
+    api_token: SecretStr | None = _setting("CORRAL_API_TOKEN", SecretStr, "a bearer token")
+    cgroups: CgroupMode = _setting(
+        "CORRAL_CGROUPS", _cgroup_mode, "auto, required or off", CgroupMode.AUTO
     )
-    cgroups: CgroupMode = Field(
-        CgroupMode.AUTO, alias="CORRAL_CGROUPS", description="auto, required or off"
-    )
-    allowed_imports: CommaList = Field(
-        default_factory=lambda: list(DEFAULT_ALLOWED_IMPORTS),
-        alias="CORRAL_ALLOWED_IMPORTS",
-        description="comma-separated modules among those with a safe view",
-    )
-    max_output_bytes: PositiveMs = Field(
+    allowed_imports: list[str] = _setting(
+        "CORRAL_ALLOWED_IMPORTS", _importable,
+        "comma-separated modules among those with a safe view",
+        factory=lambda: list(DEFAULT_ALLOWED_IMPORTS),
+    )  # fmt: skip
+    max_output_bytes: int = _setting(
+        "CORRAL_MAX_OUTPUT_BYTES", _whole(), "a positive whole number of bytes",
         1 << 20,  # 1 MiB of JSON: connector results are records, not files
-        alias="CORRAL_MAX_OUTPUT_BYTES",
-        description="a positive whole number of bytes",
-    )
-    max_log_bytes: PositiveMs = Field(
+    )  # fmt: skip
+    max_log_bytes: int = _setting(
+        "CORRAL_MAX_LOG_BYTES", _whole(), "a positive whole number of bytes",
         256 << 10,  # 256 KiB of log text per execution stops a log flood early
-        alias="CORRAL_MAX_LOG_BYTES",
-        description="a positive whole number of bytes",
-    )
-    worker_pool_size: PositiveMs = Field(
-        default_factory=lambda: os.cpu_count() or 1,  # one worker per core keeps them all busy
-        alias="CORRAL_WORKER_POOL_SIZE",
-        description="a positive whole number of worker processes",
-    )
-    worker_max_executions: PositiveMs = Field(
+    )  # fmt: skip
+    worker_pool_size: int = _setting(
+        "CORRAL_WORKER_POOL_SIZE", _whole(), "a positive whole number of worker processes",
+        factory=lambda: os.cpu_count() or 1,  # one worker per core keeps them all busy
+    )  # fmt: skip
+    worker_max_executions: int = _setting(
+        "CORRAL_WORKER_MAX_EXECUTIONS", _whole(),
+        "a positive whole number of executions before a worker is replaced",
         1000,  # bounds what a long-lived interpreter accumulates (caches, fragmentation)
-        alias="CORRAL_WORKER_MAX_EXECUTIONS",
-        description="a positive whole number of executions before a worker is replaced",
-    )
-    worker_max_memory_mb: PositiveMs = Field(
+    )  # fmt: skip
+    worker_max_memory_mb: int = _setting(
+        "CORRAL_WORKER_MAX_MEMORY_MB", _whole(), "a positive whole number of megabytes",
         256,  # growth of a worker's resident memory past its start before it is replaced
-        alias="CORRAL_WORKER_MAX_MEMORY_MB",
-        description="a positive whole number of megabytes",
-    )
-    max_code_bytes: PositiveMs = Field(
+    )  # fmt: skip
+    max_code_bytes: int = _setting(
+        "CORRAL_MAX_CODE_BYTES", _whole(), "a positive whole number of bytes",
         512 << 10,  # connector sources are a few KiB; this bounds compile time and memory
-        alias="CORRAL_MAX_CODE_BYTES",
-        description="a positive whole number of bytes",
-    )
+    )  # fmt: skip
 
-    @field_validator("sandbox_executor", mode="before")
-    @classmethod
-    def _executor_alias(cls, value: Any) -> Any:
-        return parse_executor(value) if isinstance(value, str) else value
-
-    @field_validator("egress_allow", "egress_deny", "allowed_imports", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return _split_commas(value)
-
-    @field_validator("connectors_dir", mode="before")
-    @classmethod
-    def _colon_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(":") if part.strip()]
-        return value
-
-    @field_validator("allowed_imports")
-    @classmethod
-    def _only_modules_with_a_view(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in SAFE_MODULES:
-                raise ValueError(
-                    f"{name!r} has no safe view (modules like os, sys or socket reach the host); "
-                    f"importable modules are {', '.join(sorted(SAFE_MODULES))}"
-                )
-        return value
-
-    @model_validator(mode="after")
-    def _heartbeat_bounds(self) -> Settings:
+    def __post_init__(self) -> None:
         if self.sandbox_heartbeat_timeout_ms < 2 * self.sandbox_heartbeat_interval_ms:
-            raise ValueError(
-                "SANDBOX_HEARTBEAT_TIMEOUT_MS must be at least twice "
-                f"SANDBOX_HEARTBEAT_INTERVAL_MS ({self.sandbox_heartbeat_interval_ms} ms), "
-                f"got {self.sandbox_heartbeat_timeout_ms}"
+            raise ConfigError(
+                "corral: invalid configuration: SANDBOX_HEARTBEAT_TIMEOUT_MS must be at least "
+                f"twice SANDBOX_HEARTBEAT_INTERVAL_MS ({self.sandbox_heartbeat_interval_ms} "
+                f"ms), got {self.sandbox_heartbeat_timeout_ms}"
             )
-        return self
 
     @property
     def executor(self) -> ExecutorKind:
@@ -285,28 +349,36 @@ class Settings(BaseSettings):
         return ExecutorKind.WORKER if self.worker_sandbox_enabled else ExecutorKind.PROCESS
 
 
-def _one_line(error: ValidationError) -> str:
-    """The first problem of a validation error as one line naming the variable."""
-    first = error.errors(include_url=False)[0]
-    loc = [str(part) for part in first.get("loc", ())]
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if not loc:  # a model-level rule: its message already names the variables
-        return f"corral: invalid configuration: {message}"
-    field = Settings.model_fields.get(loc[0]) or next(
-        (f for f in Settings.model_fields.values() if f.alias == loc[0]), None
-    )
-    name = field.alias if field is not None and field.alias else loc[0].upper()
-    raw = os.environ.get(name, first.get("input"))
-    expected = f"; expected {field.description}" if field is not None and field.description else ""
-    return f"corral: {name}={raw!r} is invalid: {message}{expected}"
+#: Every setting by its variable's name, with the field it fills.
+SETTINGS: dict[str, tuple[str, Setting]] = {
+    f.metadata["setting"].variable: (f.name, f.metadata["setting"])
+    for f in dataclasses.fields(Settings)
+}
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings from the environment; raise ConfigError with one line on a bad value."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+    """Read settings from the environment (names in any letter case; empty means unset),
+    `overrides` (by variable name) winning; raise ConfigError with one line on a bad value."""
+    given: dict[str, Any] = {}
+    by_upper = {variable.upper(): variable for variable in SETTINGS}
+    for name, value in os.environ.items():
+        variable = by_upper.get(name.upper())
+        if variable is not None and value != "":
+            given[variable] = value
+    given.update((name, value) for name, value in overrides.items() if name in SETTINGS)
+    values = {}
+    for variable, raw in given.items():
+        name, setting = SETTINGS[variable]
+        if raw is None:
+            values[name] = None
+            continue
+        try:
+            values[name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"corral: {variable}={raw!r} is invalid: {exc}; expected {setting.expected}"
+            ) from None
+    return Settings(**values)
 
 
 @functools.cache

@@ -21,7 +21,13 @@ from corral.executors._integration import (
     credential_secrets,
 )
 from corral.executors._openapi import ImportReport, import_openapi
-from corral.executors._schema import ConnectorDefinition, Problem, json_schema, problems
+from corral.executors._schema import (
+    ConnectorDefinition,
+    Problem,
+    json_schema,
+    missing_credentials,
+    problems,
+)
 
 __all__ = [
     "BACKFILLS",
@@ -46,6 +52,7 @@ __all__ = [
     "import_openapi",
     "json_schema",
     "load_connector",
+    "missing_credentials",
     "normalise_app_id",
     "problems",
 ]

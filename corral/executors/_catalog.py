@@ -1,7 +1,7 @@
 """The connector catalog: definitions (`connector.json`) and bespoke handlers (`handlers.py`).
 
 Host side. A catalog folder holds one folder per app (DESIGN §8). Folders
-from CORRAL_CONNECTORS_DIR are searched before the shipped `connectors/`;
+from CORRAL_CONNECTORS_DIR are searched before the shipped `corral/connectors/`;
 the first folder that defines an app wins. Handlers are connector code: the
 host never imports them, it only reads their source and (with `ast`) the
 names of their top-level functions; they run in the sandbox.
@@ -26,8 +26,8 @@ from corral.config import DEFAULT_ALLOWED_IMPORTS, Settings
 from corral.config._imports import view_attributes
 from corral.executors._schema import problems
 
-#: The catalog shipped with corral, next to the package.
-SHIPPED_CATALOG = Path(__file__).resolve().parents[2] / "connectors"
+#: The catalog shipped with corral: package data, in the source tree and in a wheel alike.
+SHIPPED_CATALOG = Path(__file__).resolve().parents[1] / "connectors"
 
 
 class CatalogError(ConfigError):

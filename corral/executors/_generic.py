@@ -14,10 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from corral.executors._catalog import Connector, Operation
+from corral.executors._schema import CREDENTIAL_NAMES
 
 ENTRY_POINT = "run"
 
-GENERIC_SOURCE = """
+GENERIC_SOURCE = (
+    f"CREDENTIAL_NAMES = {CREDENTIAL_NAMES!r}\n"
+    + """
 import base64
 import re
 import urllib.parse
@@ -39,18 +42,18 @@ def authorise(auth, credentials, headers, query):
     if kind == "none":
         return
     if kind == "bearer":
-        token = credential(credentials, ["token", "access_token", "api_key"])
+        token = credential(credentials, CREDENTIAL_NAMES["bearer"])
         headers["Authorization"] = "Bearer " + token
     elif kind == "basic":
-        user = credential(credentials, ["username", "user", "api_key"])
+        user = credential(credentials, CREDENTIAL_NAMES["basic"])
         password = str(credentials.get("password") or "")
         pair = (user + ":" + password).encode("utf-8")
         headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
     elif kind == "header":
-        value = credential(credentials, ["api_key", "token"])
+        value = credential(credentials, CREDENTIAL_NAMES["header"])
         headers[auth.get("name") or "X-API-Key"] = (auth.get("prefix") or "") + value
     elif kind == "query":
-        query[auth.get("name") or "api_key"] = credential(credentials, ["api_key", "token"])
+        query[auth.get("name") or "api_key"] = credential(credentials, CREDENTIAL_NAMES["query"])
     else:
         raise ValueError("unknown auth type " + repr(kind))
 
@@ -99,6 +102,7 @@ def run(params, context):
         data = response.json()
     return {"status": response.status_code, "headers": response.headers, "data": data}
 """
+)
 
 
 def generic_request(connector: Connector, operation: Operation) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Host side. `problems(definition)` lists everything wrong with a definition as
 `Problem(path, message)`, `path` a JSONPath such as `$.actions[2].method`;
 the loader refuses a definition with any, and `corral catalog validate`
 prints them all. `json_schema()` is the same schema as JSON Schema (committed
-as `connectors/schema.json`, so an editor can check a definition as it is
+as `corral/connectors/schema.json`, so an editor can check a definition as it is
 typed).
 
 Keys starting with `x-` are extensions: kept, never checked. Any other key
@@ -134,6 +134,31 @@ class _Model(BaseModel):
                 f"unknown key {unknown[0]!r}; known keys are {known} (prefix extensions x-)"
             )
         return self
+
+
+#: The credential names each auth type reads, any one of which will do (what the generic path
+#: sends, and what a connection must carry before anything runs). Basic auth's password is
+#: optional: API keys used as the user (Stripe) have none.
+CREDENTIAL_NAMES: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "bearer": ("token", "access_token", "api_key"),
+    "basic": ("username", "user", "api_key"),
+    "header": ("api_key", "token"),
+    "query": ("api_key", "token"),
+}
+
+
+def missing_credentials(auth: dict[str, Any] | None, credentials: Any) -> str | None:
+    """What a connection's credentials lack for `auth` (a definition's `auth` object), or
+    None when nothing is missing."""
+    names = CREDENTIAL_NAMES.get((auth or {}).get("type", "none"), ())
+    if not names:
+        return None
+    given = credentials if isinstance(credentials, dict) else {}
+    if any(given.get(name) not in (None, "") for name in names):
+        return None
+    choice = " or ".join(f"credentials.{name}" for name in names)
+    return f"needs {choice} ({auth['type']} auth)"  # type: ignore[index]
 
 
 class Auth(_Model):
@@ -297,7 +322,7 @@ def _problem(error: Any) -> Problem:
 
 
 def json_schema() -> dict[str, Any]:
-    """The definition schema as JSON Schema (what `connectors/schema.json` holds)."""
+    """The definition schema as JSON Schema (what `corral/connectors/schema.json` holds)."""
     schema = ConnectorDefinition.model_json_schema(by_alias=True, mode="validation")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -25,7 +25,12 @@ from typing import Any
 
 from corral._exceptions import InvalidInput
 from corral.config import FLAGS, Flags, Settings, get_settings
-from corral.executors import ConnectorFramework, IntegrationManager, normalise_app_id
+from corral.executors import (
+    ConnectorFramework,
+    IntegrationManager,
+    missing_credentials,
+    normalise_app_id,
+)
 from corral.runtime import _events as events
 from corral.runtime._canonical import canonical_digest
 from corral.runtime._retry import CircuitBreakerPolicy, RetryManager, RetryPolicy
@@ -169,6 +174,7 @@ class WorkflowRuntime:
         """Run every node; InvalidInput (nothing run) when the workflow or input is wrong."""
         workflow_id, nodes = self.check(workflow, input or {})
         connections = _checked_connections(connections)
+        self._check_connections(workflow_id, nodes, connections)
         run_id = run_id or uuid.uuid4().hex
         if not isinstance(run_id, str) or not run_id.strip() or len(run_id) > 200:
             raise InvalidInput("run_id must be a non-empty string of at most 200 characters")
@@ -283,6 +289,26 @@ class WorkflowRuntime:
         metadata["execution_ms"] = round((time.monotonic() - started) * 1000, 3)
         if outcome.replayed:
             metadata["execution_ms"] = (outcome.record or {}).get("execution_ms", 0.0)
+
+    def _check_connections(
+        self, workflow_id: str, nodes: list[_Node], connections: dict[str, Any]
+    ) -> None:
+        """InvalidInput for a connection no node uses (a typo such as `githubb`) and for
+        credentials a node's app needs (its definition's `auth`) that its connection lacks."""
+        used = sorted({normalise_app_id(node.app) for node in nodes})
+        for app in connections:
+            if app not in used:
+                raise InvalidInput(
+                    f"connections: no node of workflow {workflow_id!r} uses the app {app!r}; "
+                    f"it uses {', '.join(used)}"
+                )
+        for app in used:
+            connection = connections.get(app) or {}
+            problem = missing_credentials(
+                self.integrations.framework.connector(app).auth, connection.get("credentials")
+            )
+            if problem is not None:
+                raise InvalidInput(f"connections: the {app} connection {problem}")
 
     def check(self, workflow: Any, run_input: Any) -> tuple[str, list[_Node]]:
         """The workflow's id and nodes, checked; InvalidInput naming the first culprit."""

@@ -87,6 +87,15 @@ class Backend:
             with self._lock:
                 self._live.discard(supervisor)
 
+    def abort(self, reason: str) -> int:
+        """Kill every execution in flight; each ends as `aborted` with `reason`, keeping its
+        logs and usage so far. The number of executions aborted."""
+        with self._lock:
+            live = list(self._live)
+        for supervisor in live:
+            supervisor.abort(reason)
+        return len(live)
+
     def close(self) -> None:
         """Abort executions in flight, stop every sandbox process and remove the cgroups."""
         with self._lock:

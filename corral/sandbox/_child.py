@@ -394,6 +394,14 @@ def _execute(
                 "type": "invalid_input",
                 "message": f"entry point {entry_point!r} {what}{hint}",
             }
+        shape = entry.__code__
+        if shape.co_argcount < 2 and not shape.co_flags & 0x04:  # CO_VARARGS: no (params, context)
+            taken = ", ".join(shape.co_varnames[: shape.co_argcount])
+            return proto.ERROR, {
+                "type": "invalid_input",
+                "message": f"entry point {entry_point}({taken}) must take (params, context): "
+                f"corral calls it as {entry_point}(params, context)",
+            }
         encoded = _encode(entry(request["params"], request["context"]))
         logs.flush()
     except _LogOverflow:

@@ -46,13 +46,16 @@ import urllib.parse
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Literal
-
-import httpx
+from typing import TYPE_CHECKING, Any, Literal
 
 from corral._exceptions import ConfigError
+from corral._lazy import lazy_import
 from corral.config import Settings
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy_import("httpx")  # a command that sends no request never imports it
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -714,6 +717,8 @@ class HttpBroker:
         key = tls_name or ""
         client = self._clients.get(key)
         if client is None:
+            from http.cookiejar import CookieJar, DefaultCookiePolicy  # with httpx: on first use
+
             client = self._clients[key] = httpx.AsyncClient(
                 verify=_ssl_context(),
                 trust_env=False,  # no proxies or .netrc credentials from the host's environment

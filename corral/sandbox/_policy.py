@@ -93,7 +93,7 @@ def compile_connector(source: str, filename: str = "<connector>") -> tuple[Any, 
     except Exception as exc:  # whatever else the compiler says, the source is at fault
         return None, "code_error", f"{type(exc).__name__}: the source cannot be compiled: {exc}"
     if result.errors:
-        return None, "policy_violation", "; ".join(result.errors)
+        return None, "policy_violation", "; ".join(e.rstrip(".") for e in result.errors)
     return result.code, None, ""
 
 
@@ -380,6 +380,9 @@ class Guards:
             return False
         return True
 
+    def _open(self, *_args: Any, **_kwargs: Any) -> None:
+        raise self.violation("open() is refused: connector code has no file system")
+
     def globals(self) -> dict[str, Any]:
         """A fresh globals dict for one execution of compiled connector code."""
         if self._imports.unsafe_plain_python:
@@ -392,6 +395,7 @@ class Guards:
             setattr=self._setattr,
             delattr=self._delattr,
             _getattr_=self._getattr,
+            open=self._open,
         )
         return {
             "__builtins__": allowed_builtins,

@@ -60,4 +60,5 @@ class ExecutionResult:
             "executor": self.executor,
             "usage": self.usage.to_dict(),
             "error": None,
+            "isolation": self.isolation,
         }

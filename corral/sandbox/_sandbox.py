@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable
 from types import TracebackType
 from typing import Any
 
-from corral._exceptions import ConfigError, InvalidInput
+from corral._exceptions import ConfigError, InvalidInput, LimitExceeded
 from corral._warnings import warn_once
 from corral.config import ExecutorKind, Settings, get_settings, parse_executor
 from corral.sandbox._limits import Limits
@@ -20,6 +20,23 @@ from corral.sandbox._supervisor import ExecutionRequest
 from corral.sandbox._workers import WorkerBackend
 
 DEFAULT_TIMEOUT_MS = 15_000  # a connector call that takes longer is hung, not slow
+#: How to raise the limit behind each error type: the Python API's argument, then the env var.
+RAISE_LIMIT = {
+    "cpu_limit": ("Limits(max_cpu_ms=...)", "SANDBOX_MAX_CPU_MS"),
+    "memory_limit": ("Limits(max_memory_mb=...)", "SANDBOX_MAX_MEMORY_MB"),
+    "timeout": ("execute(timeout_ms=...)",),
+}
+#: The key of the once-per-process warning about executions without a memory limit.
+NO_MEMORY_LIMIT = "no-memory-limit"
+NO_MEMORY_LIMIT_MESSAGE = (
+    "executions have no memory limit; set SANDBOX_MAX_MEMORY_MB or pass Limits(max_memory_mb=...)"
+)
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number" if isinstance(value, int | float) else "not JSON")
 
 
 def _in_event_loop() -> bool:
@@ -51,12 +68,6 @@ class NodeSandbox:
         except ValueError as exc:
             raise ConfigError(f"executor={executor!r} is invalid: {exc}") from None
         self._limits = Limits.from_settings(self._settings).merged(limits)
-        if self._limits.max_memory_mb is None:
-            warn_once(
-                "no-memory-limit",
-                "executions have no memory limit; set SANDBOX_MAX_MEMORY_MB "
-                "or pass Limits(max_memory_mb=...)",
-            )
         backend = WorkerBackend if kind is ExecutorKind.WORKER else ProcessBackend
         # `_unsafe_layers_off` switches layers off ("language": connector code runs as plain
         # Python; "seccomp": no system-call filter). corral's own tests use it to prove that
@@ -64,6 +75,9 @@ class NodeSandbox:
         self._backend: ProcessBackend | WorkerBackend = backend(
             self._settings, unsafe_layers_off=frozenset(_unsafe_layers_off)
         )
+        # Only once the settings proved valid: a bad one is the one line a user sees.
+        if self._limits.max_memory_mb is None:
+            warn_once(NO_MEMORY_LIMIT, NO_MEMORY_LIMIT_MESSAGE)
 
     @property
     def executor(self) -> str:
@@ -79,6 +93,12 @@ class NodeSandbox:
     def isolation(self) -> str:
         """How limits are enforced: `cgroup-v1`, `cgroup-v2` or `degraded: <why>`."""
         return self._backend.isolation
+
+    def abort(self, reason: str) -> int:
+        """Kill every execution in flight (from any thread or a signal handler); each raises
+        `Aborted` with `reason` and the logs and usage it had. The number aborted: 0 when
+        none had started yet (cancel the awaiting task to stop those)."""
+        return self._backend.abort(reason)
 
     def start(self) -> None:
         """Warm the sandbox now (start the zygote) instead of on first use."""
@@ -107,6 +127,8 @@ class NodeSandbox:
             raise InvalidInput(f"entry point {entry_point!r} is not a Python function name")
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
             raise ConfigError(f"timeout_ms={timeout_ms!r} is invalid: expected a positive integer")
+        if not isinstance(params, dict):
+            raise InvalidInput(f"params must be a JSON object, not {_json_kind(params)}")
         for name, value in (("params", params), ("context", context)):
             try:
                 json.dumps(value, allow_nan=False)
@@ -150,7 +172,14 @@ class NodeSandbox:
             limits,
             secrets,
         )
-        return await self._backend.execute(request)
+        try:
+            return await self._backend.execute(request)
+        except LimitExceeded as error:
+            advice = RAISE_LIMIT.get(error.type)
+            if advice is not None:
+                error.message = f"{error.message} (raise it with {' or '.join(advice)})"
+                error.args = (error.message,)
+            raise
 
     def execute_sync(self, code: str, **kwargs: Any) -> ExecutionResult:
         """`execute`, blocking; not for use inside a running event loop."""

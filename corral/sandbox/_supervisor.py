@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import errno
 import json
 import os
@@ -21,8 +20,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import psutil
 
 from corral._exceptions import (
     Aborted,
@@ -36,12 +33,15 @@ from corral._exceptions import (
     SandboxError,
     error_for_type,
 )
+from corral._lazy import lazy_import
 from corral.sandbox import _protocol as proto
 from corral.sandbox._cgroups import ExecutionCgroup
 from corral.sandbox._egress import HttpBroker
 from corral.sandbox._limits import ResolvedLimits
 from corral.sandbox._redact import Redactor
 from corral.sandbox._result import ExecutionResult, LogEntry, Usage
+
+psutil = lazy_import("psutil")  # the degraded mode's polling only
 
 _CPU_CHECK_FLOOR_S = 0.002  # the closest two CPU reads may be
 ZYGOTE_COMPILE_MAX_CPU_MS = 500  # to compile a source the zygote may stall its forks for
@@ -510,6 +510,8 @@ def retry_after_seconds(value: Any, now: float | None = None) -> float | None:
     if value.isdigit():
         return float(value)
     try:
+        import email.utils  # only a 429 or 503 with a date in Retry-After needs it
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None

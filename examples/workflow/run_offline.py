@@ -56,32 +56,33 @@ class FakeApis(http.server.BaseHTTPRequestHandler):
         pass
 
 
+async def _run(workflow: dict, connections: dict) -> dict:
+    from corral import WorkflowRuntime
+
+    async with WorkflowRuntime() as runtime:
+        outcome = await runtime.run_workflow(
+            workflow,
+            input={"title": "Checkout is slow", "body": "p95 doubled since Monday"},
+            connections=connections,
+        )
+        return outcome.to_dict()
+
+
 def main() -> int:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeApis)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     os.environ.setdefault("CORRAL_EGRESS_ALLOW", "127.0.0.1")  # the fake APIs are local
     os.environ.setdefault("SANDBOX_MAX_MEMORY_MB", "64")
-    os.environ.setdefault("CORRAL_STATE_DIR", tempfile.mkdtemp(prefix="corral-example-"))
-    from corral import WorkflowRuntime
-
+    # The shipped connections file, pointed at the stand-in, with example tokens filled in.
+    connections = json.loads((HERE / "connections.json").read_text())
+    connections["github"].update(baseUrl=base, credentials={"token": "ghp_example_token_1234"})
+    connections["slack"].update(baseUrl=f"{base}/api", credentials={"token": "xoxb-example"})
     workflow = json.loads((HERE / "triage.json").read_text())
-    connections = {
-        "github": {"baseUrl": base, "credentials": {"token": "ghp_example_token_1234"}},
-        "slack": {"baseUrl": f"{base}/api", "credentials": {"token": "xoxb-example-token"}},
-    }
-
-    async def run() -> dict:
-        async with WorkflowRuntime() as runtime:
-            outcome = await runtime.run_workflow(
-                workflow,
-                input={"title": "Checkout is slow", "body": "p95 doubled since Monday"},
-                connections=connections,
-            )
-            return outcome.to_dict()
-
     try:
-        result = asyncio.run(run())
+        with tempfile.TemporaryDirectory(prefix="corral-example-") as state_dir:
+            os.environ.setdefault("CORRAL_STATE_DIR", state_dir)
+            result = asyncio.run(_run(workflow, connections))
     finally:
         server.shutdown()
         server.server_close()
