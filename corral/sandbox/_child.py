@@ -394,8 +394,8 @@ def _execute(
                 "type": "invalid_input",
                 "message": f"entry point {entry_point!r} {what}{hint}",
             }
-        shape = entry.__code__
-        if shape.co_argcount < 2 and not shape.co_flags & 0x04:  # CO_VARARGS: no (params, context)
+        shape = getattr(entry, "__code__", None)  # None: a callable object, called as it is
+        if shape is not None and shape.co_argcount < 2 and not shape.co_flags & 0x04:  # VARARGS
             taken = ", ".join(shape.co_varnames[: shape.co_argcount])
             return proto.ERROR, {
                 "type": "invalid_input",
