@@ -188,7 +188,7 @@ def test_host_killed_mid_execution_leaves_nothing(signum):
     """A host that dies mid-execution (even by SIGKILL) leaves no process and no cgroup."""
     host = subprocess.Popen([sys.executable, "-c", HOST], stderr=subprocess.DEVNULL)
     try:
-        running_execution_pid(host.pid)
+        running_execution_pid(host.pid, timeout=40)  # the VM of tests/cgroup2 is slow to start
         host.send_signal(signum)
         host.wait(timeout=10)
     finally:

@@ -150,7 +150,7 @@ def test_cpu_limit_is_precise(sandbox):
 
 @pytest.mark.limits
 def test_cpu_quota_throttles_without_killing(sandbox):
-    """Under a 10 ms per 100 ms quota, 500 ms of wall time buys about 50 ms of CPU, no kill."""
+    """Under a 10 ms per 100 ms quota, a spin gets about a tenth of a CPU, and is not killed."""
     code = (
         "import time\n"
         "def run(params, context):\n"
@@ -162,7 +162,9 @@ def test_cpu_quota_throttles_without_killing(sandbox):
     )
     result = sandbox.execute_sync(code, limits=Limits(cpu_quota_ms=10, max_cpu_ms=5000))
     assert result.output > 0
-    assert result.usage.cpu_ms < 150, result.usage  # unthrottled it would be ~500
+    # Against wall time: on a slow host (the cgroup v2 VM runs in emulation) the start-up
+    # before the spin is throttled too and stretches the execution. Unthrottled: ~100%.
+    assert result.usage.cpu_ms / result.usage.wall_ms < 0.2, result.usage
 
 
 @pytest.mark.limits
@@ -272,10 +274,11 @@ def test_wait_for_timeout_leaves_nothing_behind(sandbox):
 def test_close_aborts_executions_in_flight(backend):
     """Closing the sandbox while an execution runs ends it as `aborted`."""
     sandbox = NodeSandbox(executor=backend, limits=Limits(max_memory_mb=64))
+    sandbox.start()  # warm: the execution below is under way well before close()
 
     async def scenario() -> corral.SandboxError:
         task = asyncio.ensure_future(sandbox.execute(SLEEP))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)  # also in the cgroup v2 VM, which runs in emulation
         sandbox.close()
         with pytest.raises(corral.SandboxError) as caught:
             await task
@@ -284,6 +287,24 @@ def test_close_aborts_executions_in_flight(backend):
     assert asyncio.run(scenario()).type == "aborted"
     with pytest.raises(corral.ConfigError, match="closed"):
         sandbox.execute_sync("def run(params, context):\n    return 1\n")
+
+
+def test_close_during_start_up_aborts(backend):
+    """close() while an execution is still starting (no zygote or worker up yet) ends it
+    as `aborted`, not as a crash of the sandbox."""
+    sandbox = NodeSandbox(executor=backend, limits=Limits(max_memory_mb=64))
+
+    async def scenario() -> corral.SandboxError:
+        task = asyncio.ensure_future(sandbox.execute(SLEEP))
+        await asyncio.sleep(0.02)
+        sandbox.close()
+        with pytest.raises(corral.SandboxError) as caught:
+            await task
+        return caught.value
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()).type == "aborted"
+    assert time.monotonic() - started < 5  # not left waiting for a spare that never comes
 
 
 def test_executions_run_concurrently(sandbox):

@@ -83,6 +83,8 @@ def test_worker_stops_a_spin_itself_and_survives(workers):
 def test_worker_killed_mid_execution_is_replaced(workers):
     """A worker killed from outside fails its execution as sandbox_crash and is replaced."""
 
+    workers.execute_sync("def run(params, context):\n    return 1\n")  # the worker is up
+
     async def scenario() -> None:
         task = asyncio.ensure_future(workers.execute(SLEEP, timeout_ms=20_000))
         await asyncio.sleep(0.3)

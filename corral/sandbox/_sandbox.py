@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable
 from types import TracebackType
 from typing import Any
 
-from corral._exceptions import ConfigError, InvalidInput, LimitExceeded
+from corral._exceptions import Aborted, ConfigError, InvalidInput, LimitExceeded, SandboxCrash
 from corral._warnings import warn_once
 from corral.config import ExecutorKind, Settings, get_settings, parse_executor
 from corral.sandbox._limits import Limits
@@ -174,6 +174,11 @@ class NodeSandbox:
         )
         try:
             return await self._backend.execute(request)
+        except SandboxCrash as error:
+            if not self._backend.closed:
+                raise
+            # close() stopped the zygote or the worker this execution was starting on.
+            raise Aborted("the sandbox was closed before the execution started") from error
         except LimitExceeded as error:
             advice = RAISE_LIMIT.get(error.type)
             if advice is not None:

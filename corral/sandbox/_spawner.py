@@ -305,6 +305,7 @@ class Spawner:
                 break
             if spare is not None:
                 self.retire(spare)  # the spare reads EOF and exits
+        self._spares.put(None)  # wakes whoever waits for a spare of this zygote, at once
 
     def stop(self) -> None:
         """Close the control socket; the zygote cleans up after its children and exits."""
