@@ -36,9 +36,12 @@ def _status(pid: int) -> dict[str, str]:
 
 
 def _wait_until_confined(pid: int, timeout: float = 10.0) -> None:
-    """Wait for the system-call filter, the last step before the child reads its request."""
+    """Wait for the system-call filter and the rlimits (a worker sets these last, once it
+    has its request)."""
     deadline = time.monotonic() + timeout
-    while _status(pid)["Seccomp"].strip() != "2":
+    while _status(pid)["Seccomp"].strip() != "2" or psutil.Process(pid).rlimit(
+        psutil.RLIMIT_CORE
+    ) != (0, 0):
         assert time.monotonic() < deadline, "the child never finished confining itself"
         time.sleep(0.01)
 
