@@ -338,6 +338,23 @@ def check_selftest(outcome: Outcome, output: str) -> None:
         outcome.problems.append(f"selftest exited with status {outcome.returncode}")
 
 
+def limit_tests(repo: Path, listed: Path | None) -> list[str]:
+    """pytest's selection: the tests marked `limits` in the test modules that use the marker
+    (collecting only those: each module costs seconds to import here), else the node ids of
+    `listed` (for a checkout from before the marker)."""
+    marked = sorted(
+        str(path.relative_to(repo))
+        for path in (repo / "tests").glob("test_*.py")
+        if "mark.limits" in path.read_text()
+    )
+    if marked:
+        return ["-m", "limits", *marked]
+    if listed is None:
+        return []
+    lines = [line.split("#")[0].strip() for line in listed.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
 def commands(repo: Path, tests: list[str]) -> list[tuple[str, list[str], float]]:
     """The default commands of a set-up: (name, argv, time-out)."""
     python = sys.executable
@@ -428,10 +445,7 @@ def main() -> int:
     if unknown:
         say(f"guest: unknown set-up(s) {sorted(unknown)}: choose from {sorted(SETUPS)}")
         return 2
-    tests = []
-    if args.tests:
-        tests = [line.split("#")[0].strip() for line in args.tests.read_text().splitlines()]
-        tests = [test for test in tests if test]
+    tests = limit_tests(args.repo, args.tests)
     WORK.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "corral-ci", str(WORK)], check=True)
     open_up = [Path(sys.executable), args.repo] if "c" in args.setups else []
