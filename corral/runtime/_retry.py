@@ -27,7 +27,7 @@ from corral._exceptions import (
 )
 from corral.config import Settings
 from corral.runtime import _events as events
-from corral.runtime._store import DEFAULT_LEASE_S, BreakerState, Store
+from corral.runtime.store import DEFAULT_LEASE_S, BreakerState, Store
 
 #: Retried whatever the policy says about others: the failure is likely to pass.
 RETRYABLE_TYPES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash", "aborted"})

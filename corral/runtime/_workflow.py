@@ -29,8 +29,8 @@ from corral.executors import ConnectorFramework, IntegrationManager, normalise_a
 from corral.runtime import _events as events
 from corral.runtime._canonical import canonical_digest
 from corral.runtime._retry import CircuitBreakerPolicy, RetryManager, RetryPolicy
-from corral.runtime._store import Store, open_store
 from corral.runtime._triggers import TriggerPoller
+from corral.runtime.store import Store, open_store
 from corral.sandbox import NodeSandbox
 
 _TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")  # linear: the expression is stripped after
