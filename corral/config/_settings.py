@@ -238,6 +238,55 @@ class Settings(BaseSettings):
         alias="CORRAL_MAX_CODE_BYTES",
         description="a positive whole number of bytes",
     )
+    # -- the service (corral api / worker / scheduler / stack) --------------------------
+    api_host: str = Field("127.0.0.1", alias="CORRAL_API_HOST", description="an address to bind")
+    api_port: int = Field(
+        8080, ge=0, le=65535, alias="CORRAL_API_PORT", description="a TCP port (0: any free one)"
+    )
+    api_max_body_bytes: PositiveMs = Field(
+        1 << 20,  # 1 MiB: a workflow or a connector source; more is a mistake or an attack
+        alias="CORRAL_API_MAX_BODY_BYTES",
+        description="a positive whole number of bytes",
+    )
+    worker_concurrency: PositiveMs = Field(
+        4,  # runs mostly wait on connector calls; 4 keeps 2 cores busy without piling up
+        alias="CORRAL_WORKER_CONCURRENCY",
+        description="a positive whole number of runs",
+    )
+    worker_grace_s: float = Field(
+        30.0,  # a node's default time-out is 15 s: most runs finish; the rest are handed back
+        gt=0,
+        alias="CORRAL_WORKER_GRACE_S",
+        description="a positive number of seconds",
+    )
+    queue_lease_s: float = Field(
+        30.0,  # renewed every third of it: a dead worker's runs restart within ~30-60 s
+        gt=0,
+        alias="CORRAL_QUEUE_LEASE_S",
+        description="a positive number of seconds",
+    )
+    max_reclaims: int = Field(
+        2,  # a run that kills its worker three times would kill the next one too
+        ge=0,
+        alias="CORRAL_MAX_RECLAIMS",
+        description="a whole number of times a lapsed lease is taken back, 0 or more",
+    )
+    worker_heartbeat_s: float = Field(
+        5.0, gt=0, alias="CORRAL_WORKER_HEARTBEAT_S", description="a positive number of seconds"
+    )
+    encryption_keys: SecretStr | None = Field(
+        None,
+        alias="CORRAL_ENCRYPTION_KEYS",
+        description="comma-separated Fernet keys (the first encrypts, all decrypt)",
+    )
+    key_rotation_interval_s: PositiveMs | None = Field(
+        None,
+        alias="CORRAL_KEY_ROTATION_INTERVAL_S",
+        description="a positive whole number of seconds; unset: rotate only by hand",
+    )
+    schedule_catchup_s: int = Field(
+        300, ge=0, alias="CORRAL_SCHEDULE_CATCHUP_S", description="a whole number of seconds"
+    )
 
     @field_validator("sandbox_executor", mode="before")
     @classmethod

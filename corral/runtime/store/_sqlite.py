@@ -70,7 +70,7 @@ CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at);
 
 
 @contextlib.contextmanager
-def _sqlite_errors(path: Path) -> Iterator[None]:
+def sqlite_errors(path: Path) -> Iterator[None]:
     """Translate sqlite3's errors into StoreError; the one place they are caught."""
     try:
         yield
@@ -78,20 +78,58 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         raise StoreError(f"state database {path}: {exc}") from exc
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the state database at `path` in WAL mode, in autocommit (transactions
+    are explicit: `transaction`). Shared by the store and the embedded queue."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = _journal_mode_wal(conn)
+        if mode != "wal":  # e.g. a file system without shared memory
+            raise StoreError(f"state database {path} cannot use WAL (journal mode {mode})")
+        # Commits survive any process crash; a power loss may lose the last few (those
+        # nodes run again). FULL would fsync every commit: milliseconds on every node.
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _journal_mode_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL. SQLite answers "locked" at once here, without its busy handler,
+    while other connections open the same new file: wait for them as a busy one would."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction: the database's write lock is held from the first read."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class _Db:
     """The SQLite connection and its transactions; used from the store's one thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self.conn = connect(path)
         try:
-            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = self._journal_mode_wal()
-            if mode != "wal":  # e.g. a file system without shared memory
-                raise StoreError(f"state database {path} cannot use WAL (journal mode {mode})")
-            # Commits survive any process crash; a power loss may lose the last few (those
-            # nodes run again). FULL would fsync every commit: milliseconds on every node.
-            self.conn.execute("PRAGMA synchronous = NORMAL")
             with self.transaction():
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
@@ -108,30 +146,9 @@ class _Db:
             raise
         self.swept_at = -math.inf
 
-    def _journal_mode_wal(self) -> str:
-        """Switch to WAL. SQLite answers "locked" at once here, without its busy handler,
-        while other connections open the same new file: wait for them as a busy one would."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        delay = 0.001
-        while True:
-            try:
-                return str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: the database's write lock is held from the first read."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction on the store's connection."""
+        return transaction(self.conn)
 
     @contextlib.contextmanager
     def write(self, now: float) -> Iterator[sqlite3.Connection]:
@@ -309,7 +326,7 @@ class SqliteStore(Store):
         return f"SqliteStore({str(self.path)!r}{'' if self._db else ', closed'})"
 
     def _call(self, function: Callable[..., _T], *args: Any) -> _T:
-        with _sqlite_errors(self.path):
+        with sqlite_errors(self.path):
             return function(*args)
 
     async def _run(self, name: str, *args: Any) -> Any:
