@@ -52,6 +52,10 @@ class NodeRun:
     output: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    # The last attempt's log lines (secrets redacted) and usage; not in the CLI's object
+    # (`to_dict`), shown by the service's run records.
+    logs: list[dict[str, str]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """`{"status", "output", "metadata", "error"}`."""
@@ -262,6 +266,8 @@ class WorkflowRuntime:
                 "executor": done.executor,
                 "fallback_reason": done.fallback_reason,
                 "execution_ms": round(elapsed * 1000, 3),
+                "logs": [entry.to_dict() for entry in done.execution.logs],
+                "usage": done.execution.usage.to_dict(),
             }
 
         outcome = await retries.execute_with_retry(
@@ -276,10 +282,14 @@ class WorkflowRuntime:
             metadata["executor"] = record.get("executor")
             metadata["fallback_reason"] = record.get("fallback_reason")
             result.output = record.get("output")
+            result.logs, result.usage = record.get("logs") or [], record.get("usage")
             result.status = "succeeded"
         else:
             assert outcome.error is not None
             result.status, result.error = "failed", outcome.error.to_dict()
+            result.logs = [entry.to_dict() for entry in outcome.error.logs or []]
+            usage = outcome.error.usage
+            result.usage = usage.to_dict() if usage is not None else None
         metadata["execution_ms"] = round((time.monotonic() - started) * 1000, 3)
         if outcome.replayed:
             metadata["execution_ms"] = (outcome.record or {}).get("execution_ms", 0.0)

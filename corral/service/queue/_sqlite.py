@@ -14,16 +14,14 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from corral.runtime.store import StoreError
-from corral.runtime.store._sqlite import connect, transaction
+from corral.runtime.store._sqlite import transaction
+from corral.service._sqlite import SqliteThread
 from corral.service.queue._base import Lease, QueueError, RunQueue, check_lease_options
 
-_T = TypeVar("_T")
 # An idle claim looks again this often (another process may enqueue); an enqueue in this
 # process wakes it at once.
 POLL_MIN_S = 0.02
@@ -44,107 +42,94 @@ CREATE INDEX IF NOT EXISTS run_queue_state ON run_queue (state, seq);
 """
 
 
-@contextlib.contextmanager
-def _errors(path: Path) -> Iterator[None]:
-    """Translate sqlite3's errors into QueueError; the one place they are caught."""
-    try:
-        yield
-    except (sqlite3.Error, StoreError) as exc:
-        raise QueueError(f"run queue in {path}: {exc}") from exc
+def _enqueue(conn: sqlite3.Connection, run_id: str, data: str, now: float) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "INSERT INTO run_queue (run_id, data, state, enqueued_at) "
+            "VALUES (?, ?, 'waiting', ?) ON CONFLICT (run_id) DO NOTHING",
+            (run_id, data, now),
+        )
+        return cursor.rowcount > 0
 
 
-class _Table:
-    """The queue table on its own connection; used from the queue's one thread."""
+def _claim(
+    conn: sqlite3.Connection, token: str, lease_until: float, max_reclaims: int
+) -> Lease | None:
+    with transaction(conn):
+        row = conn.execute(
+            "UPDATE run_queue SET state = 'active', token = ?, lease_until = ? "
+            "WHERE seq = (SELECT seq FROM run_queue WHERE state = 'waiting' "
+            "ORDER BY seq LIMIT 1) RETURNING run_id, data, reclaims",
+            (token, lease_until),
+        ).fetchone()
+        if row is None:
+            return None
+        run_id, data, reclaims = row
+        lost = reclaims > max_reclaims
+        if lost:
+            conn.execute("DELETE FROM run_queue WHERE run_id = ?", (run_id,))
+    return Lease(run_id, json.loads(data), token, reclaims, lost)
 
-    def __init__(self, path: Path) -> None:
-        self.conn = connect(path)
-        try:
-            with transaction(self.conn) as conn:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-        except BaseException:
-            self.conn.close()
-            raise
 
-    def enqueue(self, run_id: str, data: str, now: float) -> bool:
-        with transaction(self.conn) as conn:
-            cursor = conn.execute(
-                "INSERT INTO run_queue (run_id, data, state, enqueued_at) "
-                "VALUES (?, ?, 'waiting', ?) ON CONFLICT (run_id) DO NOTHING",
-                (run_id, data, now),
-            )
-            return cursor.rowcount > 0
+def _renew(
+    conn: sqlite3.Connection, run_id: str, token: str, lease_until: float, now: float
+) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "UPDATE run_queue SET lease_until = ? WHERE run_id = ? AND state = 'active' "
+            "AND token = ? AND lease_until > ?",
+            (lease_until, run_id, token, now),
+        )
+        return cursor.rowcount > 0
 
-    def claim(self, token: str, lease_until: float, max_reclaims: int) -> Lease | None:
-        with transaction(self.conn) as conn:
-            row = conn.execute(
-                "UPDATE run_queue SET state = 'active', token = ?, lease_until = ? "
-                "WHERE seq = (SELECT seq FROM run_queue WHERE state = 'waiting' "
-                "ORDER BY seq LIMIT 1) RETURNING run_id, data, reclaims",
-                (token, lease_until),
-            ).fetchone()
-            if row is None:
-                return None
-            run_id, data, reclaims = row
-            lost = reclaims > max_reclaims
-            if lost:
-                conn.execute("DELETE FROM run_queue WHERE run_id = ?", (run_id,))
-        return Lease(run_id, json.loads(data), token, reclaims, lost)
 
-    def renew(self, run_id: str, token: str, lease_until: float, now: float) -> bool:
-        with transaction(self.conn) as conn:
-            cursor = conn.execute(
-                "UPDATE run_queue SET lease_until = ? WHERE run_id = ? AND state = 'active' "
-                "AND token = ? AND lease_until > ?",
-                (lease_until, run_id, token, now),
-            )
-            return cursor.rowcount > 0
+def _finish(conn: sqlite3.Connection, run_id: str, token: str) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "DELETE FROM run_queue WHERE run_id = ? AND state = 'active' AND token = ?",
+            (run_id, token),
+        )
+        return cursor.rowcount > 0
 
-    def finish(self, run_id: str, token: str) -> bool:
-        with transaction(self.conn) as conn:
-            cursor = conn.execute(
-                "DELETE FROM run_queue WHERE run_id = ? AND state = 'active' AND token = ?",
-                (run_id, token),
-            )
-            return cursor.rowcount > 0
 
-    def release(self, run_id: str, token: str) -> bool:
-        with transaction(self.conn) as conn:
-            cursor = conn.execute(
-                "UPDATE run_queue SET state = 'waiting', token = NULL, lease_until = NULL "
-                "WHERE run_id = ? AND state = 'active' AND token = ?",
-                (run_id, token),
-            )
-            return cursor.rowcount > 0
+def _release(conn: sqlite3.Connection, run_id: str, token: str) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "UPDATE run_queue SET state = 'waiting', token = NULL, lease_until = NULL "
+            "WHERE run_id = ? AND state = 'active' AND token = ?",
+            (run_id, token),
+        )
+        return cursor.rowcount > 0
 
-    def reclaim(self, now: float) -> list[str]:
-        with transaction(self.conn) as conn:
-            rows = conn.execute(
-                "UPDATE run_queue SET state = 'waiting', token = NULL, lease_until = NULL, "
-                "reclaims = reclaims + 1 WHERE state = 'active' AND lease_until <= ? "
-                "RETURNING run_id",
-                (now,),
-            ).fetchall()
-        return [run_id for (run_id,) in rows]
 
-    def remove(self, run_id: str) -> bool:
-        with transaction(self.conn) as conn:
-            cursor = conn.execute(
-                "DELETE FROM run_queue WHERE run_id = ? AND state = 'waiting'", (run_id,)
-            )
-            return cursor.rowcount > 0
+def _reclaim(conn: sqlite3.Connection, now: float) -> list[str]:
+    with transaction(conn):
+        rows = conn.execute(
+            "UPDATE run_queue SET state = 'waiting', token = NULL, lease_until = NULL, "
+            "reclaims = reclaims + 1 WHERE state = 'active' AND lease_until <= ? "
+            "RETURNING run_id",
+            (now,),
+        ).fetchall()
+    return [run_id for (run_id,) in rows]
 
-    def counts(self) -> dict[str, int]:
-        counts = {"waiting": 0, "active": 0}
-        for state, count in self.conn.execute(
-            "SELECT state, count(*) FROM run_queue GROUP BY state"
-        ):
-            counts[state] = count
-        return counts
 
-    def ping(self) -> None:
-        self.conn.execute("SELECT 1 FROM run_queue LIMIT 1").fetchall()
+def _remove(conn: sqlite3.Connection, run_id: str) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "DELETE FROM run_queue WHERE run_id = ? AND state = 'waiting'", (run_id,)
+        )
+        return cursor.rowcount > 0
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {"waiting": 0, "active": 0}
+    for state, count in conn.execute("SELECT state, count(*) FROM run_queue GROUP BY state"):
+        counts[state] = count
+    return counts
+
+
+def _ping(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT 1 FROM run_queue LIMIT 1").fetchall()
 
 
 class SqliteQueue(RunQueue):
@@ -167,32 +152,15 @@ class SqliteQueue(RunQueue):
         self.max_reclaims = max_reclaims
         self.clock = clock
         self._wakeup = asyncio.Event()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-queue")
-        try:
-            self._table: _Table | None = self._thread.submit(self._call, _Table, self.path).result()
-        except BaseException:
-            self._thread.shutdown()
-            raise
+        self._db = SqliteThread(self.path, _SCHEMA, QueueError, "run queue")
 
     def __repr__(self) -> str:
-        return f"SqliteQueue({str(self.path)!r}{'' if self._table else ', closed'})"
-
-    def _call(self, function: Callable[..., _T], *args: Any) -> _T:
-        with _errors(self.path):
-            return function(*args)
-
-    async def _run(self, name: str, *args: Any) -> Any:
-        if self._table is None:
-            raise QueueError(f"{self!r} is closed")
-        method = getattr(self._table, name)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._call, method, *args
-        )
+        return f"SqliteQueue({str(self.path)!r}{'' if self._db.conn else ', closed'})"
 
     async def enqueue(self, run_id: str, data: dict[str, Any]) -> bool:
         """Queue a run; False (and nothing changes) when it is already waiting or leased."""
         encoded = json.dumps(data, separators=(",", ":"))
-        added = await self._run("enqueue", run_id, encoded, self.clock())
+        added = await self._db.run(_enqueue, run_id, encoded, self.clock())
         self._wakeup.set()
         return bool(added)
 
@@ -203,7 +171,9 @@ class SqliteQueue(RunQueue):
         while True:
             self._wakeup.clear()
             token = uuid.uuid4().hex
-            lease = await self._run("claim", token, self.clock() + self.lease_s, self.max_reclaims)
+            lease = await self._db.run(
+                _claim, token, self.clock() + self.lease_s, self.max_reclaims
+            )
             left = deadline - time.monotonic()
             if lease is not None or left <= 0:
                 return lease
@@ -214,41 +184,38 @@ class SqliteQueue(RunQueue):
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease by `lease_s` from now; False when it is no longer ours."""
         now = self.clock()
-        return bool(await self._run("renew", lease.run_id, lease.token, now + self.lease_s, now))
+        return bool(await self._db.run(_renew, lease.run_id, lease.token, now + self.lease_s, now))
 
     async def complete(self, lease: Lease) -> bool:
         """The run is done: remove it; False when no longer ours."""
-        return bool(await self._run("finish", lease.run_id, lease.token))
+        return bool(await self._db.run(_finish, lease.run_id, lease.token))
 
     async def fail(self, lease: Lease, message: str) -> bool:
         """The run could not be processed: remove it; False when no longer ours."""
-        return bool(await self._run("finish", lease.run_id, lease.token))
+        return bool(await self._db.run(_finish, lease.run_id, lease.token))
 
     async def release(self, lease: Lease) -> bool:
         """Hand the run back to wait for another worker; False when no longer ours."""
-        released = bool(await self._run("release", lease.run_id, lease.token))
+        released = bool(await self._db.run(_release, lease.run_id, lease.token))
         self._wakeup.set()
         return released
 
     async def reclaim(self) -> list[str]:
         """Take back lapsed leases so that the runs wait again; the run ids taken back."""
-        return list(await self._run("reclaim", self.clock()))
+        return list(await self._db.run(_reclaim, self.clock()))
 
     async def remove(self, run_id: str) -> bool:
         """Remove a waiting run; False when it is not waiting."""
-        return bool(await self._run("remove", run_id))
+        return bool(await self._db.run(_remove, run_id))
 
     async def counts(self) -> dict[str, int]:
         """How many runs are `waiting` and `active`."""
-        return dict(await self._run("counts"))
+        return dict(await self._db.run(_counts))
 
     async def ping(self) -> None:
         """Return when the queue answers; raise QueueError otherwise."""
-        await self._run("ping")
+        await self._db.run(_ping)
 
     async def close(self) -> None:
         """Close the database and stop the queue's thread; idempotent."""
-        table, self._table = self._table, None
-        if table is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, table.conn.close)
-            self._thread.shutdown()
+        await self._db.close()

@@ -1,0 +1,205 @@
+"""Run records, workflows and heartbeats on Redis (CORRAL_REDIS_URL).
+
+A run is a hash (doc, v, status, workflow) plus a member of one sorted set ordered by
+sort key (all scores 0, ordered by the member's bytes), which lists runs newest first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from corral.runtime.store._base import _mask
+from corral.runtime.store._redis import (
+    REDIS_CONNECT_TIMEOUT_S,
+    REDIS_PREFIX,
+    REDIS_TIMEOUT_S,
+)
+from corral.service.records._base import (
+    Records,
+    RecordsError,
+    check_list_args,
+    run_summary,
+    since_key,
+    sort_key,
+)
+from corral.service.records._sqlite import WORKER_RETENTION_S
+
+LIST_BATCH = 200  # index members read at a time while filtering a list
+_RETRY = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
+
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
+redis.call('ZADD', KEYS[2], 0, ARGV[4])
+return 1
+"""
+
+_WRITE_LUA = """
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status', ARGV[3])
+return 1
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class RedisRecords(Records):
+    """The records on the Redis at `url`, under `prefix`. Use one instance from one loop."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, prefix: str = REDIS_PREFIX) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._index = f"{prefix}runs"
+        self._workflows = f"{prefix}workflows"
+        self._workers = f"{prefix}workers"
+        try:
+            self._redis: redis.asyncio.Redis | None = redis.asyncio.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                retry=_RETRY,
+            )
+        except ValueError as exc:
+            raise RecordsError(f"Redis at {_mask(url)}: {exc}") from None
+        self._create = self._redis.register_script(_CREATE_LUA)
+        self._write = self._redis.register_script(_WRITE_LUA)
+
+    def __repr__(self) -> str:
+        closed = "" if self._redis else ", closed"
+        return f"RedisRecords({_mask(self.url)!r}, prefix={self.prefix!r}{closed})"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[redis.asyncio.Redis]:
+        """The client, with redis' errors translated into RecordsError (the one place)."""
+        if self._redis is None:
+            raise RecordsError(f"{self!r} is closed")
+        try:
+            yield self._redis
+        except redis.RedisError as exc:
+            raise RecordsError(f"Redis at {_mask(self.url)}: {exc}") from exc
+
+    def _run_key(self, run_id: str) -> str:
+        return f"{self.prefix}run:{run_id}"
+
+    async def create_run(self, run: dict[str, Any]) -> bool:
+        """Store a new run record; False (nothing changes) when its id is taken."""
+        with self._errors():
+            created = await self._create(
+                keys=[self._run_key(run["id"]), self._index],
+                args=[_dumps(run), run["status"], run["workflow"], sort_key(run)],
+            )
+        return bool(created)
+
+    async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
+        with self._errors() as client:
+            doc, version = await client.hmget(self._run_key(run_id), ["doc", "v"])
+        return None if doc is None else (json.loads(doc), int(version))
+
+    async def _write_run(self, run: dict[str, Any], version: int) -> bool:
+        with self._errors():
+            written = await self._write(
+                keys=[self._run_key(run["id"])], args=[version, _dumps(run), run["status"]]
+            )
+        return bool(written)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Run summaries, newest first, and the cursor of the next page (None: no more)."""
+        check_list_args(status, limit)
+        upper = "+" if cursor is None else f"({cursor}"
+        lower = "-" if since is None else f"[{since_key(since)}"
+        found: list[dict[str, Any]] = []
+        with self._errors() as client:
+            while len(found) <= limit:
+                members = await client.zrevrangebylex(
+                    self._index, upper, lower, start=0, num=LIST_BATCH
+                )
+                if not members:
+                    break
+                async with client.pipeline(transaction=False) as pipe:
+                    for member in members:
+                        pipe.hmget(self._run_key(member.split(":", 1)[1]), ["doc"])
+                    docs = await pipe.execute()
+                for (doc,) in docs:
+                    if doc is None:
+                        continue
+                    run = json.loads(doc)
+                    if (status is None or run["status"] == status) and (
+                        workflow is None or run["workflow"] == workflow
+                    ):
+                        found.append(run)
+                upper = f"({members[-1]}"
+        more = len(found) > limit
+        found = found[:limit]
+        return [run_summary(run) for run in found], sort_key(found[-1]) if more else None
+
+    async def put_workflow(self, definition: dict[str, Any], now: float) -> None:
+        """Store (or replace) a workflow under its id."""
+        entry = _dumps({"definition": definition, "updated_at": now})
+        with self._errors() as client:
+            await client.hset(self._workflows, str(definition["id"]), entry)
+
+    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        """A stored workflow's definition, or None."""
+        with self._errors() as client:
+            entry = await client.hget(self._workflows, workflow_id)
+        return None if entry is None else json.loads(entry)["definition"]
+
+    async def delete_workflow(self, workflow_id: str) -> bool:
+        """Remove a stored workflow; False when there was none."""
+        with self._errors() as client:
+            return bool(await client.hdel(self._workflows, workflow_id))
+
+    async def list_workflows(self) -> list[dict[str, Any]]:
+        """Every stored workflow: `{"id", "definition", "updated_at"}`, by id."""
+        with self._errors() as client:
+            entries = await client.hgetall(self._workflows)
+        return [{"id": wid, **json.loads(entries[wid])} for wid in sorted(entries)]
+
+    async def beat(self, worker: dict[str, Any]) -> None:
+        """Record a worker's heartbeat (and drop those silent for a day)."""
+        with self._errors() as client:
+            await client.hset(self._workers, worker["id"], _dumps(worker))
+            entries = await client.hgetall(self._workers)
+            old = worker["last_heartbeat"] - WORKER_RETENTION_S
+            stale = [w for w, doc in entries.items() if json.loads(doc)["last_heartbeat"] < old]
+            if stale:
+                await client.hdel(self._workers, *stale)
+
+    async def workers(self, *, seen_since: float) -> list[dict[str, Any]]:
+        """Workers whose last heartbeat is at or after `seen_since`, by id."""
+        with self._errors() as client:
+            entries = await client.hgetall(self._workers)
+        docs = [json.loads(entries[w]) for w in sorted(entries)]
+        return [doc for doc in docs if doc["last_heartbeat"] >= seen_since]
+
+    async def ping(self) -> None:
+        """Return when Redis takes a write; raise RecordsError otherwise."""
+        with self._errors() as client:
+            await client.set(f"{self.prefix}records:ping", "1", px=1000)
+
+    async def close(self) -> None:
+        """Close the connections; idempotent."""
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()

@@ -1,0 +1,216 @@
+"""Run records, workflows and heartbeats in the SQLite state database (CORRAL_STATE_DIR)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from corral.runtime.store._sqlite import transaction
+from corral.service._sqlite import SqliteThread
+from corral.service.records._base import (
+    Records,
+    RecordsError,
+    check_list_args,
+    run_summary,
+    since_key,
+    sort_key,
+)
+
+WORKER_RETENTION_S = 86_400.0  # heartbeats older than a day are dropped when a worker beats
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    sort_key TEXT NOT NULL,       -- creation order, then id: the list cursor
+    workflow TEXT NOT NULL,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL             -- the record, JSON
+);
+CREATE INDEX IF NOT EXISTS runs_order ON runs (sort_key);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status, sort_key);
+CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow, sort_key);
+CREATE TABLE IF NOT EXISTS workflows (
+    id TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _create(conn: sqlite3.Connection, run: dict[str, Any]) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "INSERT INTO runs (id, sort_key, workflow, status, version, doc) "
+            "VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (id) DO NOTHING",
+            (run["id"], sort_key(run), run["workflow"], run["status"], _dumps(run)),
+        )
+        return cursor.rowcount > 0
+
+
+def _read(conn: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int] | None:
+    row = conn.execute("SELECT doc, version FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return None if row is None else (json.loads(row[0]), row[1])
+
+
+def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "UPDATE runs SET status = ?, doc = ?, version = version + 1 "
+            "WHERE id = ? AND version = ?",
+            (run["status"], _dumps(run), run["id"], version),
+        )
+        return cursor.rowcount > 0
+
+
+def _list(
+    conn: sqlite3.Connection,
+    status: str | None,
+    workflow: str | None,
+    since: float | None,
+    limit: int,
+    cursor: str | None,
+) -> list[dict[str, Any]]:
+    where, args = ["1"], []
+    if status is not None:
+        where.append("status = ?")
+        args.append(status)
+    if workflow is not None:
+        where.append("workflow = ?")
+        args.append(workflow)
+    if since is not None:
+        where.append("sort_key >= ?")
+        args.append(since_key(since))
+    if cursor is not None:
+        where.append("sort_key < ?")
+        args.append(cursor)
+    rows = conn.execute(
+        f"SELECT doc FROM runs WHERE {' AND '.join(where)} ORDER BY sort_key DESC LIMIT ?",
+        (*args, limit),
+    )
+    return [json.loads(doc) for (doc,) in rows]
+
+
+def _put_workflow(conn: sqlite3.Connection, workflow_id: str, doc: str, now: float) -> None:
+    with transaction(conn):
+        conn.execute(
+            "INSERT OR REPLACE INTO workflows (id, doc, updated_at) VALUES (?, ?, ?)",
+            (workflow_id, doc, now),
+        )
+
+
+def _get_workflow(conn: sqlite3.Connection, workflow_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT doc FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def _delete_workflow(conn: sqlite3.Connection, workflow_id: str) -> bool:
+    with transaction(conn):
+        return conn.execute("DELETE FROM workflows WHERE id = ?", (workflow_id,)).rowcount > 0
+
+
+def _list_workflows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT id, doc, updated_at FROM workflows ORDER BY id")
+    return [{"id": wid, "definition": json.loads(doc), "updated_at": at} for wid, doc, at in rows]
+
+
+def _beat(conn: sqlite3.Connection, worker_id: str, doc: str, now: float) -> None:
+    with transaction(conn):
+        conn.execute(
+            "INSERT OR REPLACE INTO workers (id, doc, seen_at) VALUES (?, ?, ?)",
+            (worker_id, doc, now),
+        )
+        conn.execute("DELETE FROM workers WHERE seen_at < ?", (now - WORKER_RETENTION_S,))
+
+
+def _workers(conn: sqlite3.Connection, seen_since: float) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT doc FROM workers WHERE seen_at >= ? ORDER BY id", (seen_since,))
+    return [json.loads(doc) for (doc,) in rows]
+
+
+def _ping(conn: sqlite3.Connection) -> None:
+    # A write, so that a read-only or full database fails here and not on the next run.
+    with transaction(conn):
+        conn.execute("DELETE FROM workers WHERE id = ''")
+
+
+class SqliteRecords(Records):
+    """The records in the SQLite state database at `path`."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = SqliteThread(self.path, _SCHEMA, RecordsError, "run records")
+
+    def __repr__(self) -> str:
+        return f"SqliteRecords({str(self.path)!r}{'' if self._db.conn else ', closed'})"
+
+    async def create_run(self, run: dict[str, Any]) -> bool:
+        """Store a new run record; False (nothing changes) when its id is taken."""
+        return bool(await self._db.run(_create, run))
+
+    async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
+        return await self._db.run(_read, run_id)
+
+    async def _write_run(self, run: dict[str, Any], version: int) -> bool:
+        return bool(await self._db.run(_write, run, version))
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Run summaries, newest first, and the cursor of the next page (None: no more)."""
+        check_list_args(status, limit)
+        runs = await self._db.run(_list, status, workflow, since, limit + 1, cursor)
+        more = len(runs) > limit
+        runs = runs[:limit]
+        return [run_summary(run) for run in runs], sort_key(runs[-1]) if more else None
+
+    async def put_workflow(self, definition: dict[str, Any], now: float) -> None:
+        """Store (or replace) a workflow under its id."""
+        await self._db.run(_put_workflow, str(definition["id"]), _dumps(definition), now)
+
+    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        """A stored workflow's definition, or None."""
+        return await self._db.run(_get_workflow, workflow_id)
+
+    async def delete_workflow(self, workflow_id: str) -> bool:
+        """Remove a stored workflow; False when there was none."""
+        return bool(await self._db.run(_delete_workflow, workflow_id))
+
+    async def list_workflows(self) -> list[dict[str, Any]]:
+        """Every stored workflow: `{"id", "definition", "updated_at"}`, by id."""
+        return await self._db.run(_list_workflows)
+
+    async def beat(self, worker: dict[str, Any]) -> None:
+        """Record a worker's heartbeat."""
+        await self._db.run(_beat, worker["id"], _dumps(worker), worker["last_heartbeat"])
+
+    async def workers(self, *, seen_since: float) -> list[dict[str, Any]]:
+        """Workers whose last heartbeat is at or after `seen_since`, by id."""
+        return await self._db.run(_workers, seen_since)
+
+    async def ping(self) -> None:
+        """Return when the records can be written; raise RecordsError otherwise."""
+        await self._db.run(_ping)
+
+    async def close(self) -> None:
+        """Close the database; idempotent."""
+        await self._db.close()
