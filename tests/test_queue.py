@@ -314,7 +314,7 @@ async def test_open_queue_follows_the_settings(tmp_path: Path, redis_url: str, c
         assert (tmp_path / "state" / "corral.db").exists()
     finally:
         await embedded.close()
-    shared = open_queue(load_settings(CORRAL_REDIS_URL=redis_url, CORRAL_QUEUE_LEASE_S="7"))
+    shared = open_queue(load_settings(CORRAL_REDIS_URL=redis_url, CORRAL_LEASE_S="7"))
     try:
         assert (shared.kind, shared.lease_s, shared.max_reclaims) == ("bullmq", 7.0, 2)
         await shared.ping()

@@ -259,10 +259,12 @@ class Settings(BaseSettings):
         alias="CORRAL_WORKER_GRACE_S",
         description="a positive number of seconds",
     )
-    queue_lease_s: float = Field(
-        30.0,  # renewed every third of it: a dead worker's runs restart within ~30-60 s
+    lease_s: float = Field(
+        # How long a worker's hold on a run (and a process's on a node it executes) lasts
+        # unrenewed; renewed every third of it: a dead worker's runs restart within ~1-2x.
+        30.0,
         gt=0,
-        alias="CORRAL_QUEUE_LEASE_S",
+        alias="CORRAL_LEASE_S",
         description="a positive number of seconds",
     )
     max_reclaims: int = Field(

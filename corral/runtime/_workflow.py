@@ -128,7 +128,9 @@ class WorkflowRuntime:
             if self._store is None:
                 self._store = open_store(self.settings)
             self._retry_manager = RetryManager(
-                self._store, idempotency_ttl_s=self.settings.idempotency_ttl_s
+                self._store,
+                idempotency_ttl_s=self.settings.idempotency_ttl_s,
+                claim_lease_s=self.settings.lease_s,
             )
         return self._retry_manager
 

@@ -18,7 +18,7 @@ def open_queue(settings: Settings) -> RunQueue:
     """The deployment's run queue: BullMQ on CORRAL_REDIS_URL when set, else the embedded
     SQLite queue in CORRAL_STATE_DIR. Raises ConfigError, naming the variable, when it
     cannot be used."""
-    options = {"lease_s": settings.queue_lease_s, "max_reclaims": settings.max_reclaims}
+    options = {"lease_s": settings.lease_s, "max_reclaims": settings.max_reclaims}
     if settings.redis_url:
         try:
             from corral.service.queue._bullmq import BullmqQueue

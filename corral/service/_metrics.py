@@ -1,0 +1,26 @@
+"""The service's Prometheus metrics (DESIGN §10). Labels are bounded: a workflow id, a
+status, a queue state; never a run id or a node id."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+#: Connector calls take ~50 ms to seconds, runs up to half an hour: 0.05 s to 1800 s.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+RUNS = Counter("corral_runs", "Runs finished, by workflow and status.", ["workflow", "status"])
+RUN_DURATION = Histogram(
+    "corral_run_duration_seconds",
+    "Wall time of a run's execution by a worker.",
+    buckets=DURATION_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "corral_run_queue_wait_seconds",
+    "Time from a run's creation to its first start by a worker.",
+    buckets=DURATION_BUCKETS,
+)
+QUEUE_JOBS = Gauge("corral_queue_jobs", "Runs in the queue, by state.", ["state"])
+LEASE_RECLAIMS = Counter(
+    "corral_lease_reclaims", "Lapsed leases taken back (their worker died or hung)."
+)
+WORKERS = Gauge("corral_workers", "Workers with a fresh heartbeat.")

@@ -1,0 +1,320 @@
+"""`corral worker` as real processes: runs leased off the queue (embedded SQLite, and
+BullMQ on conftest's redis-server), executed in real sandboxes against a real HTTP server
+on 127.0.0.1; killed with SIGKILL, stopped with SIGTERM, cancelled mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+from conftest import serving
+
+from corral.config import load_settings
+from corral.service._runs import cancel_run, retry_run, submit_run
+from corral.service.queue import open_queue
+from corral.service.records import open_records
+
+CONNECTOR = {
+    "id": "probe",
+    "name": "Probe",
+    "actions": [{"id": "call", "method": "GET", "endpoint": "/", "fallback": None,
+                 "params": {"type": "object", "required": ["url"],
+                            "properties": {"url": {"type": "string"}}}}],
+}  # fmt: skip
+
+HANDLERS = """
+def call(params, context):
+    log("calling", params["url"])
+    response = http.get(params["url"], timeout=60)
+    response.raise_for_status()
+    return response.json()
+"""
+
+PATIENCE_S = 30.0
+
+
+class _Service(http.server.BaseHTTPRequestHandler):
+    """/fast/*: answers at once. /block/*: holds every request until `release` is set.
+    Every hit is recorded; `.hits` counts them by path."""
+
+    def do_GET(self) -> None:
+        server = self.server
+        path = self.path.lstrip("/")
+        with server.lock:  # type: ignore[attr-defined]
+            server.hits[path] = server.hits.get(path, 0) + 1  # type: ignore[attr-defined]
+            count = server.hits[path]  # type: ignore[attr-defined]
+        if path.startswith("block/"):
+            server.release.wait(PATIENCE_S)  # type: ignore[attr-defined]
+        body = json.dumps({"path": path, "hit": count}).encode()
+        with contextlib.suppress(OSError):  # the worker may be gone
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def service() -> Iterator[http.server.ThreadingHTTPServer]:
+    """The HTTP server the runs call; `.release` lets blocked requests go."""
+    with serving(_Service) as server:
+        server.hits = {}  # type: ignore[attr-defined]
+        server.lock = threading.Lock()  # type: ignore[attr-defined]
+        server.release = threading.Event()  # type: ignore[attr-defined]
+        try:
+            yield server
+        finally:
+            server.release.set()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "bullmq"])
+def env(request: pytest.FixtureRequest, tmp_path: Path, clean_env) -> dict[str, str]:
+    """The service's environment: a catalog with the `probe` app, short leases, and the
+    embedded queue in a fresh state dir, or BullMQ on a freshly flushed Redis database."""
+    folder = tmp_path / "catalog" / "probe"
+    folder.mkdir(parents=True)
+    (folder / "connector.json").write_text(json.dumps(CONNECTOR))
+    (folder / "handlers.py").write_text(HANDLERS)
+    values = {
+        "CORRAL_CONNECTORS_DIR": str(folder.parent),
+        "CORRAL_STATE_DIR": str(tmp_path / "state"),
+        "CORRAL_EGRESS_ALLOW": "127.0.0.1",
+        "CORRAL_LEASE_S": "1",
+        "CORRAL_WORKER_HEARTBEAT_S": "0.2",
+        "CORRAL_RETRY_MAX_ATTEMPTS": "1",
+        "SANDBOX_EXECUTOR": "process",
+    }
+    if request.param == "bullmq":
+        url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/3"
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+        values["CORRAL_REDIS_URL"] = url
+    for name, value in values.items():
+        clean_env.setenv(name, value)
+    return values
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts `corral worker` processes (each its own session); kills what is left."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(**extra: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corral", "worker"],
+            env={**os.environ, **extra},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        if process.stderr:
+            process.stderr.close()
+    _no_processes_left(started)
+
+
+def _no_processes_left(started: list[subprocess.Popen[str]]) -> None:
+    """Nothing of the workers' sessions (sandbox zygotes, executions) outlives them."""
+    deadline = time.monotonic() + 10
+    sessions = {p.pid for p in started}
+    while time.monotonic() < deadline:
+        left = []
+        for proc in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.Error):
+                if os.getsid(proc.pid) in sessions:
+                    left.append(proc)
+        if not left:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes left behind: {left}")
+
+
+def workflow(service: http.server.ThreadingHTTPServer, *blocks: str) -> dict[str, Any]:
+    """`first` calls /fast/first; then each of `blocks` (a chain) calls /block/<name>."""
+    base = f"http://127.0.0.1:{service.server_address[1]}"
+    nodes = [{"id": "first", "app": "probe", "function": "call",
+              "params": {"url": f"{base}/fast/first"}}]  # fmt: skip
+    for name in blocks:
+        nodes.append({"id": name, "app": "probe", "function": "call",
+                      "params": {"url": f"{base}/block/{name}"},
+                      "dependsOn": [nodes[-1]["id"]]})  # fmt: skip
+    return {"id": "wf", "nodes": nodes}
+
+
+def act(operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    """Run a run operation (submit, cancel, retry) against the deployment's queue."""
+
+    async def go() -> Any:
+        settings = load_settings()
+        queue, records = open_queue(settings), open_records(settings)
+        try:
+            return await operation(records, queue, *args, **kwargs)
+        finally:
+            await queue.close()
+            await records.close()
+
+    return asyncio.run(go())
+
+
+def read(what: str = "run", *args: Any) -> Any:
+    """A run record (`read("run", id)`), the queue's counts, or the fresh workers."""
+
+    async def go() -> Any:
+        settings = load_settings()
+        queue, records = open_queue(settings), open_records(settings)
+        try:
+            if what == "run":
+                return await records.get_run(*args)
+            if what == "counts":
+                return await queue.counts()
+            return await records.workers(seen_since=time.time() - 1)
+        finally:
+            await queue.close()
+            await records.close()
+
+    return asyncio.run(go())
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = PATIENCE_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def submit(definition: dict[str, Any], run_id: str) -> str:
+    return act(submit_run, definition, {}, run_id=run_id)
+
+
+def test_a_killed_worker_s_run_is_resumed_by_another_and_nodes_do_not_run_twice(
+    env, service, workers
+):
+    """SIGKILL mid-run: another worker takes the run back once the lease lapses; the node
+    that had finished replays from the store, the interrupted one runs again."""
+    first = workers()
+    submit(workflow(service, "second"), "r-kill")
+    wait_for(lambda: service.hits.get("block/second"), "the second node running")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    service.release.set()
+    workers()
+    record = wait_for(
+        lambda: (r := read("run", "r-kill")) and r["status"] == "succeeded" and r,
+        "the run finished by the second worker",
+    )
+    assert service.hits == {"fast/first": 1, "block/second": 2}
+    assert record["attempts"] == 2
+    assert record["nodes"]["first"]["metadata"]["replayed"] is True
+    assert record["nodes"]["second"]["output"] == {"path": "block/second", "hit": 2}
+    assert record["nodes"]["second"]["logs"][0]["message"].startswith("calling")
+    assert record["nodes"]["second"]["usage"]["wall_ms"] > 0
+    assert read("counts") == {"waiting": 0, "active": 0}
+
+
+def test_sigterm_hands_back_what_does_not_finish_within_the_grace_period(env, service, workers):
+    """SIGTERM: the worker takes nothing more, waits CORRAL_WORKER_GRACE_S, then hands the
+    unfinished run back (queued again, not counted as lost) and exits 0."""
+    worker = workers(CORRAL_WORKER_GRACE_S="0.5")
+    submit(workflow(service, "second"), "r-term")
+    wait_for(lambda: service.hits.get("block/second"), "the second node running")
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0, worker.stderr.read() if worker.stderr else ""
+    assert time.monotonic() - started < 10
+    record = read("run", "r-term")
+    assert (record["status"], record["worker"]) == ("queued", None)
+    assert read("counts") == {"waiting": 1, "active": 0}
+    service.release.set()
+    workers()
+    record = wait_for(
+        lambda: (r := read("run", "r-term")) and r["status"] == "succeeded" and r,
+        "the handed-back run finished",
+    )
+    assert record["attempts"] == 2 and service.hits["fast/first"] == 1
+
+
+def test_sigterm_lets_a_run_finish_within_the_grace_period(env, service, workers):
+    """A run that finishes within the grace period after SIGTERM is recorded succeeded."""
+    worker = workers(CORRAL_WORKER_GRACE_S="20")
+    submit(workflow(service, "second"), "r-grace")
+    wait_for(lambda: service.hits.get("block/second"), "the second node running")
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.poll() is None, "the worker waits for its run"
+    service.release.set()
+    assert worker.wait(timeout=20) == 0
+    assert read("run", "r-grace")["status"] == "succeeded"
+
+
+def test_a_worker_runs_concurrency_runs_at_once_and_says_so(env, service, workers):
+    """CORRAL_WORKER_CONCURRENCY=2: two of three runs start, the heartbeat shows 2 running;
+    all three finish once released."""
+    workers(CORRAL_WORKER_CONCURRENCY="2")
+    for n in range(3):
+        submit(workflow(service, f"b{n}"), f"r-{n}")
+    wait_for(lambda: sum(service.hits.get(f"block/b{n}", 0) for n in range(3)) == 2, "two running")
+    beat = wait_for(lambda: [w for w in read("workers") if w["running"] == 2], "a heartbeat")
+    assert beat[0]["pid"] > 0 and beat[0]["host"]
+    time.sleep(0.5)
+    assert sum(service.hits.get(f"block/b{n}", 0) for n in range(3)) == 2
+    assert read("counts") == {"waiting": 1, "active": 2}
+    service.release.set()
+    for n in range(3):
+        wait_for(lambda n=n: read("run", f"r-{n}")["status"] == "succeeded", f"run {n}")
+
+
+def test_a_cancelled_run_stops_and_a_retry_resumes_it(env, service, workers):
+    """Cancel kills the running node (its request is dropped); retry re-runs the same run
+    id: the finished node replays, the cancelled one runs again."""
+    workers()
+    submit(workflow(service, "second"), "r-cancel")
+    wait_for(lambda: service.hits.get("block/second"), "the second node running")
+    act(cancel_run, "r-cancel")
+    record = wait_for(
+        lambda: (r := read("run", "r-cancel"))["status"] == "cancelled" and r, "cancelled"
+    )
+    assert record["error"]["type"] == "cancelled"
+    service.release.set()
+    act(retry_run, "r-cancel")
+    record = wait_for(
+        lambda: (r := read("run", "r-cancel"))["status"] == "succeeded" and r, "resumed"
+    )
+    assert service.hits == {"fast/first": 1, "block/second": 2}
+    assert record["nodes"]["first"]["metadata"]["replayed"] is True
+
+
+def test_a_queued_run_is_cancelled_before_it_starts(env, service, workers):
+    """Cancelling a run no worker holds yet removes it from the queue at once."""
+    submit(workflow(service), "r-early")
+    act(cancel_run, "r-early")
+    assert read("run", "r-early")["status"] == "cancelled"
+    assert read("counts") == {"waiting": 0, "active": 0}
