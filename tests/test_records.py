@@ -162,3 +162,33 @@ async def test_closed_records_say_so(open_r: OpenRecords):
     await records.close()
     with pytest.raises(RecordsError, match="closed"):
         await records.get_run("r1")
+
+
+async def test_connections_are_stored_and_a_rotation_never_overwrites_a_newer_write(
+    open_r: OpenRecords,
+):
+    """A connection reads back; a write that expects an old secret loses to a newer one."""
+    records = open_r()
+    first = {"app": "github", "baseUrl": "https://x", "secret": "s1", "key_id": "k1",
+             "credential_names": ["token"], "updated_at": T0}  # fmt: skip
+    assert await records.put_connection(first)
+    assert await records.put_connection({**first, "app": "slack"})
+    assert await records.put_connection({**first, "secret": "s2"}, expect_secret="s1")
+    assert not await records.put_connection({**first, "secret": "s3"}, expect_secret="s1")
+    assert (await records.get_connection("github"))["secret"] == "s2"  # type: ignore[index]
+    assert [c["app"] for c in await records.list_connections()] == ["github", "slack"]
+    assert await records.delete_connection("slack")
+    assert not await records.delete_connection("slack")
+    assert await records.get_connection("slack") is None
+    assert [c["app"] for c in await records.list_connections()] == ["github"]
+
+
+async def test_meta_values_can_be_set_once(open_r: OpenRecords):
+    """`only_new` keeps the first value; a plain put replaces it."""
+    records = open_r()
+    assert await records.get_meta("canary") is None
+    assert await records.put_meta("canary", "a", only_new=True)
+    assert not await records.put_meta("canary", "b", only_new=True)
+    assert await records.get_meta("canary") == "a"
+    assert await records.put_meta("canary", "c")
+    assert await records.get_meta("canary") == "c"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from corral._exceptions import InvalidInput
 from corral.runtime import WorkflowRun, WorkflowRuntime
 from corral.service import _metrics as metrics
+from corral.service._connections import connections_for
+from corral.service._keys import KeyRingError, load_key_ring
 from corral.service.queue import WORKER_LOST, Lease, QueueError, RunQueue, open_queue
 from corral.service.records import FINISHED, Records, RecordsError, new_run, open_records
 
@@ -294,6 +297,8 @@ class RunWorker:
             )  # fmt: skip
         except InvalidInput as exc:
             return exc.to_dict()
+        except KeyRingError as exc:  # retry the run once every process has the keys
+            return _error("credentials_unavailable", str(exc))
 
     async def _keep(self, lease: Lease, task: asyncio.Task[Any]) -> None:
         """Renew the lease and watch for a cancel while the run's task runs."""
@@ -371,6 +376,7 @@ class RunWorker:
 
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     """`corral worker`: the deployment's queue, records and runtime, until `stop` is set."""
+    ring = load_key_ring(settings)
     queue = open_queue(settings)
     try:
         records = open_records(settings)
@@ -383,6 +389,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                     concurrency=settings.worker_concurrency,
                     grace_s=settings.worker_grace_s,
                     heartbeat_s=settings.worker_heartbeat_s,
+                    connections=functools.partial(connections_for, records, ring),
                 )
                 await worker.serve(stop)
         finally:

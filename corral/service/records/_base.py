@@ -153,6 +153,38 @@ class Records(abc.ABC):
     async def list_workflows(self) -> list[dict[str, Any]]:
         """Every stored workflow: `{"id", "definition", "updated_at"}`, by id."""
 
+    # -- connections (credentials arrive encrypted: corral.service._keys) -----------------
+
+    @abc.abstractmethod
+    async def put_connection(
+        self, connection: dict[str, Any], *, expect_secret: str | None = None
+    ) -> bool:
+        """Store a connection `{"app", "baseUrl", "secret", "credential_names", "key_id",
+        "updated_at"}` (secret: the encrypted credentials). With `expect_secret`, only if
+        the stored one is still that (a rotation never overwrites a newer write)."""
+
+    @abc.abstractmethod
+    async def get_connection(self, app: str) -> dict[str, Any] | None:
+        """A stored connection, or None."""
+
+    @abc.abstractmethod
+    async def delete_connection(self, app: str) -> bool:
+        """Remove a stored connection; False when there was none."""
+
+    @abc.abstractmethod
+    async def list_connections(self) -> list[dict[str, Any]]:
+        """Every stored connection, by app."""
+
+    # -- small settings of the deployment (the key ring's canary) -----------------------------
+
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> str | None:
+        """A value kept under `key`, or None."""
+
+    @abc.abstractmethod
+    async def put_meta(self, key: str, value: str, *, only_new: bool = False) -> bool:
+        """Keep `value` under `key`; with `only_new`, only if there is none (False then)."""
+
     # -- workers -------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -49,6 +49,15 @@ return 1
 """
 
 
+# A connection is a hash (secret, doc); a rotation writes only over the secret it read.
+_PUT_CONNECTION_LUA = """
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'secret') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'secret', ARGV[1], 'doc', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -64,6 +73,8 @@ class RedisRecords(Records):
         self._index = f"{prefix}runs"
         self._workflows = f"{prefix}workflows"
         self._workers = f"{prefix}workers"
+        self._apps = f"{prefix}connections"
+        self._meta = f"{prefix}meta"
         try:
             self._redis: redis.asyncio.Redis | None = redis.asyncio.Redis.from_url(
                 url,
@@ -76,6 +87,7 @@ class RedisRecords(Records):
             raise RecordsError(f"Redis at {_mask(url)}: {exc}") from None
         self._create = self._redis.register_script(_CREATE_LUA)
         self._write = self._redis.register_script(_WRITE_LUA)
+        self._put_connection = self._redis.register_script(_PUT_CONNECTION_LUA)
 
     def __repr__(self) -> str:
         closed = "" if self._redis else ", closed"
@@ -175,6 +187,53 @@ class RedisRecords(Records):
         with self._errors() as client:
             entries = await client.hgetall(self._workflows)
         return [{"id": wid, **json.loads(entries[wid])} for wid in sorted(entries)]
+
+    def _connection_key(self, app: str) -> str:
+        return f"{self.prefix}connection:{app}"
+
+    async def put_connection(
+        self, connection: dict[str, Any], *, expect_secret: str | None = None
+    ) -> bool:
+        """Store a connection (its credentials encrypted); see Records."""
+        app = connection["app"]
+        with self._errors():
+            written = await self._put_connection(
+                keys=[self._connection_key(app), self._apps],
+                args=[connection["secret"], _dumps(connection), expect_secret or "", app],
+            )
+        return bool(written)
+
+    async def get_connection(self, app: str) -> dict[str, Any] | None:
+        """A stored connection, or None."""
+        with self._errors() as client:
+            doc = await client.hget(self._connection_key(app), "doc")
+        return None if doc is None else json.loads(doc)
+
+    async def delete_connection(self, app: str) -> bool:
+        """Remove a stored connection; False when there was none."""
+        with self._errors() as client:
+            await client.srem(self._apps, app)
+            return bool(await client.delete(self._connection_key(app)))
+
+    async def list_connections(self) -> list[dict[str, Any]]:
+        """Every stored connection, by app."""
+        with self._errors() as client:
+            apps = sorted(await client.smembers(self._apps))
+            found = [await client.hget(self._connection_key(app), "doc") for app in apps]
+        return [json.loads(doc) for doc in found if doc is not None]
+
+    async def get_meta(self, key: str) -> str | None:
+        """A value kept under `key`, or None."""
+        with self._errors() as client:
+            return await client.hget(self._meta, key)
+
+    async def put_meta(self, key: str, value: str, *, only_new: bool = False) -> bool:
+        """Keep `value` under `key`; with `only_new`, only if there is none."""
+        with self._errors() as client:
+            if only_new:
+                return bool(await client.hsetnx(self._meta, key, value))
+            await client.hset(self._meta, key, value)
+            return True
 
     async def beat(self, worker: dict[str, Any]) -> None:
         """Record a worker's heartbeat (and drop those silent for a day)."""

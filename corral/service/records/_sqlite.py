@@ -37,6 +37,15 @@ CREATE TABLE IF NOT EXISTS workflows (
     doc TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS connections (
+    app TEXT PRIMARY KEY,
+    secret TEXT NOT NULL,         -- the encrypted credentials (compared by rotations)
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     doc TEXT NOT NULL,
@@ -125,6 +134,49 @@ def _list_workflows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return [{"id": wid, "definition": json.loads(doc), "updated_at": at} for wid, doc, at in rows]
 
 
+def _put_connection(
+    conn: sqlite3.Connection, connection: dict[str, Any], expect_secret: str | None
+) -> bool:
+    with transaction(conn):
+        if expect_secret is not None:
+            cursor = conn.execute(
+                "UPDATE connections SET secret = ?, doc = ? WHERE app = ? AND secret = ?",
+                (connection["secret"], _dumps(connection), connection["app"], expect_secret),
+            )
+            return cursor.rowcount > 0
+        conn.execute(
+            "INSERT OR REPLACE INTO connections (app, secret, doc) VALUES (?, ?, ?)",
+            (connection["app"], connection["secret"], _dumps(connection)),
+        )
+        return True
+
+
+def _get_connection(conn: sqlite3.Connection, app: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT doc FROM connections WHERE app = ?", (app,)).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def _delete_connection(conn: sqlite3.Connection, app: str) -> bool:
+    with transaction(conn):
+        return conn.execute("DELETE FROM connections WHERE app = ?", (app,)).rowcount > 0
+
+
+def _list_connections(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [json.loads(doc) for (doc,) in conn.execute("SELECT doc FROM connections ORDER BY app")]
+
+
+def _get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _put_meta(conn: sqlite3.Connection, key: str, value: str, only_new: bool) -> bool:
+    verb = "INSERT OR IGNORE" if only_new else "INSERT OR REPLACE"
+    with transaction(conn):
+        cursor = conn.execute(f"{verb} INTO meta (key, value) VALUES (?, ?)", (key, value))
+        return cursor.rowcount > 0
+
+
 def _beat(conn: sqlite3.Connection, worker_id: str, doc: str, now: float) -> None:
     with transaction(conn):
         conn.execute(
@@ -198,6 +250,32 @@ class SqliteRecords(Records):
     async def list_workflows(self) -> list[dict[str, Any]]:
         """Every stored workflow: `{"id", "definition", "updated_at"}`, by id."""
         return await self._db.run(_list_workflows)
+
+    async def put_connection(
+        self, connection: dict[str, Any], *, expect_secret: str | None = None
+    ) -> bool:
+        """Store a connection (its credentials encrypted); see Records."""
+        return bool(await self._db.run(_put_connection, connection, expect_secret))
+
+    async def get_connection(self, app: str) -> dict[str, Any] | None:
+        """A stored connection, or None."""
+        return await self._db.run(_get_connection, app)
+
+    async def delete_connection(self, app: str) -> bool:
+        """Remove a stored connection; False when there was none."""
+        return bool(await self._db.run(_delete_connection, app))
+
+    async def list_connections(self) -> list[dict[str, Any]]:
+        """Every stored connection, by app."""
+        return await self._db.run(_list_connections)
+
+    async def get_meta(self, key: str) -> str | None:
+        """A value kept under `key`, or None."""
+        return await self._db.run(_get_meta, key)
+
+    async def put_meta(self, key: str, value: str, *, only_new: bool = False) -> bool:
+        """Keep `value` under `key`; with `only_new`, only if there is none."""
+        return bool(await self._db.run(_put_meta, key, value, only_new))
 
     async def beat(self, worker: dict[str, Any]) -> None:
         """Record a worker's heartbeat."""
