@@ -136,6 +136,15 @@ class Store(abc.ABC):
     async def breaker_state(self, name: str) -> BreakerState:
         """The current state of breaker `name` (closed when never used)."""
 
+    @abc.abstractmethod
+    async def breakers(self) -> dict[str, BreakerState]:
+        """Every breaker that is not plainly closed (open, half-open, or counting failures),
+        by name."""
+
+    @abc.abstractmethod
+    async def reset_breaker(self, name: str) -> bool:
+        """Close breaker `name` by hand and clear its failures; False when it was closed."""
+
     # -- small keyed state --------------------------------------------------------------
 
     async def get_json(self, key: str) -> Any | None:

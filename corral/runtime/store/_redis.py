@@ -266,6 +266,24 @@ class RedisStore(Store):
             return CLOSED
         return _breaker_state(state, failures, opened_at)
 
+    async def breakers(self) -> dict[str, BreakerState]:
+        """Every breaker that is not plainly closed, by name."""
+        start = len(self._key("breaker", ""))
+        found: dict[str, BreakerState] = {}
+        with self._errors() as client:
+            async for key in client.scan_iter(match=self._key("breaker", "*"), count=500):
+                state, failures, opened_at = await client.hmget(
+                    key, ["state", "failures", "opened_at"]
+                )
+                if state is not None:
+                    found[key[start:]] = _breaker_state(state, failures, opened_at)
+        return dict(sorted(found.items()))
+
+    async def reset_breaker(self, name: str) -> bool:
+        """Close breaker `name` by hand; False when it was closed."""
+        with self._errors() as client:
+            return bool(await client.delete(self._key("breaker", name)))
+
     async def _get_json(self, key: str, now: float) -> Any | None:
         with self._errors() as client:
             value, expires_at = await client.hmget(self._key("kv", key), ["value", "exp"])

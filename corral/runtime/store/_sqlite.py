@@ -259,6 +259,16 @@ class _Db:
     def breaker_state(self, name: str) -> BreakerState:
         return self._breaker(self.conn, name).public
 
+    def breakers(self) -> dict[str, BreakerState]:
+        rows = self.conn.execute(
+            "SELECT name, state, failures, opened_at, probe_at FROM breakers ORDER BY name"
+        )
+        return {name: _Breaker(*rest).public for name, *rest in rows}
+
+    def reset_breaker(self, name: str) -> bool:
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM breakers WHERE name = ?", (name,)).rowcount > 0
+
     def get_json(self, key: str, now: float) -> Any | None:
         row = self.conn.execute(
             "SELECT value FROM kv WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
@@ -358,6 +368,14 @@ class SqliteStore(Store):
     async def breaker_state(self, name: str) -> BreakerState:
         """The current state of breaker `name` (closed when never used)."""
         return await self._run("breaker_state", name)
+
+    async def breakers(self) -> dict[str, BreakerState]:
+        """Every breaker that is not plainly closed, by name."""
+        return await self._run("breakers")
+
+    async def reset_breaker(self, name: str) -> bool:
+        """Close breaker `name` by hand; False when it was closed."""
+        return await self._run("reset_breaker", name)
 
     async def _get_json(self, *args: Any) -> Any | None:
         return await self._run("get_json", *args)
