@@ -19,6 +19,17 @@ from corral.config import get_settings
 
 def add_commands(commands: Any) -> None:
     """Add the service processes to the `corral` command."""
+    api = commands.add_parser(
+        "api",
+        help="serve the HTTP API (with an inline worker on the embedded queue)",
+        description="Serve the API of DESIGN §10 (FastAPI on uvicorn, OpenAPI at "
+        "/openapi.json) on CORRAL_API_HOST:CORRAL_API_PORT (127.0.0.1:8080). With "
+        "CORRAL_API_TOKEN every endpoint but /healthz wants `Authorization: Bearer <token>`; "
+        "without one only a loopback address may be bound. ENABLE_INLINE_WORKER (default: on "
+        "with the embedded queue, off with CORRAL_REDIS_URL) runs a worker in this process. "
+        "SIGTERM or Ctrl-C stops it gracefully.",
+    )
+    api.set_defaults(handler=_api)
     worker = commands.add_parser(
         "worker",
         help="execute queued runs (the service's job worker)",
@@ -53,3 +64,10 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     return _serve(lambda stop: run_worker(settings, stop))
+
+
+def _api(args: argparse.Namespace) -> int:
+    from corral.service.api import run_api
+
+    settings = get_settings()
+    return _serve(lambda stop: run_api(settings, stop))

@@ -24,3 +24,12 @@ LEASE_RECLAIMS = Counter(
     "corral_lease_reclaims", "Lapsed leases taken back (their worker died or hung)."
 )
 WORKERS = Gauge("corral_workers", "Workers with a fresh heartbeat.")
+SANDBOX_EXECUTIONS = Counter(
+    "corral_sandbox_executions",
+    "Executions through the API's sandbox endpoint, by executor and outcome.",
+    ["executor", "outcome"],
+)
+BREAKER_STATE = Gauge(
+    "corral_breaker_state", "Circuit breakers: 0 closed, 1 half-open, 2 open.", ["breaker"]
+)
+BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
