@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import redis
 from conftest import serving
 
 TOKEN = "api-token-for-tests-0123456789"
@@ -69,9 +70,9 @@ class _Service(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def service() -> Iterator[http.server.ThreadingHTTPServer]:
-    """The service runs call, shared by the module; `.hits` and `.release`."""
+    """The service a test's runs call (through its stored connection); `.hits`, `.release`."""
     with serving(_Service) as server:
         server.hits = []  # type: ignore[attr-defined]
         server.release = threading.Event()  # type: ignore[attr-defined]
@@ -195,11 +196,21 @@ def _session(process: psutil.Process) -> int | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def api(catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    """One API (embedded queue, inline worker) shared by the module's tests."""
+@pytest.fixture(scope="module", params=["sqlite", "bullmq"])
+def api(
+    request: pytest.FixtureRequest, catalog: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    """One API with its inline worker, shared by the module's tests: on the embedded queue,
+    and on BullMQ with the store on a freshly flushed database of conftest's Redis."""
     state = tmp_path_factory.mktemp("state")
-    with running_api(_env(catalog, state)) as running:
+    extra = {}
+    if request.param == "bullmq":
+        url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/4"
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+        extra = {"CORRAL_REDIS_URL": url, "ENABLE_INLINE_WORKER": "true"}
+    with running_api(_env(catalog, state, **extra)) as running:
         running.state = state  # type: ignore[attr-defined]
         yield running
 
