@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 from corral._exceptions import ConfigError
-from corral.cli import _catalog, _run, _selftest, _service, _workflow
+from corral.cli import _catalog, _keys, _run, _selftest, _service, _workflow
 from corral.cli._common import UsageError
 
 __all__ = ["build_parser", "main"]
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Limits default to the SANDBOX_* environment variables; see the README.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (_run, _workflow, _catalog, _selftest, _service):
+    for group in (_run, _workflow, _catalog, _selftest, _service, _keys):
         group.add_commands(commands)
     return parser
 
