@@ -318,3 +318,42 @@ def test_a_queued_run_is_cancelled_before_it_starts(env, service, workers):
     act(cancel_run, "r-early")
     assert read("run", "r-early")["status"] == "cancelled"
     assert read("counts") == {"waiting": 0, "active": 0}
+
+
+def test_a_run_whose_workers_keep_dying_fails_as_worker_lost(env, service, workers):
+    """CORRAL_MAX_RECLAIMS=0: once its worker is killed, the next worker fails the run as
+    worker_lost instead of running it again."""
+    first = workers(CORRAL_MAX_RECLAIMS="0")
+    submit(workflow(service, "second"), "r-lost")
+    wait_for(lambda: service.hits.get("block/second"), "the second node running")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    workers(CORRAL_MAX_RECLAIMS="0")
+    record = wait_for(
+        lambda: (r := read("run", "r-lost"))["status"] == "failed" and r, "failed as lost"
+    )
+    assert record["error"]["type"] == "worker_lost"
+    assert "CORRAL_MAX_RECLAIMS=0" in record["error"]["message"]
+    assert service.hits["block/second"] == 1
+    assert read("counts") == {"waiting": 0, "active": 0}
+
+
+def test_a_job_without_a_record_runs_its_stored_workflow(env, service, workers):
+    """A job enqueued by another producer (`{"workflow", "input"}`, no run record) runs the
+    stored workflow; one naming no stored workflow fails as invalid_input."""
+
+    async def produce(records: Any, queue: Any) -> None:
+        await records.put_workflow(workflow(service), time.time())
+        await queue.enqueue("from-elsewhere", {"workflow": "wf", "input": {}})
+        await queue.enqueue("unknown-workflow", {"workflow": "nope"})
+
+    act(produce)
+    workers()
+    done = wait_for(
+        lambda: (r := read("run", "from-elsewhere")) and r["status"] == "succeeded" and r,
+        "the produced run finished",
+    )
+    assert done["workflow"] == "wf" and done["nodes"]["first"]["status"] == "succeeded"
+    failed = wait_for(lambda: read("run", "unknown-workflow"), "the bad job recorded")
+    assert (failed["status"], failed["error"]["type"]) == ("failed", "invalid_input")
+    assert "'nope'" in failed["error"]["message"]
