@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 import redis
-from conftest import serving
+from conftest import free_port, private_redis, serving, stop
 
 TOKEN = "api-token-for-tests-0123456789"
 SECRET = "sk-live-connection-secret-4242"
@@ -515,3 +515,23 @@ def test_a_public_bind_without_a_token_is_refused(catalog, tmp_path):
     assert done.returncode == 2
     assert "CORRAL_API_HOST='0.0.0.0'" in done.stderr and "CORRAL_API_TOKEN" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
+    """With the queue and store on Redis, /readyz is 503 naming the queue and the store
+    while Redis is down, and ready again once it is back."""
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    env = _env(catalog, tmp_path / "state", CORRAL_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+               ENABLE_INLINE_WORKER="true")  # fmt: skip
+    with private_redis(data, port) as server, running_api(env) as api:
+        _wait(lambda: api.client.get("/readyz").status_code == 200, "ready")
+        stop(server)
+        down = api.client.get("/readyz")
+        assert down.status_code == 503
+        checks = down.json()["checks"]
+        assert "Redis at redis://127.0.0.1" in checks["queue"]
+        assert "Redis at redis://127.0.0.1" in checks["store"]
+        with private_redis(data, port):
+            _wait(lambda: api.client.get("/readyz").status_code == 200, "ready again")

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import redis
-from conftest import serving
+from conftest import free_port, private_redis, serving
 
 from corral.config import load_settings
 from corral.service._runs import cancel_run, retry_run, submit_run
@@ -357,3 +357,33 @@ def test_a_job_without_a_record_runs_its_stored_workflow(env, service, workers):
     failed = wait_for(lambda: read("run", "unknown-workflow"), "the bad job recorded")
     assert (failed["status"], failed["error"]["type"]) == ("failed", "invalid_input")
     assert "'nope'" in failed["error"]["message"]
+
+
+def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, workers, clean_env):
+    """Redis goes away: the worker keeps retrying (it does not exit); a run queued before
+    the outage and one queued after it both finish once Redis is back."""
+    folder = tmp_path / "catalog" / "probe"
+    folder.mkdir(parents=True)
+    (folder / "connector.json").write_text(json.dumps(CONNECTOR))
+    (folder / "handlers.py").write_text(HANDLERS)
+    port = free_port()
+    for name, value in {
+        "CORRAL_CONNECTORS_DIR": str(folder.parent), "CORRAL_STATE_DIR": str(tmp_path / "s"),
+        "CORRAL_EGRESS_ALLOW": "127.0.0.1", "CORRAL_LEASE_S": "1",
+        "CORRAL_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SANDBOX_EXECUTOR": "process",
+    }.items():  # fmt: skip
+        clean_env.setenv(name, value)
+    data = tmp_path / "redis"
+    data.mkdir()
+    with private_redis(data, port):
+        submit(workflow(service), "before")
+    worker = workers()
+    time.sleep(2)  # the worker meets no Redis, and retries
+    assert worker.poll() is None
+    with private_redis(data, port):
+        wait_for(lambda: read("run", "before")["status"] == "succeeded", "the queued run")
+        submit(workflow(service), "after")
+        wait_for(lambda: read("run", "after")["status"] == "succeeded", "the later run")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 0
+    assert worker.stderr is not None and "again in" in worker.stderr.read()

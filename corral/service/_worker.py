@@ -201,6 +201,8 @@ class RunWorker:
         except (QueueError, RecordsError) as exc:
             # The lease lapses and another worker (or this one) takes the run up again.
             logger.error("worker %s: run %s: %s", self.id, lease.run_id, exc)
+        except Exception:  # a bug: said loudly; the lease lapses and the run is tried again
+            logger.exception("worker %s: run %s failed unexpectedly", self.id, lease.run_id)
         finally:
             self._stop_reasons.pop(lease.run_id, None)
 
