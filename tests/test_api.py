@@ -535,3 +535,22 @@ def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
         assert "Redis at redis://127.0.0.1" in checks["store"]
         with private_redis(data, port):
             _wait(lambda: api.client.get("/readyz").status_code == 200, "ready again")
+
+
+@pytest.mark.timeout(300)
+def test_schemathesis_finds_no_server_error_or_schema_violation(catalog, tmp_path):
+    """Property-based requests from the live /openapi.json (authenticated): no 500, no
+    undocumented status, no response outside its schema."""
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    if not schemathesis.exists():
+        pytest.skip("schemathesis is not installed (the test extra installs it)")
+    with running_api(_env(catalog, tmp_path / "state")) as api:
+        done = subprocess.run(
+            [str(schemathesis), "run", f"{api.url}/openapi.json",
+             "-H", f"Authorization: Bearer {TOKEN}", "--seed", "1", "-w", "1",
+             "--checks", "not_a_server_error,status_code_conformance,"
+             "response_schema_conformance,content_type_conformance",
+             "--phases", "coverage,fuzzing", "--max-examples", "25", "--max-time", "60"],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:]

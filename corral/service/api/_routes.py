@@ -24,6 +24,15 @@ from corral.service.records import RecordsError
 
 router = APIRouter()
 
+_ERROR = {"model": m.ErrorBody}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {**_ERROR, "description": "no such item"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {**_ERROR, "description": "not in a state that allows it"}
+}
+CANCELLING: dict[int | str, dict[str, Any]] = {
+    202: {"model": m.RunAccepted, "description": "its worker has not stopped it yet"}
+}
+
 CANCEL_WAIT_S = 5.0  # a cancel answers once the worker has stopped the run, or after this
 FRESH_HEARTBEATS = 3  # a worker is fresh while its last heartbeat is this many periods old
 SEEN_HEARTBEATS = 60  # workers silent longer drop off the list
@@ -67,6 +76,8 @@ async def execute(request: Request, body: m.ExecuteRequest) -> dict[str, Any]:
             body.code, entry_point=body.entry_point, params=body.params, context=body.context,
             limits=limits, secrets=body.secrets, **options,
         )  # fmt: skip
+    except ConfigError as exc:  # limits that contradict the deployment's (e.g. heartbeats)
+        raise ApiError(422, "invalid_input", str(exc)) from None
     except SandboxError as error:
         executor = error.executor or sandbox.executor
         metrics.SANDBOX_EXECUTIONS.labels(executor, error.type).inc()
@@ -92,7 +103,12 @@ def _known_app(state: ApiState, app: str) -> str:
         raise _not_found(exc.message) from None
 
 
-@router.put("/api/connections/{app}", response_model=m.ConnectionView, tags=["connections"])
+@router.put(
+    "/api/connections/{app}",
+    response_model=m.ConnectionView,
+    tags=["connections"],
+    responses=NOT_FOUND,
+)
 async def put_connection(request: Request, app: str, body: m.ConnectionRequest) -> dict[str, Any]:
     """Store the connection of `app`; its credentials are encrypted and never returned."""
     state = _state(request)
@@ -109,7 +125,7 @@ async def list_connections(request: Request) -> dict[str, Any]:
     return {"connections": [public_view(connection) for connection in stored]}
 
 
-@router.delete("/api/connections/{app}", status_code=204, tags=["connections"])
+@router.delete("/api/connections/{app}", status_code=204, tags=["connections"], responses=NOT_FOUND)
 async def delete_connection(request: Request, app: str) -> Response:
     """Remove the connection of `app`."""
     if not await _state(request).records.delete_connection(normalise_app_id(app)):
@@ -139,7 +155,7 @@ async def put_workflow(
     return definition
 
 
-@router.get("/api/workflows/{workflow_id}", tags=["workflows"])
+@router.get("/api/workflows/{workflow_id}", tags=["workflows"], responses=NOT_FOUND)
 async def get_workflow(request: Request, workflow_id: str) -> dict[str, Any]:
     """A stored workflow."""
     definition = await _state(request).records.get_workflow(workflow_id)
@@ -148,7 +164,9 @@ async def get_workflow(request: Request, workflow_id: str) -> dict[str, Any]:
     return definition
 
 
-@router.delete("/api/workflows/{workflow_id}", status_code=204, tags=["workflows"])
+@router.delete(
+    "/api/workflows/{workflow_id}", status_code=204, tags=["workflows"], responses=NOT_FOUND
+)
 async def delete_workflow(request: Request, workflow_id: str) -> Response:
     """Remove a stored workflow (its runs stay)."""
     if not await _state(request).records.delete_workflow(workflow_id):
@@ -177,6 +195,7 @@ async def list_workflows(request: Request) -> dict[str, Any]:
     status_code=202,
     response_model=m.RunAccepted,
     tags=["runs"],
+    responses={**NOT_FOUND, **CONFLICT},
 )
 async def start_run(request: Request, workflow_id: str, body: m.StartRunRequest) -> dict[str, Any]:
     """Queue a run of a stored workflow; `202 {"run_id"}`."""
@@ -226,13 +245,18 @@ async def _run(state: ApiState, run_id: str) -> dict[str, Any]:
     return record
 
 
-@router.get("/api/runs/{run_id}", response_model=m.RunView, tags=["runs"])
+@router.get("/api/runs/{run_id}", response_model=m.RunView, tags=["runs"], responses=NOT_FOUND)
 async def get_run(request: Request, run_id: str) -> dict[str, Any]:
     """A run: the `corral workflow run --json` object, with per-node logs and usage."""
     return await _run(_state(request), run_id)
 
 
-@router.post("/api/runs/{run_id}/cancel", response_model=m.RunAccepted, tags=["runs"])
+@router.post(
+    "/api/runs/{run_id}/cancel",
+    response_model=m.RunAccepted,
+    tags=["runs"],
+    responses={**NOT_FOUND, **CONFLICT, **CANCELLING},
+)
 async def cancel(request: Request, run_id: str, response: Response) -> dict[str, Any]:
     """Stop a queued or running run (its sandbox execution is killed). 200 once cancelled;
     202 when its worker has not stopped it yet."""
@@ -253,8 +277,13 @@ async def cancel(request: Request, run_id: str, response: Response) -> dict[str,
     return {"run_id": run_id, "status": record["status"]}
 
 
-@router.post("/api/runs/{run_id}/retry", status_code=202, response_model=m.RunAccepted,
-             tags=["runs"])  # fmt: skip
+@router.post(
+    "/api/runs/{run_id}/retry",
+    status_code=202,
+    response_model=m.RunAccepted,
+    tags=["runs"],
+    responses={**NOT_FOUND, **CONFLICT},
+)
 async def retry(request: Request, run_id: str) -> dict[str, Any]:
     """Queue a failed or cancelled run again under its id: finished nodes replay."""
     state = _state(request)
@@ -277,8 +306,12 @@ async def breakers(request: Request) -> dict[str, Any]:
     return {"breakers": [{"name": name, **vars(state)} for name, state in found.items()]}
 
 
-@router.post("/api/breakers/{name:path}/reset", response_model=m.BreakerView,
-             tags=["operations"])  # fmt: skip
+@router.post(
+    "/api/breakers/{name:path}/reset",
+    response_model=m.BreakerView,
+    tags=["operations"],
+    responses=NOT_FOUND,
+)
 async def reset_breaker(request: Request, name: str) -> dict[str, Any]:
     """Close a breaker by hand."""
     if not await _state(request).store.reset_breaker(name):
