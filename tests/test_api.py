@@ -554,3 +554,19 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(catalog, tmp_pat
             capture_output=True, text=True, timeout=240,
         )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:]
+
+
+def test_a_workflow_with_a_bad_schedule_or_trigger_is_refused(api: Api):
+    """A schedule the scheduler cannot fire, or a trigger that names an action: 422, and
+    nothing stored; a good one is stored with them."""
+    nodes = _workflow("timed", "ok/t")["nodes"]
+    for extra in ({"schedule": {"cron": "every day"}},
+                  {"trigger": {"app": "svc", "trigger": "call"}}):  # fmt: skip
+        answer = api.client.put("/api/workflows/timed", json={"nodes": nodes, **extra})
+        assert answer.status_code == 422, extra
+        assert api.client.get("/api/workflows/timed").status_code == 404
+    good = {"nodes": nodes, "schedule": {"cron": "*/15 * * * *", "timezone": "Europe/Paris"}}
+    assert api.client.put("/api/workflows/timed", json=good).status_code == 200
+    listed = {w["id"]: w for w in api.client.get("/api/workflows").json()["workflows"]}
+    assert listed["timed"]["schedule"] == good["schedule"]
+    assert api.client.delete("/api/workflows/timed").status_code == 204

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -117,15 +118,19 @@ def workers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Starts `corral worker` processes (each its own session); kills what is left."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(**extra: str) -> subprocess.Popen[str]:
+    def start(_command: str = "worker", **extra: str) -> subprocess.Popen[str]:
+        # A file, not a pipe: a pipe nobody reads would fill and block the process. Closed
+        # at teardown.
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115
         process = subprocess.Popen(
-            [sys.executable, "-m", "corral", "worker"],
+            [sys.executable, "-m", "corral", _command],
             env={**os.environ, **extra},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
             text=True,
             start_new_session=True,
         )
+        process.log = log  # type: ignore[attr-defined]
         started.append(process)
         return process
 
@@ -134,8 +139,7 @@ def workers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-        if process.stderr:
-            process.stderr.close()
+        process.log.close()  # type: ignore[attr-defined]
     _no_processes_left(started)
 
 
@@ -153,6 +157,12 @@ def _no_processes_left(started: list[subprocess.Popen[str]]) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"processes left behind: {left}")
+
+
+def log_of(process: subprocess.Popen[str]) -> str:
+    """What a process started by `workers` wrote on stderr so far."""
+    process.log.seek(0)  # type: ignore[attr-defined]
+    return process.log.read()  # type: ignore[attr-defined]
 
 
 def workflow(service: http.server.ThreadingHTTPServer, *blocks: str) -> dict[str, Any]:
@@ -248,7 +258,7 @@ def test_sigterm_hands_back_what_does_not_finish_within_the_grace_period(env, se
     wait_for(lambda: service.hits.get("block/second"), "the second node running")
     started = time.monotonic()
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=15) == 0, worker.stderr.read() if worker.stderr else ""
+    assert worker.wait(timeout=15) == 0, log_of(worker)
     assert time.monotonic() - started < 10
     record = read("run", "r-term")
     assert (record["status"], record["worker"]) == ("queued", None)
@@ -386,4 +396,4 @@ def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, 
         wait_for(lambda: read("run", "after")["status"] == "succeeded", "the later run")
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=20) == 0
-    assert worker.stderr is not None and "again in" in worker.stderr.read()
+    assert "again in" in log_of(worker)

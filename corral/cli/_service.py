@@ -40,6 +40,15 @@ def add_commands(commands: Any) -> None:
         "CORRAL_WORKER_GRACE_S, hand the rest back to the queue.",
     )
     worker.set_defaults(handler=_worker)
+    scheduler = commands.add_parser(
+        "scheduler",
+        help="poll stored workflows' triggers and fire their schedules",
+        description="Poll the triggers of stored workflows on their interval_s and fire "
+        "their schedules (cron with a time zone, or interval_s), queueing one run per new "
+        "item or occurrence, never twice: several schedulers may run, one leads at a time. "
+        "SIGTERM or Ctrl-C: step down and exit.",
+    )
+    scheduler.set_defaults(handler=_scheduler)
 
 
 def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
@@ -71,3 +80,10 @@ def _api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     return _serve(lambda stop: run_api(settings, stop))
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from corral.service._scheduler import run_scheduler
+
+    settings = get_settings()
+    return _serve(lambda stop: run_scheduler(settings, stop))

@@ -17,6 +17,7 @@ from corral.service import _metrics as metrics
 from corral.service._connections import public_view, store_connection
 from corral.service._keys import KeyRingError, check_canary
 from corral.service._runs import RunConflict, cancel_run, retry_run, submit_run
+from corral.service._scheduler import ScheduleError, check_schedule
 from corral.service.api import _models as m
 from corral.service.api._app import ApiError, ApiState
 from corral.service.queue import QueueError
@@ -149,10 +150,31 @@ async def put_workflow(
     definition = {**definition, "id": workflow_id}
     try:
         state.runtime.check(definition, _AnyInput())
-    except InvalidInput as exc:
-        raise ApiError(422, "invalid_input", exc.message) from None
+        _check_firing(state, definition)
+    except (InvalidInput, ScheduleError) as exc:
+        raise ApiError(422, "invalid_input", str(exc)) from None
     await state.records.put_workflow(definition, time.time())
     return definition
+
+
+def _check_firing(state: ApiState, definition: dict[str, Any]) -> None:
+    """The workflow's trigger names a trigger of the catalog; its schedule is one the
+    scheduler can fire."""
+    if "schedule" in definition:
+        check_schedule(definition["schedule"])
+    trigger = definition.get("trigger")
+    if trigger is None:
+        return
+    if not isinstance(trigger, dict) or not isinstance(trigger.get("app"), str):
+        raise InvalidInput('`trigger` must be {"app", "trigger", "params", "interval_s"}')
+    operation = state.runtime.framework.connector(trigger["app"]).operation(
+        str(trigger.get("trigger"))
+    )
+    if operation.kind != "trigger":
+        raise InvalidInput(f"`trigger`: {operation.app}.{operation.id} is an action")
+    interval = trigger.get("interval_s", 60)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise InvalidInput("`trigger.interval_s` must be a positive number of seconds")
 
 
 @router.get("/api/workflows/{workflow_id}", tags=["workflows"], responses=NOT_FOUND)
