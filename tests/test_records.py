@@ -192,3 +192,23 @@ async def test_meta_values_can_be_set_once(open_r: OpenRecords):
     assert await records.get_meta("canary") == "a"
     assert await records.put_meta("canary", "c")
     assert await records.get_meta("canary") == "c"
+
+
+async def test_finished_runs_are_counted_by_workflow_and_status(open_r: OpenRecords):
+    """Each turn of a run to a finished status counts once (a retried run counts again);
+    other updates do not."""
+    records = open_r()
+    await records.create_run(run("r1", T0))
+    await records.create_run(run("r2", T0, "other"))
+
+    def to(status: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        return lambda record: {**record, "status": status}
+
+    for status in ("running", "failed", "failed", "queued", "running", "succeeded"):
+        await records.update_run("r1", to(status))
+    await records.update_run("r2", to("cancelled"))
+    assert await records.finished_counts() == {
+        ("triage", "failed"): 1,
+        ("triage", "succeeded"): 1,
+        ("other", "cancelled"): 1,
+    }

@@ -3,12 +3,17 @@ status, a queue state; never a run id or a node id."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 #: Connector calls take ~50 ms to seconds, runs up to half an hour: 0.05 s to 1800 s.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-RUNS = Counter("corral_runs", "Runs finished, by workflow and status.", ["workflow", "status"])
+# corral_runs_total{workflow,status} is counted in the records (every process's runs) and
+# exposed by the API's /metrics: corral.service.api._routes.
 RUN_DURATION = Histogram(
     "corral_run_duration_seconds",
     "Wall time of a run's execution by a worker.",
@@ -33,3 +38,21 @@ BREAKER_STATE = Gauge(
     "corral_breaker_state", "Circuit breakers: 0 closed, 1 half-open, 2 open.", ["breaker"]
 )
 BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def runs_total(counts: dict[tuple[str, str], int]) -> CollectorRegistry:
+    """corral_runs_total{workflow,status} from the records' counts, in a registry of its own
+    (every process's runs, not only this one's)."""
+    registry = CollectorRegistry()
+    family = CounterMetricFamily(
+        "corral_runs", "Runs finished, by workflow and status.", labels=["workflow", "status"]
+    )
+    for (workflow, status), count in sorted(counts.items()):
+        family.add_metric([workflow, status], count)
+
+    class _Runs(Collector):
+        def collect(self) -> Iterator[CounterMetricFamily]:
+            yield family
+
+    registry.register(_Runs())
+    return registry

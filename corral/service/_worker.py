@@ -344,8 +344,7 @@ class RunWorker:
                 "nodes": current["nodes"] if nodes is None else nodes,
             }
 
-        if await self.records.update_run(record["id"], finish) is not None:
-            metrics.RUNS.labels(record["workflow"], status).inc()
+        await self.records.update_run(record["id"], finish)
 
     async def _hand_back(self, lease: Lease) -> None:
         def requeue(current: dict[str, Any]) -> dict[str, Any] | None:
@@ -370,9 +369,7 @@ class RunWorker:
             return {**current, "status": "failed", "finished_at": now,
                     "error": _error(WORKER_LOST, message)}  # fmt: skip
 
-        record = await self.records.update_run(lease.run_id, lose)
-        if record is not None:
-            metrics.RUNS.labels(record["workflow"], "failed").inc()
+        await self.records.update_run(lease.run_id, lose)
         logger.error("worker %s: run %s failed as %s", self.id, lease.run_id, WORKER_LOST)
 
 

@@ -413,4 +413,7 @@ async def metrics_text(request: Request) -> PlainTextResponse:
     metrics.BREAKER_STATE.clear()
     for name, breaker in (await state.store.breakers()).items():
         metrics.BREAKER_STATE.labels(name).set(metrics.BREAKER_LEVELS[breaker.state])
-    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    runs = metrics.runs_total(await state.records.finished_counts())
+    return PlainTextResponse(
+        generate_latest() + generate_latest(runs), media_type=CONTENT_TYPE_LATEST
+    )

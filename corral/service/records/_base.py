@@ -128,6 +128,11 @@ class Records(abc.ABC):
         """Run summaries, newest first, and the cursor of the next page (None: no more)."""
 
     @abc.abstractmethod
+    async def finished_counts(self) -> dict[tuple[str, str], int]:
+        """How many runs finished, by (workflow, status), ever: each time a run's record
+        turns succeeded, failed or cancelled counts (a retried run counts again)."""
+
+    @abc.abstractmethod
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
         """The record and its version."""
 

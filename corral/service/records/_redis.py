@@ -23,6 +23,7 @@ from corral.runtime.store._redis import (
     REDIS_TIMEOUT_S,
 )
 from corral.service.records._base import (
+    FINISHED,
     Records,
     RecordsError,
     check_list_args,
@@ -42,9 +43,15 @@ redis.call('ZADD', KEYS[2], 0, ARGV[4])
 return 1
 """
 
+# ARGV[4]: the workflow; ARGV[5]: '1' when ARGV[3] is a finished status. The count is of
+# (workflow, status) pairs, joined by a newline (neither holds one: ids are checked).
 _WRITE_LUA = """
-if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'v', 'status')
+if r[1] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status', ARGV[3])
+if ARGV[5] == '1' and r[2] ~= ARGV[3] then
+  redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
+end
 return 1
 """
 
@@ -73,6 +80,7 @@ class RedisRecords(Records):
         self._index = f"{prefix}runs"
         self._workflows = f"{prefix}workflows"
         self._workers = f"{prefix}workers"
+        self._counts = f"{prefix}run_counts"
         self._apps = f"{prefix}connections"
         self._meta = f"{prefix}meta"
         try:
@@ -121,11 +129,19 @@ class RedisRecords(Records):
         return None if doc is None else (json.loads(doc), int(version))
 
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
+        finished = "1" if run["status"] in FINISHED else "0"
         with self._errors():
             written = await self._write(
-                keys=[self._run_key(run["id"])], args=[version, _dumps(run), run["status"]]
+                keys=[self._run_key(run["id"]), self._counts],
+                args=[version, _dumps(run), run["status"], run["workflow"], finished],
             )
         return bool(written)
+
+    async def finished_counts(self) -> dict[tuple[str, str], int]:
+        """How many runs finished, by (workflow, status), ever."""
+        with self._errors() as client:
+            counts = await client.hgetall(self._counts)
+        return {tuple(key.split("\n", 1)): int(n) for key, n in counts.items()}  # type: ignore[misc]
 
     async def list_runs(
         self,

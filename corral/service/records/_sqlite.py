@@ -10,6 +10,7 @@ from typing import Any
 from corral.runtime.store._sqlite import transaction
 from corral.service._sqlite import SqliteThread
 from corral.service.records._base import (
+    FINISHED,
     Records,
     RecordsError,
     check_list_args,
@@ -32,6 +33,12 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_order ON runs (sort_key);
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, sort_key);
 CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow, sort_key);
+CREATE TABLE IF NOT EXISTS run_counts (
+    workflow TEXT NOT NULL,
+    status TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (workflow, status)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workflows (
     id TEXT PRIMARY KEY,
     doc TEXT NOT NULL,
@@ -75,12 +82,27 @@ def _read(conn: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int] |
 
 def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int) -> bool:
     with transaction(conn):
-        cursor = conn.execute(
-            "UPDATE runs SET status = ?, doc = ?, version = version + 1 "
-            "WHERE id = ? AND version = ?",
-            (run["status"], _dumps(run), run["id"], version),
+        before = conn.execute(
+            "SELECT status FROM runs WHERE id = ? AND version = ?", (run["id"], version)
+        ).fetchone()
+        if before is None:
+            return False
+        conn.execute(
+            "UPDATE runs SET status = ?, doc = ?, version = version + 1 WHERE id = ?",
+            (run["status"], _dumps(run), run["id"]),
         )
-        return cursor.rowcount > 0
+        if run["status"] != before[0] and run["status"] in FINISHED:
+            conn.execute(
+                "INSERT INTO run_counts (workflow, status, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (workflow, status) DO UPDATE SET count = count + 1",
+                (run["workflow"], run["status"]),
+            )
+        return True
+
+
+def _counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    rows = conn.execute("SELECT workflow, status, count FROM run_counts")
+    return {(workflow, status): count for workflow, status, count in rows}
 
 
 def _list(
@@ -218,6 +240,10 @@ class SqliteRecords(Records):
 
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
         return bool(await self._db.run(_write, run, version))
+
+    async def finished_counts(self) -> dict[tuple[str, str], int]:
+        """How many runs finished, by (workflow, status), ever."""
+        return await self._db.run(_counts)
 
     async def list_runs(
         self,
