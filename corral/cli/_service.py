@@ -49,6 +49,17 @@ def add_commands(commands: Any) -> None:
         "SIGTERM or Ctrl-C: step down and exit.",
     )
     scheduler.set_defaults(handler=_scheduler)
+    stack = commands.add_parser(
+        "stack",
+        help="run the whole service: api, worker and scheduler, supervised",
+        description="Run `corral api`, `corral worker` and `corral scheduler` as child "
+        "processes (and `corral rotate-keys` every CORRAL_KEY_ROTATION_INTERVAL_S), each in "
+        "its own process group, their logs on stderr under their names. It says `ready` once "
+        "all three answer and see the same queue and records; it restarts a child that "
+        "exits, with backoff; SIGTERM or Ctrl-C stops them all within CORRAL_WORKER_GRACE_S "
+        "+ 10 s.",
+    )
+    stack.set_defaults(handler=_stack)
 
 
 def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
@@ -87,3 +98,10 @@ def _scheduler(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     return _serve(lambda stop: run_scheduler(settings, stop))
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from corral.service._stack import run_stack
+
+    settings = get_settings()
+    return _serve(lambda stop: run_stack(settings, stop))

@@ -22,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import logging
+import os
+import socket
 import time
 import zoneinfo
 from collections.abc import Callable
@@ -49,6 +52,7 @@ logger = logging.getLogger("corral.scheduler")
 TICK_S = 1.0  # how often the leader looks at the workflows (timers fire within a tick)
 SWEEP_AFTER_S = 10.0  # a queued record this old without a job is queued again
 LEADER_KEY = "scheduler:leader"
+LEADER_META = "scheduler_leader"  # who leads, for operators and `corral stack`
 MAX_OCCURRENCES = 1000  # per tick: a one-second cron after a long outage stays bounded
 
 FIRED = Counter("corral_schedule_runs", "Runs the scheduler enqueued, by source.", ["source"])
@@ -125,6 +129,7 @@ class Scheduler:
         *,
         lease_s: float,
         catchup_s: float,
+        deployment: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.records = records
@@ -135,6 +140,7 @@ class Scheduler:
         self.lease_s = lease_s
         self.catchup_s = catchup_s
         self.clock = clock
+        self.deployment = deployment
         self._token: str | None = None
         self._renewed = 0.0
         self._swept = 0.0
@@ -174,6 +180,9 @@ class Scheduler:
         self._token, self._renewed = claim.token, now
         if not led:
             logger.info("scheduler: leading")
+            leader = {"pid": os.getpid(), "host": socket.gethostname(), "since": self.clock(),
+                      "deployment": self.deployment}  # fmt: skip
+            await self.records.put_meta(LEADER_META, json.dumps(leader))
         return True
 
     async def tick(self) -> None:
@@ -273,6 +282,7 @@ class Scheduler:
 async def run_scheduler(settings: Settings, stop: asyncio.Event) -> None:
     """`corral scheduler`: the deployment's records, queue, store and runtime until `stop`."""
     from corral.runtime import open_store
+    from corral.service._deployment import describe
     from corral.service._keys import load_key_ring
     from corral.service.queue import open_queue
     from corral.service.records import open_records
@@ -289,5 +299,6 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event) -> None:
         scheduler = Scheduler(
             records, queue, store, runtime, ring,
             lease_s=settings.lease_s, catchup_s=settings.schedule_catchup_s,
+            deployment=describe(settings),
         )  # fmt: skip
         await scheduler.serve(stop)

@@ -31,6 +31,7 @@ from corral._exceptions import InvalidInput
 from corral.runtime import WorkflowRun, WorkflowRuntime
 from corral.service import _metrics as metrics
 from corral.service._connections import connections_for
+from corral.service._deployment import describe
 from corral.service._keys import KeyRingError, load_key_ring
 from corral.service.queue import WORKER_LOST, Lease, QueueError, RunQueue, open_queue
 from corral.service.records import FINISHED, Records, RecordsError, new_run, open_records
@@ -70,6 +71,7 @@ class RunWorker:
         heartbeat_s: float,
         connections: Connections = no_connections,
         worker_id: str | None = None,
+        deployment: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
@@ -80,6 +82,7 @@ class RunWorker:
         self.heartbeat_s = heartbeat_s
         self.connections = connections
         self.clock = clock
+        self.deployment = deployment  # what it sees (_deployment.describe), for `corral stack`
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.id = worker_id or f"{self.host}-{self.pid}-{uuid.uuid4().hex[:6]}"
@@ -176,6 +179,7 @@ class RunWorker:
                 "running": self.running,
                 "concurrency": self.concurrency,
                 "queue": self.queue.kind,
+                "deployment": self.deployment,
                 "last_heartbeat": self.clock(),
             }
         )
@@ -389,6 +393,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                     grace_s=settings.worker_grace_s,
                     heartbeat_s=settings.worker_heartbeat_s,
                     connections=functools.partial(connections_for, records, ring),
+                    deployment=describe(settings),
                 )
                 await worker.serve(stop)
         finally:

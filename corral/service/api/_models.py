@@ -189,4 +189,5 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    deployment: str = Field(description="the queue and records this API uses")
     checks: dict[str, str] = Field(description='"ok", or what failed')

@@ -15,6 +15,7 @@ from corral.runtime import capabilities
 from corral.sandbox import Limits
 from corral.service import _metrics as metrics
 from corral.service._connections import public_view, store_connection
+from corral.service._deployment import describe
 from corral.service._keys import KeyRingError, check_canary
 from corral.service._runs import RunConflict, cancel_run, retry_run, submit_run
 from corral.service._scheduler import ScheduleError, check_schedule
@@ -398,7 +399,7 @@ async def readyz(request: Request, response: Response) -> dict[str, Any]:
     ready = all(outcome == "ok" for outcome in checks.values())
     if not ready:
         response.status_code = 503
-    return {"ready": ready, "checks": checks}
+    return {"ready": ready, "deployment": describe(state.settings), "checks": checks}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
