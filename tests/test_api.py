@@ -570,3 +570,43 @@ def test_a_workflow_with_a_bad_schedule_or_trigger_is_refused(api: Api):
     listed = {w["id"]: w for w in api.client.get("/api/workflows").json()["workflows"]}
     assert listed["timed"]["schedule"] == good["schedule"]
     assert api.client.delete("/api/workflows/timed").status_code == 204
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(id, event, data) of each server-sent event."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in fields:
+                yield int(fields["id"]), fields["event"], json.loads(fields["data"])
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+
+
+def test_a_run_s_events_stream_as_it_runs_and_resume(api: Api, service):
+    """GET /api/runs/ID/events streams the run's events while it runs (node started and
+    finished, run finished) and ends after the last; Last-Event-ID resumes after one."""
+    _connect(api, service)
+    api.client.put("/api/workflows/streamed", json=_workflow("streamed", "ok/e", "block/e"))
+    api.client.post("/api/workflows/streamed/runs", json={"run_id": "streamed-1"})
+    seen: list[tuple[int, str, dict[str, Any]]] = []
+    with api.client.stream("GET", "/api/runs/streamed-1/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for event in _sse(stream.iter_lines()):
+            seen.append(event)
+            if event[1] == "node.started" and event[2]["node"] == "n1":
+                service.release.set()  # the stream was live while the run ran
+    names = [(name, data.get("node")) for _, name, data in seen]
+    assert names[0] == ("run.started", None)
+    assert names.index(("node.started", "n0")) < names.index(("node.finished", "n0"))
+    assert names.index(("node.finished", "n0")) < names.index(("node.started", "n1"))
+    assert ("run.finished", None) in names
+    assert [seq for seq, _, _ in seen] == list(range(1, len(seen) + 1))
+    assert _finished(api, "streamed-1")["status"] == "succeeded"
+    resumed = api.client.get("/api/runs/streamed-1/events", headers={"last-event-id": "2"})
+    assert [seq for seq, _, _ in _sse(iter(resumed.text.splitlines()))] == [
+        seq for seq, _, _ in seen if seq > 2
+    ]
+    assert api.client.get("/api/runs/nope/events").status_code == 404

@@ -228,6 +228,25 @@ class WorkflowRuntime:
     ) -> None:
         result = run.nodes[node.id]
         started = time.monotonic()
+        events.emit("node.started", run=run.id, node=node.id, connector=node.app)
+        try:
+            await self._node_body(retries, run, node, run_input, connections, result, started)
+        finally:
+            events.emit(
+                "node.finished", run=run.id, node=node.id, connector=node.app,
+                status=result.status, error_type=(result.error or {}).get("type"),
+            )  # fmt: skip
+
+    async def _node_body(
+        self,
+        retries: RetryManager,
+        run: WorkflowRun,
+        node: _Node,
+        run_input: dict[str, Any],
+        connections: dict[str, Any],
+        result: NodeRun,
+        started: float,
+    ) -> None:
         key = node.idempotency_key or _derived_key(run.id, node.id)
         metadata: dict[str, Any] = {
             "executor": None, "fallback_reason": None, "execution_ms": 0.0, "attempts": 0,

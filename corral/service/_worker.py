@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import random
@@ -51,6 +52,46 @@ Connections = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 async def no_connections(definition: dict[str, Any]) -> dict[str, Any]:
     """Runs get no stored connections (a worker without a connection store)."""
     return {}
+
+
+class _EventSink(logging.Handler):
+    """The runtime's events (`corral.events` log lines) of the runs this worker holds,
+    appended to each run's event stream in the records (GET /api/runs/ID/events)."""
+
+    def __init__(self, worker: RunWorker) -> None:
+        super().__init__(logging.INFO)
+        self.worker = worker
+        self.loop = asyncio.get_running_loop()
+        self.pending: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self.source = logging.getLogger("corral.events")
+        if not self.source.isEnabledFor(logging.INFO):
+            self.source.setLevel(logging.INFO)  # the service keeps every run's events
+        self.source.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = json.loads(record.getMessage())
+        except ValueError:
+            return
+        run_id = event.get("run")
+        if isinstance(run_id, str) and run_id in self.worker._running.values():
+            event["event"] = str(event.get("event", "")).removeprefix("corral.")
+            self.loop.call_soon_threadsafe(self.pending.put_nowait, (run_id, event))
+
+    def add(self, run_id: str, event: str, **fields: Any) -> None:
+        """An event of the worker's own (run started, handed back, …)."""
+        entry = {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}
+        self.pending.put_nowait((run_id, entry))
+
+    async def forward(self) -> None:
+        while (item := await self.pending.get()) is not None:
+            with contextlib.suppress(RecordsError):
+                await self.worker.records.append_event(*item)
+
+    def close(self) -> None:
+        self.source.removeHandler(self)
+        self.pending.put_nowait(None)
+        super().close()
 
 
 def _error(kind: str, message: str) -> dict[str, str]:
@@ -88,6 +129,7 @@ class RunWorker:
         self.id = worker_id or f"{self.host}-{self.pid}-{uuid.uuid4().hex[:6]}"
         self._running: dict[asyncio.Task[None], str] = {}  # task -> run id
         self._stop_reasons: dict[str, str] = {}  # run id -> why its task was cancelled
+        self._sink: _EventSink | None = None
 
     @property
     def running(self) -> int:
@@ -102,14 +144,18 @@ class RunWorker:
             self.concurrency,
             self.queue.kind,
         )
+        sink = self._sink = _EventSink(self)
         chores = [
             asyncio.create_task(self._every(self.heartbeat_s, self._beat, stop)),
             asyncio.create_task(self._every(self.queue.lease_s / 2, self._reclaim, stop)),
+            asyncio.create_task(sink.forward()),
         ]
         try:
             await self._claim_loop(stop)
             await self._drain()
         finally:
+            sink.close()
+            await asyncio.wait_for(asyncio.shield(chores[-1]), 5)
             for chore in chores:
                 chore.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
@@ -158,6 +204,10 @@ class RunWorker:
             task.cancel()
         if late:
             await asyncio.wait(late)
+
+    def _event(self, run_id: str, event: str, **fields: Any) -> None:
+        if self._sink is not None:
+            self._sink.add(run_id, event, **fields)
 
     async def _every(
         self, period_s: float, chore: Callable[[], Awaitable[Any]], stop: asyncio.Event
@@ -237,6 +287,7 @@ class RunWorker:
             return None
         if record["attempts"] == 1:
             metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
+        self._event(run_id, "run.started", attempt=record["attempts"], worker=self.id)
         return record
 
     async def _create_from_job(self, lease: Lease) -> None:
@@ -271,6 +322,7 @@ class RunWorker:
                 await self._finish(
                     record, "cancelled", error=_error("cancelled", "cancelled by request")
                 )
+                self._event(run_id, "run.finished", status="cancelled")
                 await self.queue.complete(lease)
             elif reason == "shutdown":
                 await self._hand_back(lease)
@@ -358,6 +410,7 @@ class RunWorker:
 
         await self.records.update_run(lease.run_id, requeue)
         await self.queue.release(lease)
+        self._event(lease.run_id, "run.handed_back", worker=self.id)
         logger.info("worker %s: handed run %s back to the queue", self.id, lease.run_id)
 
     async def _record_lost(self, lease: Lease) -> None:
@@ -374,6 +427,7 @@ class RunWorker:
                     "error": _error(WORKER_LOST, message)}  # fmt: skip
 
         await self.records.update_run(lease.run_id, lose)
+        self._event(lease.run_id, "run.finished", status="failed", error_type=WORKER_LOST)
         logger.error("worker %s: run %s failed as %s", self.id, lease.run_id, WORKER_LOST)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from corral._exceptions import ConfigError, InvalidInput, SandboxError
 from corral.executors import normalise_app_id
@@ -22,7 +24,7 @@ from corral.service._scheduler import ScheduleError, check_schedule
 from corral.service.api import _models as m
 from corral.service.api._app import ApiError, ApiState
 from corral.service.queue import QueueError
-from corral.service.records import RecordsError
+from corral.service.records import FINISHED, RecordsError
 
 router = APIRouter()
 
@@ -35,6 +37,8 @@ CANCELLING: dict[int | str, dict[str, Any]] = {
     202: {"model": m.RunAccepted, "description": "its worker has not stopped it yet"}
 }
 
+EVENTS_POLL_S = 0.1  # how often a stream looks for new events of a running run
+EVENTS_KEEPALIVE_S = 15.0
 CANCEL_WAIT_S = 5.0  # a cancel answers once the worker has stopped the run, or after this
 FRESH_HEARTBEATS = 3  # a worker is fresh while its last heartbeat is this many periods old
 SEEN_HEARTBEATS = 60  # workers silent longer drop off the list
@@ -272,6 +276,54 @@ async def _run(state: ApiState, run_id: str) -> dict[str, Any]:
 async def get_run(request: Request, run_id: str) -> dict[str, Any]:
     """A run: the `corral workflow run --json` object, with per-node logs and usage."""
     return await _run(_state(request), run_id)
+
+
+@router.get(
+    "/api/runs/{run_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **NOT_FOUND,
+        200: {"content": {"text/event-stream": {}}, "description": "the run's events"},
+    },
+    tags=["runs"],
+)
+async def run_events(
+    request: Request,
+    run_id: str,
+    last_event_id: Annotated[int, Header(ge=0)] = 0,
+) -> StreamingResponse:
+    """Server-sent events of a run: run.started, node.started, node.attempt_failed,
+    node.retry, node.fallback, node.replay, node.finished, run.finished, … (each `data` is
+    the event's JSON, each `id` its sequence number: reconnect with Last-Event-ID). The
+    stream ends once the run has finished and every event was sent."""
+    state = _state(request)
+    await _run(state, run_id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        after, quiet = last_event_id, 0.0
+        while True:
+            events = await state.records.run_events(run_id, after=after)
+            for seq, event in events:
+                after = seq
+                name = str(event.get("event", "message"))
+                yield f"id: {seq}\nevent: {name}\ndata: {json.dumps(event)}\n\n".encode()
+            if not events:
+                record = await state.records.get_run(run_id)
+                if record is None or record["status"] in FINISHED:
+                    if not await state.records.run_events(run_id, after=after):
+                        return
+                    continue
+                await asyncio.sleep(EVENTS_POLL_S)
+                quiet += EVENTS_POLL_S
+                if quiet >= EVENTS_KEEPALIVE_S:  # proxies drop a silent connection
+                    quiet = 0.0
+                    yield b": keep-alive\n\n"
+            else:
+                quiet = 0.0
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+    )
 
 
 @router.post(

@@ -140,6 +140,14 @@ class Records(abc.ABC):
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
         """Store the record if its version is still `version`."""
 
+    @abc.abstractmethod
+    async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
+        """Add an event to a run's stream; its sequence number (1, 2, …)."""
+
+    @abc.abstractmethod
+    async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """A run's events after sequence number `after`, in order."""
+
     # -- workflows -----------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -137,6 +137,20 @@ class RedisRecords(Records):
             )
         return bool(written)
 
+    def _events_key(self, run_id: str) -> str:
+        return f"{self.prefix}events:{run_id}"
+
+    async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
+        """Add an event to a run's stream; its sequence number."""
+        with self._errors() as client:
+            return int(await client.rpush(self._events_key(run_id), _dumps(event)))
+
+    async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """A run's events after sequence number `after`, in order."""
+        with self._errors() as client:
+            found = await client.lrange(self._events_key(run_id), after, -1)
+        return [(after + n + 1, json.loads(doc)) for n, doc in enumerate(found)]
+
     async def finished_counts(self) -> dict[tuple[str, str], int]:
         """How many runs finished, by (workflow, status), ever."""
         with self._errors() as client:

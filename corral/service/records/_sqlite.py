@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS run_counts (
     count INTEGER NOT NULL,
     PRIMARY KEY (workflow, status)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workflows (
     id TEXT PRIMARY KEY,
     doc TEXT NOT NULL,
@@ -103,6 +109,25 @@ def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int) -> bool:
 def _counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
     rows = conn.execute("SELECT workflow, status, count FROM run_counts")
     return {(workflow, status): count for workflow, status, count in rows}
+
+
+def _append_event(conn: sqlite3.Connection, run_id: str, doc: str) -> int:
+    with transaction(conn):
+        (last,) = conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM run_events WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO run_events (run_id, seq, doc) VALUES (?, ?, ?)", (run_id, last + 1, doc)
+        )
+        return int(last) + 1
+
+
+def _run_events(conn: sqlite3.Connection, run_id: str, after: int) -> list[tuple[int, Any]]:
+    rows = conn.execute(
+        "SELECT seq, doc FROM run_events WHERE run_id = ? AND seq > ? ORDER BY seq",
+        (run_id, after),
+    )
+    return [(seq, json.loads(doc)) for seq, doc in rows]
 
 
 def _list(
@@ -240,6 +265,14 @@ class SqliteRecords(Records):
 
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
         return bool(await self._db.run(_write, run, version))
+
+    async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
+        """Add an event to a run's stream; its sequence number."""
+        return int(await self._db.run(_append_event, run_id, _dumps(event)))
+
+    async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """A run's events after sequence number `after`, in order."""
+        return await self._db.run(_run_events, run_id, after)
 
     async def finished_counts(self) -> dict[tuple[str, str], int]:
         """How many runs finished, by (workflow, status), ever."""
