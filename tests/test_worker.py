@@ -397,3 +397,24 @@ def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, 
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=20) == 0
     assert "again in" in log_of(worker)
+
+
+def test_three_workers_share_the_load_and_survive_losing_one(env, service, workers):
+    """Three workers, one run each at a time: three runs go to three workers; one worker
+    killed mid-run, its run is finished by another, every run once."""
+    pool = [workers(CORRAL_WORKER_CONCURRENCY="1") for _ in range(3)]
+    for n in range(3):
+        submit(workflow(service, f"s{n}"), f"shared-{n}")
+    wait_for(lambda: sum(service.hits.get(f"block/s{n}", 0) for n in range(3)) == 3,
+             "three runs running at once")  # fmt: skip
+    holders = {read("run", f"shared-{n}")["worker"] for n in range(3)}
+    assert len(holders) == 3, "each worker holds one run"
+    victim = pool[0]
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    service.release.set()
+    for n in range(3):
+        wait_for(lambda n=n: read("run", f"shared-{n}")["status"] == "succeeded", f"run {n}")
+    lost = [n for n in range(3) if read("run", f"shared-{n}")["attempts"] == 2]
+    assert len(lost) == 1, "only the killed worker's run ran again"
+    assert service.hits["fast/first"] == 3
