@@ -533,6 +533,10 @@ def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
         checks = down.json()["checks"]
         assert "Redis at redis://127.0.0.1" in checks["queue"]
         assert "Redis at redis://127.0.0.1" in checks["store"]
+        listing = api.client.get("/api/runs")
+        assert listing.status_code == 503
+        assert listing.json()["error"]["type"] == "unavailable"
+        assert "Redis at redis://127.0.0.1" in listing.json()["error"]["message"]
         with private_redis(data, port):
             _wait(lambda: api.client.get("/readyz").status_code == 200, "ready again")
 

@@ -22,12 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.config import Settings
 from corral.runtime import WorkflowRuntime, open_store
-from corral.runtime.store import Store
+from corral.runtime.store import Store, StoreError
 from corral.sandbox import NodeSandbox
 from corral.service._keys import KeyRing, ensure_canary, load_key_ring
 from corral.service._worker import RunWorker
-from corral.service.queue import RunQueue, open_queue
-from corral.service.records import Records, open_records
+from corral.service.queue import QueueError, RunQueue, open_queue
+from corral.service.records import Records, RecordsError, open_records
 
 logger = logging.getLogger("corral.api")
 
@@ -210,6 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
             400: {"model": _error_model(), "description": "malformed JSON"},
             401: {"model": _error_model(), "description": "missing or wrong bearer token"},
             413: {"model": _error_model(), "description": "body over CORRAL_API_MAX_BODY_BYTES"},
+            503: {"model": _error_model(), "description": "the records or the queue are down"},
             422: {"model": _error_model(), "description": "invalid input"},
         },
     )
@@ -228,6 +229,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(*_validation_message(exc))
+
+    @app.exception_handler(RecordsError)
+    @app.exception_handler(QueueError)
+    @app.exception_handler(StoreError)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Redis gone, a locked or full state database: the message says which and where.
+        return error_response(503, "unavailable", str(exc))
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
