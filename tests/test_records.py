@@ -4,8 +4,9 @@ state database) and Redis (conftest's real redis-server on 127.0.0.1)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,49 @@ async def test_finished_runs_are_counted_by_workflow_and_status(open_r: OpenReco
         ("triage", "succeeded"): 1,
         ("other", "cancelled"): 1,
     }
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 400 KiB tmpfs of the test's own (root only), unmounted at the end."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_a_full_disk_is_a_clear_error_and_the_database_survives(small_disk: Path):
+    """Writing runs until the state dir's disk is full raises RecordsError saying so;
+    what was stored before still reads back, and writes work again once there is room."""
+    records = SqliteRecords(small_disk / "corral.db")
+    stored: list[str] = []
+    filler = {"blob": "x" * 20_000}
+    try:
+        with pytest.raises(RecordsError, match="disk is full"):
+            for n in range(200):
+                record = run(f"r{n}", T0 + n)
+                record["input"] = filler
+                await records.create_run(record)
+                stored.append(record["id"])
+        assert stored, "some runs fit before the disk filled"
+        for run_id in stored:
+            assert (await records.get_run(run_id))["id"] == run_id  # type: ignore[index]
+        await records.delete_workflow("none")  # a write that needs no room
+    finally:
+        await records.close()
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    reopened = SqliteRecords(small_disk / "corral.db")
+    try:
+        assert (await reopened.get_run(stored[0]))["id"] == stored[0]  # type: ignore[index]
+        assert await reopened.create_run(run("after", T0 + 1000))
+        assert len((await reopened.list_runs(limit=500))[0]) == len(stored) + 1
+    finally:
+        await reopened.close()
