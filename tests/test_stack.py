@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 from conftest import serving
 from test_api import CONNECTOR, HANDLERS, TOKEN, _Service
 
@@ -25,10 +26,13 @@ READY_PATIENCE_S = 60.0
 
 
 @pytest.mark.timeout(180)
-def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(tmp_path: Path):
-    """From nothing but a state dir: ready; a stored connection and workflow run and show
-    in /metrics; a worker killed with SIGKILL is restarted (the stack says so); SIGTERM
-    stops every child within the bound, exit 0, nothing left."""
+@pytest.mark.parametrize("queue", ["sqlite", "bullmq"])
+def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(
+    tmp_path: Path, queue: str, request: pytest.FixtureRequest
+):
+    """From nothing but a state dir (or a Redis): ready; a stored connection and workflow
+    run and show in /metrics; a worker killed with SIGKILL is restarted (the stack says so);
+    SIGTERM stops every child within the bound, exit 0, nothing left."""
     folder = tmp_path / "catalog" / "svc"
     folder.mkdir(parents=True)
     (folder / "connector.json").write_text(json.dumps(CONNECTOR))
@@ -42,6 +46,12 @@ def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(tm
         "CORRAL_WORKER_GRACE_S": "2", "SANDBOX_EXECUTOR": "process",
         "SANDBOX_MAX_MEMORY_MB": "128",
     })  # fmt: skip
+    if queue == "bullmq":
+        url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/5"
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+        env["CORRAL_REDIS_URL"] = url
     lines: list[str] = []
     stack = subprocess.Popen(
         [sys.executable, "-m", "corral", "stack"], env=env, stdin=subprocess.DEVNULL,
