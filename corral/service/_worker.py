@@ -85,8 +85,13 @@ class _EventSink(logging.Handler):
 
     async def forward(self) -> None:
         while (item := await self.pending.get()) is not None:
-            with contextlib.suppress(RecordsError):
+            try:
                 await self.worker.records.append_event(*item)
+            except RecordsError as exc:  # an event lost is not worth stopping runs for
+                logger.warning("worker %s: run %s: event not kept: %s",
+                               self.worker.id, item[0], exc)  # fmt: skip
+            except Exception:
+                logger.exception("worker %s: run %s: event not kept", self.worker.id, item[0])
 
     def close(self) -> None:
         self.source.removeHandler(self)
@@ -155,7 +160,8 @@ class RunWorker:
             await self._drain()
         finally:
             sink.close()
-            await asyncio.wait_for(asyncio.shield(chores[-1]), 5)
+            with contextlib.suppress(TimeoutError):  # the last events: briefly
+                await asyncio.wait_for(asyncio.shield(chores[-1]), 5)
             for chore in chores:
                 chore.cancel()
             await asyncio.gather(*chores, return_exceptions=True)

@@ -131,7 +131,10 @@ class BullmqQueue(RunQueue):
         with self._errors():
             while True:
                 token = f"{uuid.uuid4().hex}:1"
-                job = await self._worker.moveToActive(token)
+                try:
+                    job = await self._worker.moveToActive(token)
+                except (ValueError, TypeError, KeyError) as exc:  # data that is not JSON
+                    raise QueueError(f"a job of {QUEUE_NAME} cannot be read: {exc!r}") from exc
                 if job is not None:
                     lease = await self._lease(job, token)
                     if lease is not None:
