@@ -391,8 +391,8 @@ def test_a_stored_workflow_runs_with_the_stored_connection(api: Api, service):
     assert SECRET not in json.dumps(run)
     again = api.client.post("/api/workflows/wf/runs", json={"run_id": "run-1"})
     assert again.status_code == 409 and again.json()["error"]["type"] == "conflict"
-    listed = api.client.get("/api/workflows").json()["workflows"]
-    assert [(w["id"], w["last_run"]["id"]) for w in listed] == [("wf", "run-1")]
+    listed = {w["id"]: w for w in api.client.get("/api/workflows").json()["workflows"]}
+    assert listed["wf"]["last_run"]["id"] == "run-1"
 
 
 def test_runs_are_listed_newest_first_with_filters_and_a_cursor(api: Api, service):
@@ -460,9 +460,13 @@ def test_breakers_are_listed_and_reset_by_hand(api: Api, service):
     assert api.client.post(f"/api/breakers/{name}/reset").status_code == 404
 
 
-def test_workers_readiness_registry_and_metrics(api: Api, catalog):
+def test_workers_readiness_registry_and_metrics(api: Api, service):
     """The inline worker is listed fresh; /readyz passes every check; the registry is the
     capabilities map; /metrics has DESIGN's names and buckets and no run ids."""
+    _connect(api, service)
+    api.client.put("/api/workflows/metered", json=_workflow("metered", "ok/m"))
+    api.client.post("/api/workflows/metered/runs", json={"run_id": "metered-run-7"})
+    assert _finished(api, "metered-run-7")["status"] == "succeeded"
     workers = api.client.get("/api/workers").json()["workers"]
     assert len(workers) == 1 and workers[0]["fresh"] and workers[0]["pid"] > 0
     ready = api.client.get("/readyz")
@@ -481,8 +485,11 @@ def test_workers_readiness_registry_and_metrics(api: Api, catalog):
         assert name in text, name
     assert 'corral_run_duration_seconds_bucket{le="1800.0"}' in text
     assert 'corral_run_duration_seconds_bucket{le="0.05"}' in text
-    assert 'corral_runs_total{status="succeeded",workflow="wf"}' in text
-    assert "run-1" not in text and "list-0" not in text
+    assert 'corral_runs_total{status="succeeded",workflow="metered"} 1.0' in text
+    assert (
+        'corral_node_duration_seconds_bucket{connector="svc",executor="bespoke",le="1800.0"' in text
+    )
+    assert "metered-run-7" not in text
 
 
 def test_readiness_names_the_failing_checks(catalog, tmp_path):

@@ -9,8 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-#: Connector calls take ~50 ms to seconds, runs up to half an hour: 0.05 s to 1800 s.
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+from corral.runtime._events import DURATION_BUCKETS
 
 # corral_runs_total{workflow,status} is counted in the records (every process's runs) and
 # exposed by the API's /metrics: corral.service.api._routes.
