@@ -229,3 +229,30 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stop(process)
             SERVER_PIDS.discard(process.pid)
     pytest.fail(f"redis-server did not start: {(workdir / 'redis.log').read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def private_redis(workdir: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of the test's own with an append-only file, so a restart keeps data."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes", "--dir", str(workdir)]  # fmt: skip
+    with open(workdir / "redis.log", "ab") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while not _pings(client) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.close()
+        yield process
+    finally:
+        stop(process)
+
+
+def _pings(client: redis.Redis) -> bool:
+    with contextlib.suppress(redis.RedisError):
+        return bool(client.ping())
+    return False

@@ -11,6 +11,7 @@ import asyncio
 import copy
 import http.server
 import json
+import re
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,7 +377,8 @@ def test_a_reference_outside_the_document_is_refused_never_fetched(tmp_path, cat
         ("- just\n- a list\n", "an OpenAPI document is an object"),
         (
             "openapi: 3.0.3\ninfo: {title: x, version: '1'}\npaths: {/a: {get: {responses: 5}}}\n",
-            "$.paths['/a'].get.responses: 5 is not of type 'object'",
+            # jsonschema quotes 'object', jsonschema-rs (when installed) "object"
+            re.compile(r"\$\.paths\['/a'\]\.get\.responses: 5 is not of type ['\"]object['\"]$"),
         ),
         (
             "openapi: 3.0.3\ninfo: {title: x, version: '1'}\npaths: {/a: {get: {responses: "
@@ -392,7 +394,10 @@ def test_a_bad_document_is_one_clear_error(tmp_path, catalog, text, message):
     spec.write_text(text)
     with pytest.raises(CatalogError) as caught:
         import_openapi(spec, "petstore", catalog)
-    assert message in str(caught.value)
+    if isinstance(message, re.Pattern):
+        assert message.search(str(caught.value)), str(caught.value)
+    else:
+        assert message in str(caught.value)
     assert str(spec) in str(caught.value)
     assert not (catalog / "petstore").exists()
 

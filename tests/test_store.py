@@ -310,6 +310,22 @@ async def test_breaker_opens_after_threshold_consecutive_failures(store: Store, 
     assert after == BreakerState("open", 3, T0)
 
 
+async def test_breakers_are_listed_and_reset_by_hand(store: Store, clock: Clock):
+    """Breakers that are not plainly closed are listed by name; a reset closes one."""
+    assert await store.breakers() == {}
+    for _ in range(3):
+        await store.breaker_record("a/x@1", success=False, threshold=3)
+    await store.breaker_record("b/y", success=False, threshold=3)
+    assert await store.breakers() == {
+        "a/x@1": BreakerState("open", 3, T0),
+        "b/y": BreakerState("closed", 1, None),
+    }
+    assert await store.reset_breaker("a/x@1")
+    assert not await store.reset_breaker("a/x@1")
+    assert await store.breaker_state("a/x@1") == BreakerState("closed", 0, None)
+    assert list(await store.breakers()) == ["b/y"]
+
+
 async def test_an_open_breaker_fails_fast_until_reset(store: Store, clock: Clock):
     """An open breaker refuses every call for reset_ms, then admits a probe."""
     await _open_breaker(store)

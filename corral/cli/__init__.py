@@ -17,7 +17,7 @@ from importlib import metadata
 from typing import Any, NoReturn
 
 from corral._exceptions import ConfigError
-from corral.cli import _catalog, _run, _selftest, _workflow
+from corral.cli import _catalog, _keys, _run, _selftest, _service, _workflow
 from corral.cli._common import UsageError
 
 __all__ = ["build_parser", "main"]
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (_run, _workflow, _catalog, _selftest):
+    for group in (_run, _workflow, _catalog, _selftest, _service, _keys):
         group.add_commands(commands)
     return parser
 

@@ -332,6 +332,48 @@ class Settings:
         "CORRAL_MAX_CODE_BYTES", _whole(), "a positive whole number of bytes",
         512 << 10,  # connector sources are a few KiB; this bounds compile time and memory
     )  # fmt: skip
+    # -- the service (corral api / worker / scheduler / stack) --------------------------
+    api_host: str = _setting("CORRAL_API_HOST", _text, "an address to bind", "127.0.0.1")
+    api_port: int = _setting(
+        "CORRAL_API_PORT", _whole(0, 65535), "a TCP port (0: any free one)", 8080
+    )
+    api_max_body_bytes: int = _setting(
+        "CORRAL_API_MAX_BODY_BYTES", _whole(), "a positive whole number of bytes",
+        1 << 20,  # 1 MiB: a workflow or a connector source; more is a mistake or an attack
+    )  # fmt: skip
+    worker_concurrency: int = _setting(
+        "CORRAL_WORKER_CONCURRENCY", _whole(), "a positive whole number of runs",
+        4,  # runs mostly wait on connector calls; 4 keeps 2 cores busy without piling up
+    )  # fmt: skip
+    worker_grace_s: float = _setting(
+        "CORRAL_WORKER_GRACE_S", _positive_number, "a positive number of seconds",
+        30.0,  # a node's default time-out is 15 s: most runs finish; the rest are handed back
+    )  # fmt: skip
+    lease_s: float = _setting(
+        "CORRAL_LEASE_S", _positive_number, "a positive number of seconds",
+        # How long a worker's hold on a run (and a process's on a node it executes) lasts
+        # unrenewed; renewed every third of it: a dead worker's runs restart within ~1-2x.
+        30.0,
+    )  # fmt: skip
+    max_reclaims: int = _setting(
+        "CORRAL_MAX_RECLAIMS", _whole(0),
+        "a whole number of times a lapsed lease is taken back, 0 or more",
+        2,  # a run that kills its worker three times would kill the next one too
+    )  # fmt: skip
+    worker_heartbeat_s: float = _setting(
+        "CORRAL_WORKER_HEARTBEAT_S", _positive_number, "a positive number of seconds", 5.0
+    )
+    encryption_keys: SecretStr | None = _setting(
+        "CORRAL_ENCRYPTION_KEYS", SecretStr,
+        "comma-separated Fernet keys (the first encrypts, all decrypt)",
+    )  # fmt: skip
+    key_rotation_interval_s: int | None = _setting(
+        "CORRAL_KEY_ROTATION_INTERVAL_S", _whole(),
+        "a positive whole number of seconds; unset: rotate only by hand",
+    )  # fmt: skip
+    schedule_catchup_s: int = _setting(
+        "CORRAL_SCHEDULE_CATCHUP_S", _whole(0), "a whole number of seconds", 300
+    )
 
     def __post_init__(self) -> None:
         if self.sandbox_heartbeat_timeout_ms < 2 * self.sandbox_heartbeat_interval_ms:

@@ -130,7 +130,10 @@ def _read_document(spec: Path) -> dict[str, Any]:
             )
         openapi_spec_validator.validate(document)
     except OpenAPIValidationError as exc:
-        raise CatalogError(f"corral: {spec}: {exc.json_path}: {exc.message}") from None
+        # One line whichever backend validated: the jsonschema-rs one (used when installed,
+        # e.g. by schemathesis) appends the failing schema and instance on further lines.
+        message = (exc.message.strip().splitlines() or ["invalid"])[0]
+        raise CatalogError(f"corral: {spec}: {exc.json_path}: {message}") from None
     except referencing.exceptions.Unresolvable as exc:
         raise CatalogError(f"corral: {spec}: $ref {exc.ref!r} does not resolve") from None
     except CatalogError:

@@ -9,7 +9,9 @@ from corral.runtime._retry import (
     RetryOutcome,
     RetryPolicy,
 )
-from corral.runtime._store import (
+from corral.runtime._triggers import TriggerItem, TriggerPoll, TriggerPoller
+from corral.runtime._workflow import NodeRun, WorkflowRun, WorkflowRuntime
+from corral.runtime.store import (
     BreakerState,
     Claim,
     RedisStore,
@@ -18,8 +20,6 @@ from corral.runtime._store import (
     StoreError,
     open_store,
 )
-from corral.runtime._triggers import TriggerItem, TriggerPoll, TriggerPoller
-from corral.runtime._workflow import NodeRun, WorkflowRun, WorkflowRuntime
 
 __all__ = [
     "BreakerState",

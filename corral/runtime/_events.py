@@ -17,6 +17,10 @@ from prometheus_client import Counter, Histogram
 
 logger = logging.getLogger("corral.events")
 
+#: Connector calls take ~50 ms to seconds, runs up to half an hour: 0.05 s to 1800 s
+#: (DESIGN §10), for every duration histogram of the runtime and the service.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
 ATTEMPTS = Counter(
     "corral_node_attempts_total",
     "Node executions attempted, by outcome (ok or the error type).",
@@ -44,6 +48,7 @@ DURATION = Histogram(
     "corral_node_duration_seconds",
     "Wall time of node executions (each attempt), by executor.",
     ["connector", "node", "executor"],
+    buckets=DURATION_BUCKETS,
 )
 
 

@@ -27,7 +27,7 @@ from corral._exceptions import (
 )
 from corral.config import Settings
 from corral.runtime import _events as events
-from corral.runtime._store import DEFAULT_LEASE_S, BreakerState, Store
+from corral.runtime.store import DEFAULT_LEASE_S, BreakerState, Store
 
 #: Retried whatever the policy says about others: the failure is likely to pass.
 RETRYABLE_TYPES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash", "aborted"})
@@ -172,9 +172,13 @@ class RetryManager:
         idempotency_ttl_s: int = 86_400,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: random.Random | None = None,
+        claim_lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.store = store
         self.idempotency_ttl_s = idempotency_ttl_s
+        # How long a node's claim outlives a process that died holding it; renewed every
+        # third of it while the node runs or waits to retry.
+        self.claim_lease_s = claim_lease_s
         self._sleep = sleep
         self._rng = rng or random.Random()
 
@@ -213,7 +217,7 @@ class RetryManager:
             while True:
                 attempt += 1
                 if attempt > 1:  # a long node keeps its claim
-                    await self.store.renew(key, lease_s=DEFAULT_LEASE_S, token=token)
+                    await self.store.renew(key, lease_s=self.claim_lease_s, token=token)
                 admitted, before, after = await self.store.breaker_admit(
                     name, reset_ms=breaker.reset_ms
                 )
@@ -265,8 +269,8 @@ class RetryManager:
     async def _keep_claim(self, key: str, token: str | None) -> None:
         """Renew the claim while an attempt runs, so no other run takes the key meanwhile."""
         while True:
-            await asyncio.sleep(DEFAULT_LEASE_S / 3)
-            await self.store.renew(key, lease_s=DEFAULT_LEASE_S, token=token)
+            await asyncio.sleep(self.claim_lease_s / 3)
+            await self.store.renew(key, lease_s=self.claim_lease_s, token=token)
 
     async def _claim(
         self, key: str, fingerprint: str, about: dict[str, Any]
@@ -276,7 +280,7 @@ class RetryManager:
         wait = _IN_FLIGHT_POLL_S[0]
         while True:
             claim = await self.store.claim(
-                key, fingerprint, lease_s=DEFAULT_LEASE_S, ttl_s=self.idempotency_ttl_s
+                key, fingerprint, lease_s=self.claim_lease_s, ttl_s=self.idempotency_ttl_s
             )
             if claim.state == "claimed":
                 return None, claim.token

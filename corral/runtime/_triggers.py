@@ -31,7 +31,7 @@ from corral._exceptions import CodeError, InvalidInput
 from corral.executors import IntegrationManager, Operation
 from corral.executors._schema import compile_jsonpath
 from corral.runtime._canonical import canonical_digest
-from corral.runtime._store import Store
+from corral.runtime.store import Store
 
 #: The seen keys' lifetime when the caller names none (CORRAL_TRIGGER_SEEN_TTL_S's default).
 DEFAULT_SEEN_TTL_S = 30 * 86_400

@@ -34,8 +34,8 @@ from corral.executors import (
 from corral.runtime import _events as events
 from corral.runtime._canonical import canonical_digest
 from corral.runtime._retry import CircuitBreakerPolicy, RetryManager, RetryPolicy
-from corral.runtime._store import Store, open_store
 from corral.runtime._triggers import TriggerPoller
+from corral.runtime.store import Store, open_store
 from corral.sandbox import NodeSandbox
 
 _TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")  # linear: the expression is stripped after
@@ -57,6 +57,10 @@ class NodeRun:
     output: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    # The last attempt's log lines (secrets redacted) and usage; not in the CLI's object
+    # (`to_dict`), shown by the service's run records.
+    logs: list[dict[str, str]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """`{"status", "output", "metadata", "error"}`."""
@@ -129,7 +133,9 @@ class WorkflowRuntime:
             if self._store is None:
                 self._store = open_store(self.settings)
             self._retry_manager = RetryManager(
-                self._store, idempotency_ttl_s=self.settings.idempotency_ttl_s
+                self._store,
+                idempotency_ttl_s=self.settings.idempotency_ttl_s,
+                claim_lease_s=self.settings.lease_s,
             )
         return self._retry_manager
 
@@ -228,6 +234,25 @@ class WorkflowRuntime:
     ) -> None:
         result = run.nodes[node.id]
         started = time.monotonic()
+        events.emit("node.started", run=run.id, node=node.id, connector=node.app)
+        try:
+            await self._node_body(retries, run, node, run_input, connections, result, started)
+        finally:
+            events.emit(
+                "node.finished", run=run.id, node=node.id, connector=node.app,
+                status=result.status, error_type=(result.error or {}).get("type"),
+            )  # fmt: skip
+
+    async def _node_body(
+        self,
+        retries: RetryManager,
+        run: WorkflowRun,
+        node: _Node,
+        run_input: dict[str, Any],
+        connections: dict[str, Any],
+        result: NodeRun,
+        started: float,
+    ) -> None:
         key = node.idempotency_key or _derived_key(run.id, node.id)
         metadata: dict[str, Any] = {
             "executor": None, "fallback_reason": None, "execution_ms": 0.0, "attempts": 0,
@@ -268,6 +293,8 @@ class WorkflowRuntime:
                 "executor": done.executor,
                 "fallback_reason": done.fallback_reason,
                 "execution_ms": round(elapsed * 1000, 3),
+                "logs": [entry.to_dict() for entry in done.execution.logs],
+                "usage": done.execution.usage.to_dict(),
             }
 
         outcome = await retries.execute_with_retry(
@@ -282,10 +309,14 @@ class WorkflowRuntime:
             metadata["executor"] = record.get("executor")
             metadata["fallback_reason"] = record.get("fallback_reason")
             result.output = record.get("output")
+            result.logs, result.usage = record.get("logs") or [], record.get("usage")
             result.status = "succeeded"
         else:
             assert outcome.error is not None
             result.status, result.error = "failed", outcome.error.to_dict()
+            result.logs = [entry.to_dict() for entry in outcome.error.logs or []]
+            usage = outcome.error.usage
+            result.usage = usage.to_dict() if usage is not None else None
         metadata["execution_ms"] = round((time.monotonic() - started) * 1000, 3)
         if outcome.replayed:
             metadata["execution_ms"] = (outcome.record or {}).get("execution_ms", 0.0)

@@ -1,0 +1,107 @@
+"""`corral worker` (and, as they land, `api`, `scheduler`, `stack`): the service processes.
+
+Their dependencies (the service, fastapi, uvicorn, bullmq) are imported inside the
+handlers, so that `corral run` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from corral.config import get_settings
+
+
+def add_commands(commands: Any) -> None:
+    """Add the service processes to the `corral` command."""
+    api = commands.add_parser(
+        "api",
+        help="serve the HTTP API (with an inline worker on the embedded queue)",
+        description="Serve the API of DESIGN §10 (FastAPI on uvicorn, OpenAPI at "
+        "/openapi.json) on CORRAL_API_HOST:CORRAL_API_PORT (127.0.0.1:8080). With "
+        "CORRAL_API_TOKEN every endpoint but /healthz wants `Authorization: Bearer <token>`; "
+        "without one only a loopback address may be bound. ENABLE_INLINE_WORKER (default: on "
+        "with the embedded queue, off with CORRAL_REDIS_URL) runs a worker in this process. "
+        "SIGTERM or Ctrl-C stops it gracefully.",
+    )
+    api.set_defaults(handler=_api)
+    worker = commands.add_parser(
+        "worker",
+        help="execute queued runs (the service's job worker)",
+        description="Lease runs off the queue (embedded SQLite in CORRAL_STATE_DIR, or BullMQ "
+        "on CORRAL_REDIS_URL) and execute them through the runtime, "
+        "CORRAL_WORKER_CONCURRENCY at a time, renewing each lease and publishing a heartbeat. "
+        "SIGTERM or Ctrl-C: take no more runs, let running ones finish for "
+        "CORRAL_WORKER_GRACE_S, hand the rest back to the queue.",
+    )
+    worker.set_defaults(handler=_worker)
+    scheduler = commands.add_parser(
+        "scheduler",
+        help="poll stored workflows' triggers and fire their schedules",
+        description="Poll the triggers of stored workflows on their interval_s and fire "
+        "their schedules (cron with a time zone, or interval_s), queueing one run per new "
+        "item or occurrence, never twice: several schedulers may run, one leads at a time. "
+        "SIGTERM or Ctrl-C: step down and exit.",
+    )
+    scheduler.set_defaults(handler=_scheduler)
+    stack = commands.add_parser(
+        "stack",
+        help="run the whole service: api, worker and scheduler, supervised",
+        description="Run `corral api`, `corral worker` and `corral scheduler` as child "
+        "processes (and `corral rotate-keys` every CORRAL_KEY_ROTATION_INTERVAL_S), each in "
+        "its own process group, their logs on stderr under their names. It says `ready` once "
+        "all three answer and see the same queue and records; it restarts a child that "
+        "exits, with backoff; SIGTERM or Ctrl-C stops them all within CORRAL_WORKER_GRACE_S "
+        "+ 10 s.",
+    )
+    stack.set_defaults(handler=_stack)
+
+
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    """Run a service process until SIGTERM or SIGINT asks it to stop."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await main(stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from corral.service._worker import run_worker
+
+    settings = get_settings()
+    return _serve(lambda stop: run_worker(settings, stop))
+
+
+def _api(args: argparse.Namespace) -> int:
+    from corral.service.api import run_api
+
+    settings = get_settings()
+    return _serve(lambda stop: run_api(settings, stop))
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from corral.service._scheduler import run_scheduler
+
+    settings = get_settings()
+    return _serve(lambda stop: run_scheduler(settings, stop))
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from corral.service._stack import run_stack
+
+    settings = get_settings()
+    return _serve(lambda stop: run_stack(settings, stop))

@@ -1,0 +1,462 @@
+"""`corral worker`: leases runs off the queue and executes them through WorkflowRuntime.
+
+A run's life in a worker:
+
+    claim a lease ──> record `running` ──> run_workflow(run_id) ──> record the outcome ──> complete
+                        │ every lease_s/3: renew the lease (lost: stop, another worker has it)
+                        │ every CANCEL_POLL_S: a cancel requested? cancel the run's task, which
+                        │   kills its sandbox execution; record `cancelled`
+                        └ SIGTERM: no more claims; after the grace period, cancel what is left,
+                          record it `queued` again and hand its lease back
+
+Killed outright, a worker's leases lapse and another worker's `reclaim()` takes them back;
+the run starts again under the same run id, so its finished nodes replay from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from corral._exceptions import InvalidInput
+from corral.runtime import WorkflowRun, WorkflowRuntime
+from corral.service import _metrics as metrics
+from corral.service._connections import connections_for
+from corral.service._deployment import describe
+from corral.service._keys import KeyRingError, load_key_ring
+from corral.service.queue import WORKER_LOST, Lease, QueueError, RunQueue, open_queue
+from corral.service.records import FINISHED, Records, RecordsError, new_run, open_records
+
+if TYPE_CHECKING:
+    from corral.config import Settings
+
+logger = logging.getLogger("corral.worker")
+
+CLAIM_WAIT_S = 1.0  # a claim blocks this long at most, so a stop is noticed within it
+CANCEL_POLL_S = 0.25  # how soon a requested cancel reaches a running run
+BACKOFF_MAX_S = 5.0  # a queue or records outage is retried up to this far apart
+
+Connections = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def no_connections(definition: dict[str, Any]) -> dict[str, Any]:
+    """Runs get no stored connections (a worker without a connection store)."""
+    return {}
+
+
+class _EventSink(logging.Handler):
+    """The runtime's events (`corral.events` log lines) of the runs this worker holds,
+    appended to each run's event stream in the records (GET /api/runs/ID/events)."""
+
+    def __init__(self, worker: RunWorker) -> None:
+        super().__init__(logging.INFO)
+        self.worker = worker
+        self.loop = asyncio.get_running_loop()
+        self.pending: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self.source = logging.getLogger("corral.events")
+        if not self.source.isEnabledFor(logging.INFO):
+            self.source.setLevel(logging.INFO)  # the service keeps every run's events
+        self.source.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = json.loads(record.getMessage())
+        except ValueError:
+            return
+        run_id = event.get("run")
+        if isinstance(run_id, str) and run_id in self.worker._running.values():
+            event["event"] = str(event.get("event", "")).removeprefix("corral.")
+            self.loop.call_soon_threadsafe(self.pending.put_nowait, (run_id, event))
+
+    def add(self, run_id: str, event: str, **fields: Any) -> None:
+        """An event of the worker's own (run started, handed back, …)."""
+        entry = {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}
+        self.pending.put_nowait((run_id, entry))
+
+    async def forward(self) -> None:
+        while (item := await self.pending.get()) is not None:
+            try:
+                await self.worker.records.append_event(*item)
+            except RecordsError as exc:  # an event lost is not worth stopping runs for
+                logger.warning("worker %s: run %s: event not kept: %s",
+                               self.worker.id, item[0], exc)  # fmt: skip
+            except Exception:
+                logger.exception("worker %s: run %s: event not kept", self.worker.id, item[0])
+
+    def close(self) -> None:
+        self.source.removeHandler(self)
+        self.pending.put_nowait(None)
+        super().close()
+
+
+def _error(kind: str, message: str) -> dict[str, str]:
+    return {"type": kind, "message": message}
+
+
+class RunWorker:
+    """Executes runs from `queue`, `concurrency` at a time, recording them in `records`."""
+
+    def __init__(
+        self,
+        queue: RunQueue,
+        records: Records,
+        runtime: WorkflowRuntime,
+        *,
+        concurrency: int,
+        grace_s: float,
+        heartbeat_s: float,
+        connections: Connections = no_connections,
+        worker_id: str | None = None,
+        deployment: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.records = records
+        self.runtime = runtime
+        self.concurrency = concurrency
+        self.grace_s = grace_s
+        self.heartbeat_s = heartbeat_s
+        self.connections = connections
+        self.clock = clock
+        self.deployment = deployment  # what it sees (_deployment.describe), for `corral stack`
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.id = worker_id or f"{self.host}-{self.pid}-{uuid.uuid4().hex[:6]}"
+        self._running: dict[asyncio.Task[None], str] = {}  # task -> run id
+        self._stop_reasons: dict[str, str] = {}  # run id -> why its task was cancelled
+        self._sink: _EventSink | None = None
+
+    @property
+    def running(self) -> int:
+        """How many runs this worker holds."""
+        return len(self._running)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then stop within the grace period (see the module)."""
+        logger.info(
+            "worker %s: %d at a time from the %s queue",
+            self.id,
+            self.concurrency,
+            self.queue.kind,
+        )
+        sink = self._sink = _EventSink(self)
+        chores = [
+            asyncio.create_task(self._every(self.heartbeat_s, self._beat, stop)),
+            asyncio.create_task(self._every(self.queue.lease_s / 2, self._reclaim, stop)),
+            asyncio.create_task(sink.forward()),
+        ]
+        try:
+            await self._claim_loop(stop)
+            await self._drain()
+        finally:
+            sink.close()
+            with contextlib.suppress(TimeoutError):  # the last events: briefly
+                await asyncio.wait_for(asyncio.shield(chores[-1]), 5)
+            for chore in chores:
+                chore.cancel()
+            await asyncio.gather(*chores, return_exceptions=True)
+            with contextlib.suppress(QueueError, RecordsError):
+                await self._beat()
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        failures = 0
+        while not stop.is_set():
+            await slots.acquire()
+            if stop.is_set():
+                slots.release()
+                break
+            try:
+                lease = await self.queue.claim(wait_s=CLAIM_WAIT_S)
+                failures = 0
+            except QueueError as exc:
+                slots.release()
+                failures += 1
+                delay = min(BACKOFF_MAX_S, 0.1 * 2**failures) * random.uniform(0.5, 1)
+                logger.warning("worker %s: queue: %s; again in %.1f s", self.id, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                continue
+            if lease is None:
+                slots.release()
+                continue
+            task = asyncio.create_task(self._execute(lease))
+            self._running[task] = lease.run_id
+            task.add_done_callback(lambda t: (self._running.pop(t, None), slots.release()))
+
+    async def _drain(self) -> None:
+        """Let running runs finish for the grace period, then hand the rest back."""
+        if not self._running:
+            return
+        logger.info(
+            "worker %s: stopping; %d run(s) get %.0f s to finish",
+            self.id,
+            len(self._running),
+            self.grace_s,
+        )
+        _, late = await asyncio.wait(set(self._running), timeout=self.grace_s)
+        for task in late:
+            self._stop_reasons[self._running[task]] = "shutdown"
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    def _event(self, run_id: str, event: str, **fields: Any) -> None:
+        if self._sink is not None:
+            self._sink.add(run_id, event, **fields)
+
+    async def _every(
+        self, period_s: float, chore: Callable[[], Awaitable[Any]], stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            try:
+                await chore()
+            except (QueueError, RecordsError) as exc:
+                logger.warning("worker %s: %s", self.id, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period_s)
+
+    async def _beat(self) -> None:
+        await self.records.beat(
+            {
+                "id": self.id,
+                "host": self.host,
+                "pid": self.pid,
+                "running": self.running,
+                "concurrency": self.concurrency,
+                "queue": self.queue.kind,
+                "deployment": self.deployment,
+                "last_heartbeat": self.clock(),
+            }
+        )
+
+    async def _reclaim(self) -> None:
+        taken = await self.queue.reclaim()
+        if taken:
+            metrics.LEASE_RECLAIMS.inc(len(taken))
+            logger.warning("worker %s: took back lapsed leases of runs %s", self.id, taken)
+
+    # -- one run ---------------------------------------------------------------------------
+
+    async def _execute(self, lease: Lease) -> None:
+        try:
+            if lease.lost:
+                await self._record_lost(lease)
+                return
+            record = await self._start(lease)
+            if record is None:
+                await self.queue.complete(lease)
+                return
+            await self._run(lease, record)
+        except (QueueError, RecordsError) as exc:
+            # The lease lapses and another worker (or this one) takes the run up again.
+            logger.error("worker %s: run %s: %s", self.id, lease.run_id, exc)
+        except Exception:  # a bug: said loudly; the lease lapses and the run is tried again
+            logger.exception("worker %s: run %s failed unexpectedly", self.id, lease.run_id)
+        finally:
+            self._stop_reasons.pop(lease.run_id, None)
+
+    async def _start(self, lease: Lease) -> dict[str, Any] | None:
+        """The run's record moved to `running` by this worker; None when there is nothing
+        to run (it finished, was cancelled, or names no workflow)."""
+        run_id = lease.run_id
+        if await self.records.get_run(run_id) is None:
+            await self._create_from_job(lease)
+        now = self.clock()
+
+        def start(record: dict[str, Any]) -> dict[str, Any] | None:
+            if record["status"] in FINISHED:
+                return None  # a duplicate delivery of a finished run
+            if record["cancel_requested"]:
+                return {**record, "status": "cancelled", "finished_at": now,
+                        "error": _error("cancelled", "cancelled before it started")}  # fmt: skip
+            return {
+                **record,
+                "status": "running",
+                "attempts": record["attempts"] + 1,
+                "worker": self.id,
+                "started_at": record["started_at"] or now,
+            }
+
+        record = await self.records.update_run(run_id, start)
+        if record is None or record["status"] != "running":
+            return None
+        if record["attempts"] == 1:
+            metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
+        self._event(run_id, "run.started", attempt=record["attempts"], worker=self.id)
+        return record
+
+    async def _create_from_job(self, lease: Lease) -> None:
+        """A job enqueued without a record (a Node producer): `{"workflow", "input"}`."""
+        workflow_id = lease.data.get("workflow")
+        run_input = lease.data.get("input") or {}
+        definition = (
+            await self.records.get_workflow(workflow_id) if isinstance(workflow_id, str) else None
+        )
+        now = self.clock()
+        if definition is None or not isinstance(run_input, dict):
+            record = new_run(lease.run_id, {"id": str(workflow_id), "nodes": []}, {}, now)
+            message = (
+                f"the job names no stored workflow ({workflow_id!r}); enqueue "
+                '{"workflow": ID, "input": {...}} for a workflow stored with PUT /api/workflows/ID'
+            )
+            record.update(status="failed", finished_at=now, error=_error("invalid_input", message))
+        else:
+            record = new_run(lease.run_id, definition, run_input, now)
+        await self.records.create_run(record)
+
+    async def _run(self, lease: Lease, record: dict[str, Any]) -> None:
+        run_id = record["id"]
+        started = time.monotonic()
+        task = asyncio.create_task(self._workflow(record))
+        keeper = asyncio.create_task(self._keep(lease, task))
+        try:
+            run: WorkflowRun | dict[str, str] = await task
+        except asyncio.CancelledError:
+            reason = self._stop_reasons.get(run_id, "shutdown")
+            if reason == "cancel":
+                await self._finish(
+                    record, "cancelled", error=_error("cancelled", "cancelled by request")
+                )
+                self._event(run_id, "run.finished", status="cancelled")
+                await self.queue.complete(lease)
+            elif reason == "shutdown":
+                await self._hand_back(lease)
+            # "lease_lost": another worker holds the run now; leave it alone
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            return
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        metrics.RUN_DURATION.observe(time.monotonic() - started)
+        if isinstance(run, dict):  # the workflow could not run at all
+            await self._finish(record, "failed", error=run)
+        else:
+            nodes = {
+                node_id: {**node.to_dict(), "logs": node.logs, "usage": node.usage}
+                for node_id, node in run.nodes.items()
+            }
+            failed = [n.error for n in run.nodes.values() if n.status == "failed" and n.error]
+            await self._finish(record, run.status, nodes=nodes, error=failed[0] if failed else None)
+        await self.queue.complete(lease)
+
+    async def _workflow(self, record: dict[str, Any]) -> WorkflowRun | dict[str, str]:
+        """The run through the runtime, or the error that kept it from running."""
+        try:
+            connections = await self.connections(record["definition"])
+            return await self.runtime.run_workflow(
+                record["definition"], input=record["input"], connections=connections,
+                run_id=record["id"],
+            )  # fmt: skip
+        except InvalidInput as exc:
+            return exc.to_dict()
+        except KeyRingError as exc:  # retry the run once every process has the keys
+            return _error("credentials_unavailable", str(exc))
+
+    async def _keep(self, lease: Lease, task: asyncio.Task[Any]) -> None:
+        """Renew the lease and watch for a cancel while the run's task runs."""
+        renew_every = self.queue.lease_s / 3
+        renewed = time.monotonic()
+        while not task.done():
+            await asyncio.sleep(CANCEL_POLL_S)
+            record = await self.records.get_run(lease.run_id)
+            if record is not None and record["cancel_requested"]:
+                self._stop_reasons[lease.run_id] = "cancel"
+                task.cancel()
+                return
+            if time.monotonic() - renewed >= renew_every:
+                if not await self.queue.renew(lease):
+                    logger.warning(
+                        "worker %s: lost the lease of run %s; stopping it", self.id, lease.run_id
+                    )
+                    self._stop_reasons[lease.run_id] = "lease_lost"
+                    task.cancel()
+                    return
+                renewed = time.monotonic()
+
+    async def _finish(
+        self,
+        record: dict[str, Any],
+        status: str,
+        *,
+        nodes: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        now = self.clock()
+
+        def finish(current: dict[str, Any]) -> dict[str, Any] | None:
+            if current["status"] != "running" or current["worker"] != self.id:
+                return None  # cancelled meanwhile, or another worker took it over
+            return {
+                **current,
+                "status": status,
+                "finished_at": now,
+                "error": error,
+                "nodes": current["nodes"] if nodes is None else nodes,
+            }
+
+        await self.records.update_run(record["id"], finish)
+
+    async def _hand_back(self, lease: Lease) -> None:
+        def requeue(current: dict[str, Any]) -> dict[str, Any] | None:
+            if current["status"] != "running" or current["worker"] != self.id:
+                return None
+            return {**current, "status": "queued", "worker": None}
+
+        await self.records.update_run(lease.run_id, requeue)
+        await self.queue.release(lease)
+        self._event(lease.run_id, "run.handed_back", worker=self.id)
+        logger.info("worker %s: handed run %s back to the queue", self.id, lease.run_id)
+
+    async def _record_lost(self, lease: Lease) -> None:
+        now = self.clock()
+        message = (
+            f"the workers running it stopped answering {lease.reclaims} times "
+            f"(more than CORRAL_MAX_RECLAIMS={self.queue.max_reclaims}); not tried again"
+        )
+
+        def lose(current: dict[str, Any]) -> dict[str, Any] | None:
+            if current["status"] in FINISHED:
+                return None
+            return {**current, "status": "failed", "finished_at": now,
+                    "error": _error(WORKER_LOST, message)}  # fmt: skip
+
+        await self.records.update_run(lease.run_id, lose)
+        self._event(lease.run_id, "run.finished", status="failed", error_type=WORKER_LOST)
+        logger.error("worker %s: run %s failed as %s", self.id, lease.run_id, WORKER_LOST)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """`corral worker`: the deployment's queue, records and runtime, until `stop` is set."""
+    ring = load_key_ring(settings)
+    queue = open_queue(settings)
+    try:
+        records = open_records(settings)
+        try:
+            async with WorkflowRuntime(settings) as runtime:
+                worker = RunWorker(
+                    queue,
+                    records,
+                    runtime,
+                    concurrency=settings.worker_concurrency,
+                    grace_s=settings.worker_grace_s,
+                    heartbeat_s=settings.worker_heartbeat_s,
+                    connections=functools.partial(connections_for, records, ring),
+                    deployment=describe(settings),
+                )
+                await worker.serve(stop)
+        finally:
+            await records.close()
+    finally:
+        await queue.close()

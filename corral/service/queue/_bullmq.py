@@ -1,0 +1,250 @@
+"""The run queue on Redis through the Python `bullmq` package (queue `corral-runs`).
+
+Jobs are BullMQ's own, so a Node BullMQ producer can enqueue runs too: job id
+`run-<run id>`, data plain JSON, `attempts: 1` (corral's runtime owns retries). Workers
+fetch jobs by hand (BullMQ's "manual processing"): a claim is moveToActive with our token,
+a renewal extendLock, a take-back of lapsed leases BullMQ's stalled-jobs check, with the
+lock duration, the stalled interval and the stalled count set from the queue's options.
+bullmq stays inside this module: nothing else imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import redis.asyncio
+from bullmq import Queue, UnrecoverableError, Worker
+from bullmq.redis_connection import loadScript
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from corral.service.queue._base import (
+    WORKER_LOST,
+    Lease,
+    QueueError,
+    RunQueue,
+    check_lease_options,
+)
+
+QUEUE_NAME = "corral-runs"
+JOB_NAME = "run"
+JOB_PREFIX = "run-"
+CONNECT_TIMEOUT_S = 2.0
+# A claim blocks on Redis (BZPOPMIN) for at most this long at a time; the socket time-out
+# leaves room above it.
+MAX_BLOCK_S = 5
+SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
+CLOSE_TIMEOUT_S = 5.0  # bullmq's Worker.close() waits without a limit; ours does not
+# A dropped connection is retried briefly; a server that is gone surfaces as QueueError
+# within a second instead of bullmq's default of retrying for minutes.
+_RETRY = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
+# Waiting in BullMQ's terms: runs no worker holds yet.
+_WAITING_STATES = ("wait", "paused", "delayed", "prioritized")
+_JOB_OPTIONS = {"attempts": 1, "removeOnComplete": True, "removeOnFail": True}
+
+
+def _mask(url: str) -> str:
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def job_id(run_id: str) -> str:
+    """The BullMQ job id of a run."""
+    return JOB_PREFIX + run_id
+
+
+class BullmqQueue(RunQueue):
+    """The run queue on the Redis at `url`, shared by every worker on every machine.
+
+    Use one instance from one event loop (redis.asyncio binds its connections to it).
+    """
+
+    kind = "bullmq"
+
+    def __init__(
+        self, url: str, *, lease_s: float, max_reclaims: int, prefix: str = "bull"
+    ) -> None:
+        check_lease_options(lease_s, max_reclaims)
+        self.url = url
+        self.lease_s = float(lease_s)
+        self.max_reclaims = max_reclaims
+        self._lease_ms = max(1, math.ceil(self.lease_s * 1000))
+        try:
+            self._client = redis.asyncio.Redis.from_url(
+                url,
+                decode_responses=True,  # bullmq's scripts and Job.fromJSON expect str
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                retry=_RETRY,
+            )
+        except ValueError as exc:
+            raise QueueError(f"Redis at {_mask(url)}: {exc}") from None
+        options = {"connection": self._client, "prefix": prefix, "skipVersionCheck": True}
+        self._queue = Queue(QUEUE_NAME, options)
+        self._worker = Worker(
+            QUEUE_NAME,
+            None,  # no processor: jobs are fetched by hand
+            {
+                **options,
+                "autorun": False,
+                "lockDuration": self._lease_ms,
+                "stalledInterval": self._lease_ms,
+                "maxStalledCount": max_reclaims,
+                "drainDelay": 1,
+            },
+        )
+        self._to_wait = self._client.register_script(loadScript("moveJobFromActiveToWait-9.lua"))
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"BullmqQueue({_mask(self.url)!r}{', closed' if self._closed else ''})"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate redis' errors into QueueError; the one place they are caught."""
+        if self._closed:
+            raise QueueError(f"{self!r} is closed")
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise QueueError(f"Redis at {_mask(self.url)}: {exc}") from exc
+
+    async def enqueue(self, run_id: str, data: dict[str, Any]) -> bool:
+        """Queue a run; False (and nothing changes) when it is already waiting or leased."""
+        with self._errors():
+            if await self._queue.getJobState(job_id(run_id)) != "unknown":
+                return False
+            await self._queue.add(JOB_NAME, data, {**_JOB_OPTIONS, "jobId": job_id(run_id)})
+        return True
+
+    async def claim(self, *, wait_s: float = 0.0) -> Lease | None:
+        """Lease the oldest waiting run, waiting up to `wait_s` seconds for one."""
+        deadline = time.monotonic() + wait_s
+        with self._errors():
+            while True:
+                token = f"{uuid.uuid4().hex}:1"
+                try:
+                    job = await self._worker.moveToActive(token)
+                except (ValueError, TypeError, KeyError) as exc:  # data that is not JSON
+                    raise QueueError(f"a job of {QUEUE_NAME} cannot be read: {exc!r}") from exc
+                if job is not None:
+                    lease = await self._lease(job, token)
+                    if lease is not None:
+                        return lease
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._worker.opts["drainDelay"] = min(MAX_BLOCK_S, max(1, math.ceil(left)))
+                self._worker.blockUntil = 0
+                await self._worker.waitForJob()
+
+    async def _lease(self, job: Any, token: str) -> Lease | None:
+        """The lease on a job just moved to active; None for a job that is not a run."""
+        if not job.id.startswith(JOB_PREFIX) or not isinstance(job.data, dict):
+            job.opts.update(_JOB_OPTIONS)
+            reason = f"not a corral run: job id must be {JOB_PREFIX}<run id>, data an object"
+            await job.moveToFailed(UnrecoverableError(reason), token)
+            return None
+        run_id = job.id[len(JOB_PREFIX) :]
+        lost = bool(job.deferredFailure)
+        if lost:
+            job.opts.update(_JOB_OPTIONS)
+            await job.moveToFailed(UnrecoverableError(WORKER_LOST), token)
+        return Lease(run_id, job.data, token, job.stalledCounter, lost)
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease by `lease_s` from now; False when it is no longer ours."""
+        with self._errors():
+            renewed = await self._worker.backend.extendLock(
+                job_id(lease.run_id), lease.token, self._lease_ms
+            )
+        return bool(renewed)
+
+    async def _finish(self, lease: Lease, reason: str | None) -> bool:
+        with self._errors():
+            job = await self._queue.getJob(job_id(lease.run_id))
+            if job is None:
+                return False
+            job.opts.update(_JOB_OPTIONS)  # a Node producer's job may not ask for removal
+            try:
+                if reason is None:
+                    await job.moveToCompleted(None, lease.token)
+                else:
+                    await job.moveToFailed(UnrecoverableError(reason), lease.token)
+            except TypeError:  # bullmq's answer to a missing or foreign lock
+                return False
+        return True
+
+    async def complete(self, lease: Lease) -> bool:
+        """The run is done: remove it; False when no longer ours."""
+        return await self._finish(lease, None)
+
+    async def fail(self, lease: Lease, message: str) -> bool:
+        """The run could not be processed: remove it; False when no longer ours."""
+        return await self._finish(lease, message)
+
+    async def release(self, lease: Lease) -> bool:
+        """Hand the run back to wait for another worker; False when no longer ours."""
+        keys = self._worker.scripts.getKeys(
+            ["active", "wait", "stalled", "paused", "meta", "limiter", "prioritized", "marker"]
+        )
+        keys.append(self._worker.scripts.keys["events"])
+        job_key = self._worker.scripts.toKey(job_id(lease.run_id))
+        with self._errors():
+            answer = await self._to_wait(
+                keys=keys, args=[job_id(lease.run_id), lease.token, job_key]
+            )
+        return int(answer) >= 0
+
+    async def reclaim(self) -> list[str]:
+        """Take back lapsed leases (BullMQ's stalled-jobs check, at most once per lease_s
+        across all workers; a lapsed lease is taken back by the second check that sees it)."""
+        with self._errors():
+            stalled = await self._worker.backend.moveStalledJobsToWait(
+                self.max_reclaims, self._lease_ms
+            )
+        return [j[len(JOB_PREFIX) :] for j in stalled if j.startswith(JOB_PREFIX)]
+
+    async def remove(self, run_id: str) -> bool:
+        """Remove a waiting run; False when it is not waiting."""
+        with self._errors():
+            # getJobState names the wait list "waiting"
+            state = await self._queue.getJobState(job_id(run_id))
+            if state not in {"waiting", *_WAITING_STATES}:
+                return False
+            return bool(await self._queue.remove(job_id(run_id)))
+
+    async def counts(self) -> dict[str, int]:
+        """How many runs are `waiting` and `active`."""
+        with self._errors():
+            counts = await self._queue.getJobCounts(*_WAITING_STATES, "active")
+        return {
+            "waiting": sum(int(counts.get(state, 0)) for state in _WAITING_STATES),
+            "active": int(counts.get("active", 0)),
+        }
+
+    async def ping(self) -> None:
+        """Return when Redis answers; raise QueueError otherwise."""
+        with self._errors():
+            await self._client.ping()
+
+    async def close(self) -> None:
+        """Close the connections, within CLOSE_TIMEOUT_S; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._worker.close(), CLOSE_TIMEOUT_S)
+        except (TimeoutError, redis.RedisError):
+            await self._worker.close(force=True)
+        finally:
+            await self._client.aclose()

@@ -1,0 +1,261 @@
+"""Run records, stored workflows and worker heartbeats, one suite over SQLite (a temporary
+state database) and Redis (conftest's real redis-server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.service.records import (
+    Records,
+    RecordsError,
+    RedisRecords,
+    SqliteRecords,
+    new_run,
+)
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_700_000_000.0
+WORKFLOW = {"id": "triage", "nodes": [{"id": "a", "app": "svc", "function": "call"}]}
+
+OpenRecords = Callable[[], Records]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio, as the service does."""
+    return "asyncio"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def open_r(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenRecords]:
+    """Opens handles on one fresh place (a SQLite file or a Redis prefix); closes them all."""
+    opened: list[Records] = []
+    prefix = f"test:{uuid.uuid4().hex}:"
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+
+    def open_one() -> Records:
+        records: Records = (
+            SqliteRecords(tmp_path / "corral.db")
+            if request.param == "sqlite"
+            else RedisRecords(url, prefix=prefix)
+        )
+        opened.append(records)
+        return records
+
+    yield open_one
+    for records in opened:
+        await records.close()
+
+
+def run(run_id: str, at: float, workflow: str = "triage") -> dict[str, Any]:
+    return new_run(run_id, {**WORKFLOW, "id": workflow}, {"n": 1}, at)
+
+
+async def test_a_run_record_is_created_once_and_read_back(open_r: OpenRecords):
+    """A run id is taken once; the record reads back as stored."""
+    records = open_r()
+    record = run("r1", T0)
+    assert await records.create_run(record)
+    assert not await records.create_run({**record, "input": {"other": True}})
+    assert await records.get_run("r1") == record
+    assert await records.get_run("nope") is None
+
+
+async def test_updates_never_overwrite_each_other(open_r: OpenRecords):
+    """Forty concurrent updates through two handles all land (optimistic versions)."""
+    first, second = open_r(), open_r()
+    await first.create_run(run("r1", T0))
+
+    def add(n: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def change(record: dict[str, Any]) -> dict[str, Any]:
+            return {**record, "nodes": {**record["nodes"], f"n{n}": {"status": "succeeded"}}}
+
+        return change
+
+    await asyncio.gather(
+        *((first if n % 2 else second).update_run("r1", add(n)) for n in range(40))
+    )
+    record = await first.get_run("r1")
+    assert record is not None and sorted(record["nodes"]) == sorted(f"n{n}" for n in range(40))
+
+
+async def test_an_update_may_decline_and_a_missing_run_is_none(open_r: OpenRecords):
+    """`change` returning None leaves the record; updating an unknown run returns None."""
+    records = open_r()
+    await records.create_run(run("r1", T0))
+    assert await records.update_run("r1", lambda record: None) is None
+    assert (await records.get_run("r1"))["status"] == "queued"  # type: ignore[index]
+    assert await records.update_run("nope", lambda record: record) is None
+    updated = await records.update_run("r1", lambda record: {**record, "status": "running"})
+    assert updated is not None and updated["status"] == "running"
+    assert (await records.get_run("r1"))["status"] == "running"  # type: ignore[index]
+
+
+async def test_runs_list_newest_first_with_filters_and_a_cursor(open_r: OpenRecords):
+    """Pages of a list cover every matching run once, newest first; status, workflow and
+    since filter it."""
+    records = open_r()
+    for n in range(25):
+        await records.create_run(run(f"r{n:02d}", T0 + n, "even" if n % 2 == 0 else "odd"))
+    await records.update_run("r03", lambda record: {**record, "status": "failed"})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = await records.list_runs(limit=7, cursor=cursor)
+        seen += [summary["id"] for summary in page]
+        if cursor is None:
+            break
+    assert seen == [f"r{n:02d}" for n in reversed(range(25))]
+    odd, _ = await records.list_runs(workflow="odd", limit=100)
+    assert [s["id"] for s in odd] == [f"r{n:02d}" for n in reversed(range(1, 25, 2))]
+    failed, more = await records.list_runs(status="failed")
+    assert [(s["id"], s["status"]) for s in failed] == [("r03", "failed")] and more is None
+    recent, _ = await records.list_runs(since=T0 + 20)
+    assert [s["id"] for s in recent] == ["r24", "r23", "r22", "r21", "r20"]
+    assert set(recent[0]) == {
+        "id", "workflow", "status", "created_at", "started_at", "finished_at", "duration_s",
+        "error_type",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="status must be one of"):
+        await records.list_runs(status="bogus")
+    with pytest.raises(ValueError, match="limit must be from 1"):
+        await records.list_runs(limit=0)
+
+
+async def test_workflows_are_stored_listed_and_removed(open_r: OpenRecords):
+    """A stored workflow reads back, is listed by id with its time, and can be removed."""
+    records = open_r()
+    await records.put_workflow({**WORKFLOW, "id": "b"}, T0)
+    await records.put_workflow(WORKFLOW, T0 + 1)
+    await records.put_workflow({**WORKFLOW, "nodes": []}, T0 + 2)  # replaces "triage"
+    assert await records.get_workflow("triage") == {**WORKFLOW, "nodes": []}
+    listed = await records.list_workflows()
+    assert [(w["id"], w["updated_at"]) for w in listed] == [("b", T0), ("triage", T0 + 2)]
+    assert await records.delete_workflow("b")
+    assert not await records.delete_workflow("b")
+    assert await records.get_workflow("b") is None
+
+
+async def test_worker_heartbeats_show_who_is_alive(open_r: OpenRecords):
+    """The last heartbeat of each worker is kept; old ones drop out of a fresh list."""
+    records = open_r()
+    base = {"host": "h", "pid": 1, "running": 0}
+    await records.beat({**base, "id": "w1", "last_heartbeat": T0})
+    await records.beat({**base, "id": "w2", "last_heartbeat": T0 + 10})
+    await records.beat({**base, "id": "w1", "running": 3, "last_heartbeat": T0 + 20})
+    fresh = await records.workers(seen_since=T0 + 5)
+    assert [(w["id"], w["running"]) for w in fresh] == [("w1", 3), ("w2", 0)]
+    assert [w["id"] for w in await records.workers(seen_since=T0 + 15)] == ["w1"]
+
+
+async def test_closed_records_say_so(open_r: OpenRecords):
+    """A closed handle raises RecordsError naming itself; ping writes."""
+    records = open_r()
+    await records.ping()
+    await records.close()
+    with pytest.raises(RecordsError, match="closed"):
+        await records.get_run("r1")
+
+
+async def test_connections_are_stored_and_a_rotation_never_overwrites_a_newer_write(
+    open_r: OpenRecords,
+):
+    """A connection reads back; a write that expects an old secret loses to a newer one."""
+    records = open_r()
+    first = {"app": "github", "baseUrl": "https://x", "secret": "s1", "key_id": "k1",
+             "credential_names": ["token"], "updated_at": T0}  # fmt: skip
+    assert await records.put_connection(first)
+    assert await records.put_connection({**first, "app": "slack"})
+    assert await records.put_connection({**first, "secret": "s2"}, expect_secret="s1")
+    assert not await records.put_connection({**first, "secret": "s3"}, expect_secret="s1")
+    assert (await records.get_connection("github"))["secret"] == "s2"  # type: ignore[index]
+    assert [c["app"] for c in await records.list_connections()] == ["github", "slack"]
+    assert await records.delete_connection("slack")
+    assert not await records.delete_connection("slack")
+    assert await records.get_connection("slack") is None
+    assert [c["app"] for c in await records.list_connections()] == ["github"]
+
+
+async def test_meta_values_can_be_set_once(open_r: OpenRecords):
+    """`only_new` keeps the first value; a plain put replaces it."""
+    records = open_r()
+    assert await records.get_meta("canary") is None
+    assert await records.put_meta("canary", "a", only_new=True)
+    assert not await records.put_meta("canary", "b", only_new=True)
+    assert await records.get_meta("canary") == "a"
+    assert await records.put_meta("canary", "c")
+    assert await records.get_meta("canary") == "c"
+
+
+async def test_finished_runs_are_counted_by_workflow_and_status(open_r: OpenRecords):
+    """Each turn of a run to a finished status counts once (a retried run counts again);
+    other updates do not."""
+    records = open_r()
+    await records.create_run(run("r1", T0))
+    await records.create_run(run("r2", T0, "other"))
+
+    def to(status: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        return lambda record: {**record, "status": status}
+
+    for status in ("running", "failed", "failed", "queued", "running", "succeeded"):
+        await records.update_run("r1", to(status))
+    await records.update_run("r2", to("cancelled"))
+    assert await records.finished_counts() == {
+        ("triage", "failed"): 1,
+        ("triage", "succeeded"): 1,
+        ("other", "cancelled"): 1,
+    }
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 400 KiB tmpfs of the test's own (root only), unmounted at the end."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_a_full_disk_is_a_clear_error_and_the_database_survives(small_disk: Path):
+    """Writing runs until the state dir's disk is full raises RecordsError saying so;
+    what was stored before still reads back, and writes work again once there is room."""
+    records = SqliteRecords(small_disk / "corral.db")
+    stored: list[str] = []
+    filler = {"blob": "x" * 20_000}
+    try:
+        with pytest.raises(RecordsError, match="disk is full"):
+            for n in range(200):
+                record = run(f"r{n}", T0 + n)
+                record["input"] = filler
+                await records.create_run(record)
+                stored.append(record["id"])
+        assert stored, "some runs fit before the disk filled"
+        for run_id in stored:
+            assert (await records.get_run(run_id))["id"] == run_id  # type: ignore[index]
+        await records.delete_workflow("none")  # a write that needs no room
+    finally:
+        await records.close()
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    reopened = SqliteRecords(small_disk / "corral.db")
+    try:
+        assert (await reopened.get_run(stored[0]))["id"] == stored[0]  # type: ignore[index]
+        assert await reopened.create_run(run("after", T0 + 1000))
+        assert len((await reopened.list_runs(limit=500))[0]) == len(stored) + 1
+    finally:
+        await reopened.close()
