@@ -371,7 +371,7 @@ def commands(repo: Path, tests: list[str]) -> list[tuple[str, list[str], float]]
     # Only the plugins the tests use: each other one installed costs seconds to import here.
     plugins = ["-p", "pytest_timeout", "-p", "corral.testing", "-p", "no:cacheprovider"]
     pytest = ["env", "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1", python, "-m", "pytest", *plugins]
-    pytest += ["-v", "-ra", "--color=no"]
+    pytest += ["-v", "-ra", "--color=no", "--durations=10"]
     return [
         ("selftest process", [*selftest, "process"], SELFTEST_TIMEOUT_S),
         ("selftest worker", [*selftest, "worker"], SELFTEST_TIMEOUT_S),
