@@ -338,6 +338,8 @@ def test_bad_requests_get_the_right_4xx_and_store_nothing(api: Api):
     assert api.client.get("/api/workflows/broken").status_code == 404
     unknown = api.client.get("/api/runs", params={"status": "bogus"})
     assert unknown.status_code == 422 and unknown.json()["error"]["type"] == "invalid_input"
+    ancient = api.client.get("/api/runs", params={"since": "-1.7976931348623155e+308"})
+    assert ancient.status_code == 422 and ancient.json()["error"]["type"] == "invalid_input"
 
 
 def test_an_oversized_body_is_413(catalog, tmp_path):
