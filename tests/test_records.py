@@ -128,6 +128,9 @@ async def test_runs_list_newest_first_with_filters_and_a_cursor(open_r: OpenReco
         await records.list_runs(status="bogus")
     with pytest.raises(ValueError, match="limit must be from 1"):
         await records.list_runs(limit=0)
+    for since in (-1.0, float("inf"), float("nan"), 1e300):
+        with pytest.raises(ValueError, match="since must be seconds since the epoch"):
+            await records.list_runs(since=since)
 
 
 async def test_workflows_are_stored_listed_and_removed(open_r: OpenRecords):

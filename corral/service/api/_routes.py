@@ -25,6 +25,7 @@ from corral.service.api import _models as m
 from corral.service.api._app import ApiError, ApiState
 from corral.service.queue import QueueError
 from corral.service.records import FINISHED, RecordsError
+from corral.service.records._base import MAX_SINCE
 
 router = APIRouter()
 
@@ -251,7 +252,9 @@ async def list_runs(
     request: Request,
     status: str | None = Query(None, description="queued, running, succeeded, failed, cancelled"),
     workflow: str | None = None,
-    since: float | None = Query(None, description="created at or after (epoch seconds)"),
+    since: float | None = Query(
+        None, ge=0, le=MAX_SINCE, description="created at or after (epoch seconds)"
+    ),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=300),
 ) -> dict[str, Any]:

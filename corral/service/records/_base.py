@@ -27,6 +27,7 @@ from typing import Any, Self
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LIST_LIMIT = 500
+MAX_SINCE = 1e11  # seconds since the epoch: the year 5138; sort keys stay 15 digits wide
 UPDATE_ATTEMPTS = 50  # optimistic writes retried; only a storm of writers to one run loses
 
 
@@ -230,8 +231,10 @@ class Records(abc.ABC):
         await self.close()
 
 
-def check_list_args(status: str | None, limit: int) -> None:
-    """Raise ValueError for a status or a limit a list cannot take."""
+def check_list_args(status: str | None, limit: int, since: float | None = None) -> None:
+    """Raise ValueError for a status, a limit or a time a list cannot take."""
+    if since is not None and not 0 <= since <= MAX_SINCE:
+        raise ValueError(f"since must be seconds since the epoch, from 0 to {MAX_SINCE:.0f}")
     if status is not None and status not in RUN_STATUSES:
         raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
     if not 1 <= limit <= MAX_LIST_LIMIT:

@@ -167,7 +167,7 @@ class RedisRecords(Records):
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Run summaries, newest first, and the cursor of the next page (None: no more)."""
-        check_list_args(status, limit)
+        check_list_args(status, limit, since)
         upper = "+" if cursor is None else f"({cursor}"
         lower = "-" if since is None else f"[{since_key(since)}"
         found: list[dict[str, Any]] = []

@@ -288,7 +288,7 @@ class SqliteRecords(Records):
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Run summaries, newest first, and the cursor of the next page (None: no more)."""
-        check_list_args(status, limit)
+        check_list_args(status, limit, since)
         runs = await self._db.run(_list, status, workflow, since, limit + 1, cursor)
         more = len(runs) > limit
         runs = runs[:limit]
