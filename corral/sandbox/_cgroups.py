@@ -216,18 +216,21 @@ class Hierarchy:
         for root in self.roots.values():
             with contextlib.suppress(FileNotFoundError):
                 names.update(entry.name for entry in root.iterdir() if entry.is_dir())
-        removed = 0
+        doomed = []
         for name in names:
             owner = name.partition("-")[0]
             if not owner.isdigit():
                 continue
             if (not name.startswith(prefix)) if prefix is not None else _alive(int(owner)):
                 continue
-            ExecutionCgroup(
-                self.version, {c: root / name for c, root in self.roots.items()}
-            ).remove()
-            removed += 1
-        return removed
+            doomed.append(
+                ExecutionCgroup(self.version, {c: root / name for c, root in self.roots.items()})
+            )
+        for cgroup in doomed:  # every kill sent first: the processes exit side by side
+            cgroup.signal_all()
+        for cgroup in doomed:
+            cgroup.remove()
+        return len(doomed)
 
     def remove_roots(self) -> None:
         """Remove the root directories when nothing else uses them."""
@@ -416,16 +419,21 @@ class ExecutionCgroup:
                 return []
             raise
 
-    def kill_all(self) -> None:
-        """SIGKILL everything in the cgroup and wait until it has left."""
+    def signal_all(self) -> list[int]:
+        """SIGKILL everything in the cgroup, without waiting; the pids signalled."""
         if self.version == 2:
             with contextlib.suppress(OSError):  # cgroup.kill needs Linux 5.14
                 write(self.dirs["unified"] / "cgroup.kill", "1")  # also what forks meanwhile
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def kill_all(self) -> None:
+        """SIGKILL everything in the cgroup and wait until it has left."""
         deadline = time.monotonic() + _REMOVE_PATIENCE_S
-        while pids := self.pids():
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        while pids := self.signal_all():
             if time.monotonic() > deadline:
                 logger.warning("corral: processes %s survived SIGKILL in %r", pids, self)
                 return
