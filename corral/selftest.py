@@ -27,6 +27,9 @@ from corral.sandbox._confine import DENIED_SYSCALLS
 ENFORCED, DEGRADED, FAILED = "enforced", "degraded", "failed"
 CPU_LIMIT_MS = 200  # used when SANDBOX_MAX_CPU_MS is not set
 MEMORY_LIMIT_MB = 64  # used when SANDBOX_MAX_MEMORY_MB is not set
+#: The CPU limit of the rows that prove something else (memory, quota, heartbeat), so that
+#: a small SANDBOX_MAX_CPU_MS does not stop them first: far more than each takes.
+HOG_CPU_MS = 30_000
 QUOTA_MS = 20  # per 100 ms period: a 500 ms spin should get about 100 ms of CPU
 SPIN = "def run(params, context):\n    while True:\n        pass\n"  # burns CPU until stopped
 HOG = "def run(params, context):\n    a = []\n    while True:\n        a.append('x' * 100_000)\n"
@@ -149,7 +152,8 @@ class SelfTest:
             "import time\ndef run(params, context):\n    end = time.monotonic() + 0.5\n"
             "    while time.monotonic() < end:\n        pass\n    return 1\n"
         )
-        result = self.sandbox.execute_sync(code, limits=Limits(cpu_quota_ms=QUOTA_MS))
+        limits = Limits(cpu_quota_ms=QUOTA_MS, max_cpu_ms=HOG_CPU_MS)  # throttled, not killed
+        result = self.sandbox.execute_sync(code, limits=limits)
         # CPU against wall time, not against the 500 ms: on a slow host the start-up before
         # the spin is throttled too, and takes its share of the execution's wall time.
         share = result.usage.cpu_ms / result.usage.wall_ms
@@ -162,7 +166,10 @@ class SelfTest:
 
     def memory_limit(self) -> Check:
         limit = self.settings.sandbox_max_memory_mb or MEMORY_LIMIT_MB
-        error = _error_of(self.sandbox, HOG, limits=Limits(max_memory_mb=limit))
+        # A CPU limit of the deployment's must not stop the hoard before it reaches the
+        # memory limit (on a slow host it would): this row proves memory only.
+        limits = Limits(max_memory_mb=limit, max_cpu_ms=HOG_CPU_MS)
+        error = _error_of(self.sandbox, HOG, limits=limits)
         if error is None or error.type != "memory_limit" or error.usage is None:
             return Check(
                 "memory limit", "memory_limit", FAILED, f"a hoard was not stopped: {error!r}"
@@ -185,7 +192,7 @@ class SelfTest:
         code = (
             "import re\ndef run(params, context):\n    return re.match(r'(a+)+$', 'a' * 64 + 'b')\n"
         )
-        limits = Limits(heartbeat_interval_ms=50, heartbeat_timeout_ms=300)
+        limits = Limits(heartbeat_interval_ms=50, heartbeat_timeout_ms=300, max_cpu_ms=HOG_CPU_MS)
         ok, detail = _expect(self.sandbox, "heartbeat_timeout", code, limits=limits)
         return Check("heartbeat", "heartbeat_timeout", ENFORCED if ok else FAILED, detail)
 

@@ -471,3 +471,14 @@ def test_a_workflow_file_that_is_not_json_is_named(tmp_path):
     done = corral("workflow", "run", str(path))
     assert done.returncode == 2
     assert done.stderr.startswith(f"corral workflow: {path} is not valid JSON: ")
+
+
+def test_selftest_rows_hold_under_a_small_cpu_limit():
+    """A deployment's small SANDBOX_MAX_CPU_MS is what the CPU row proves; it does not stop
+    the memory, quota or heartbeat rows before they prove theirs (nor crash the command)."""
+    done = corral("selftest", "--json", env={"SANDBOX_MAX_CPU_MS": "50"})
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, report
+    assert {row["check"]: row["status"] for row in report["checks"]} == dict.fromkeys(
+        [row["check"] for row in report["checks"]], "enforced"
+    ), report
