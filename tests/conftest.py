@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import re
 import shutil
@@ -122,6 +123,18 @@ def running(
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def send_json(handler: http.server.BaseHTTPRequestHandler, payload: Any, status: int = 200) -> None:
+    """Answer a test server's request with `payload` as JSON; a client that has gone
+    meanwhile (a killed worker) is no error."""
+    body = json.dumps(payload).encode()
+    with contextlib.suppress(OSError):
+        handler.send_response(status)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
 
 @contextlib.contextmanager

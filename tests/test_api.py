@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 import redis
-from conftest import free_port, private_redis, serving, stop
+from conftest import free_port, private_redis, send_json, serving, stop
 
 TOKEN = "api-token-for-tests-0123456789"
 SECRET = "sk-live-connection-secret-4242"
@@ -58,13 +58,7 @@ class _Service(http.server.BaseHTTPRequestHandler):
         if path.startswith("block/"):
             server.release.wait(30)  # type: ignore[attr-defined]
         status = 500 if path.startswith("down/") else 200
-        body = json.dumps({"path": path}).encode()
-        with contextlib.suppress(OSError):
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+        send_json(self, {"path": path}, status)
 
     def log_message(self, *args: object) -> None:
         pass

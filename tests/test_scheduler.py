@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import serving
+from conftest import send_json, serving
 from test_worker import act, wait_for, workers  # noqa: F401 (`workers` is a fixture)
 
 from corral.service._scheduler import (
@@ -80,12 +80,7 @@ class _Feed(http.server.BaseHTTPRequestHandler):
         server.hits.append(path)  # type: ignore[attr-defined]
         if path.startswith("block/"):
             server.release.wait(30)  # type: ignore[attr-defined]
-        body = json.dumps(server.items if path == "items" else {"ok": path}).encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, server.items if path == "items" else {"ok": path})  # type: ignore[attr-defined]
 
     def log_message(self, *args: object) -> None:
         pass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BACKENDS, serving
+from conftest import BACKENDS, send_json, serving
 
 import corral
 from corral import FLAGS, Limits, NodeSandbox
@@ -93,12 +93,7 @@ class _Feed(http.server.BaseHTTPRequestHandler):
         split = urllib.parse.urlsplit(self.path)
         server.queries.append(urllib.parse.parse_qs(split.query))  # type: ignore[attr-defined]
         status = server.status if split.path == "/entries" else 404  # type: ignore[attr-defined]
-        data = json.dumps({"entries": server.entries}).encode()  # type: ignore[attr-defined]
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"entries": server.entries}, status)  # type: ignore[attr-defined]
 
     def log_message(self, *args: object) -> None:
         pass

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 import redis
-from conftest import free_port, private_redis, serving
+from conftest import free_port, private_redis, send_json, serving
 
 from corral.config import load_settings
 from corral.service._runs import cancel_run, retry_run, submit_run
@@ -60,13 +60,7 @@ class _Service(http.server.BaseHTTPRequestHandler):
             count = server.hits[path]  # type: ignore[attr-defined]
         if path.startswith("block/"):
             server.release.wait(PATIENCE_S)  # type: ignore[attr-defined]
-        body = json.dumps({"path": path, "hit": count}).encode()
-        with contextlib.suppress(OSError):  # the worker may be gone
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+        send_json(self, {"path": path, "hit": count})  # the worker may be gone: no error
 
     def log_message(self, *args: object) -> None:
         pass
