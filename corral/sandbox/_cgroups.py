@@ -151,7 +151,7 @@ class Hierarchy:
             return
         unified = _unified(mounts())
         assert unified is not None  # default_roots found it
-        own = under(unified, own_cgroups().get("", "/"))
+        own = under(unified, own_base(own_cgroups().get("", "/")))  # the leaf's parent, if in it
         self.changes += delegation.prepare(
             unified.mountpoint, own, self.roots["unified"], V2_CONTROLLERS
         )
