@@ -260,8 +260,7 @@ def test_cli_executor_flag_overrides_the_environment():
     assert json.loads(done.stdout)["executor"] == "worker"
 
 
-# Not in the cgroup v2 VM's `limits` set yet: there, close() with busy workers takes 30 s
-# (all still end as aborted, nothing is left); the cause is not found yet.
+@pytest.mark.limits
 def test_close_with_executions_in_flight_leaves_no_worker():
     """close() while workers are busy aborts them and leaves no process behind."""
     sandbox = NodeSandbox(executor="worker", limits=Limits(max_memory_mb=64))
@@ -269,6 +268,25 @@ def test_close_with_executions_in_flight_leaves_no_worker():
     async def scenario() -> list[BaseException]:
         tasks = [asyncio.ensure_future(sandbox.execute(SLEEP)) for _ in range(3)]
         await asyncio.sleep(0.5)
+        sandbox.close()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    started = time.monotonic()
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(outcome, corral.Aborted) for outcome in outcomes), outcomes
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.limits
+@pytest.mark.parametrize("executor", ["worker", "process"])
+def test_close_while_executions_wait_for_a_first_spare(executor):
+    """close() before the zygote's first spares arrive wakes every waiting execution at
+    once (the zygote's end used to wake one, and the others waited 30 s)."""
+    sandbox = NodeSandbox(executor=executor, limits=Limits(max_memory_mb=64))
+
+    async def scenario() -> list[BaseException]:
+        tasks = [asyncio.ensure_future(sandbox.execute(SLEEP)) for _ in range(3)]
+        await asyncio.sleep(0.01)  # the zygote is still starting: all three wait for spares
         sandbox.close()
         return await asyncio.gather(*tasks, return_exceptions=True)
 

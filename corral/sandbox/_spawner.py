@@ -329,7 +329,7 @@ async def _next_spare(spares: queue.SimpleQueue[_Spare | None]) -> _Spare | None
     delay = 0.0002  # a fork takes about 1.5 ms here: poll finely, then back off
     while True:
         try:
-            return spares.get_nowait()
+            spare = spares.get_nowait()
         except queue.Empty:
             if time.monotonic() > deadline:
                 raise SandboxCrash(
@@ -337,6 +337,10 @@ async def _next_spare(spares: queue.SimpleQueue[_Spare | None]) -> _Spare | None
                 ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.01)
+        else:
+            if spare is None:  # the zygote is gone: put it back for every other waiter
+                spares.put(None)
+            return spare
 
 
 def _send_requests(sock: socket.socket, outbox: queue.SimpleQueue[bytes | None]) -> None:
