@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -245,6 +246,63 @@ async def test_a_closed_queue_says_so(open_q: OpenQueue):
     await queue.close()
     with pytest.raises(QueueError, match="closed"):
         await queue.enqueue("r1", {})
+
+
+async def put_raw_job(where: str | Path, run_id: str, raw: str, prefix: str = "bull") -> None:
+    """A job whose data is `raw` as it is, the way a foreign producer could queue it: a row
+    in the SQLite queue at `where` (a path), or a job added through BullMQ's own Lua
+    script on the Redis at `where` (a URL)."""
+    if isinstance(where, Path):
+        with sqlite3.connect(where) as conn:
+            conn.execute(
+                "INSERT INTO run_queue (run_id, data, state, enqueued_at) "
+                "VALUES (?, ?, 'waiting', ?)",
+                (run_id, raw, time.time()),
+            )
+        return
+    client = redis.asyncio.Redis.from_url(where)
+    try:
+        add = client.register_script(loadScript("addStandardJob-9.lua"))
+        base = f"{prefix}:{QUEUE_NAME}:"
+        names = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events"]
+        keys = [base + name for name in names] + [base + "marker"]
+        jid = f"run-{run_id}"
+        packed = msgpack.packb(
+            [base, jid, "run", round(time.time() * 1000), None, None, None, None, None]
+        )
+        opts = msgpack.packb({"attempts": 1, "jobId": jid, "delay": 0})
+        assert (await add(keys=keys, args=[packed, raw, opts])).decode() == jid
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '"a string"'])
+async def test_a_job_whose_data_is_unusable_is_failed_once_and_the_queue_goes_on(
+    open_q: OpenQueue, tmp_path: Path, raw: str
+):
+    """Data that is not JSON, or not a JSON object: the claim that meets it takes the job
+    out of the queue for good and says why (Lease.invalid); the next claim serves the
+    next run, and the bad job never comes back, also after its lease would have lapsed."""
+    queue = open_q(lease_s=SHORT_LEASE_S)
+    where = tmp_path / "corral.db" if open_q.kind == "sqlite" else queue.url  # type: ignore[attr-defined]
+    await queue.enqueue("first", {"n": 1})
+    await put_raw_job(where, "bad", raw, prefix=open_q.prefix)  # type: ignore[attr-defined]
+    await queue.enqueue("after", {"n": 2})
+    leases = [await queue.claim() for _ in range(3)]
+    assert [lease.run_id for lease in leases if lease] == ["first", "bad", "after"]
+    bad = leases[1]
+    assert bad is not None and bad.data == {} and not bad.lost
+    assert bad.invalid and ("not valid JSON" in bad.invalid or "JSON object" in bad.invalid)
+    assert leases[0].invalid is None and leases[2].invalid is None  # type: ignore[union-attr]
+    assert await queue.counts() == {"waiting": 0, "active": 2}
+    for lease in (leases[0], leases[2]):
+        assert await queue.complete(lease)  # type: ignore[arg-type]
+    await asyncio.sleep(SHORT_LEASE_S * 3)
+    for _ in range(3):  # BullMQ's stalled check takes a lapsed lease back on its second look
+        await queue.reclaim()
+        await asyncio.sleep(SHORT_LEASE_S)
+    assert await queue.claim() is None
+    assert await queue.counts() == {"waiting": 0, "active": 0}
 
 
 async def test_a_node_producer_can_enqueue_runs(redis_url: str):

@@ -23,11 +23,12 @@ import psutil
 import pytest
 import redis
 from conftest import free_port, private_redis, send_json, serving
+from test_queue import put_raw_job
 
 from corral.config import load_settings
 from corral.service._runs import cancel_run, retry_run, submit_run
 from corral.service.queue import open_queue
-from corral.service.records import open_records
+from corral.service.records import new_run, open_records
 
 CONNECTOR = {
     "id": "probe",
@@ -361,6 +362,32 @@ def test_a_job_without_a_record_runs_its_stored_workflow(env, service, workers):
     failed = wait_for(lambda: read("run", "unknown-workflow"), "the bad job recorded")
     assert (failed["status"], failed["error"]["type"]) == ("failed", "invalid_input")
     assert "'nope'" in failed["error"]["message"]
+
+
+def test_a_job_with_unusable_data_fails_its_run_once_and_the_worker_goes_on(env, service, workers):
+    """A job whose data is not JSON (its run recorded), and one whose data is not an object
+    (no record): each run fails once as invalid_input, and the worker goes on to run the
+    next one at once, without backing off."""
+
+    async def produce(records: Any, queue: Any) -> None:
+        await records.create_run(new_run("bad-json", workflow(service), {}, time.time()))
+        where = env.get("CORRAL_REDIS_URL") or Path(env["CORRAL_STATE_DIR"]) / "corral.db"
+        await put_raw_job(where, "bad-json", "{oops")
+        await put_raw_job(where, "bad-shape", "[]")
+        await submit_run(records, queue, workflow(service), {}, run_id="good")
+
+    act(produce)
+    started = time.monotonic()
+    worker = workers()
+    wait_for(lambda: (r := read("run", "good")) and r["status"] == "succeeded", "good finished")
+    assert time.monotonic() - started < 15, "the worker stalled on the bad jobs"
+    for run_id, says in (("bad-json", "not valid JSON"), ("bad-shape", "JSON object")):
+        record = read("run", run_id)
+        assert (record["status"], record["error"]["type"]) == ("failed", "invalid_input")
+        assert says in record["error"]["message"]
+    assert read("counts") == {"waiting": 0, "active": 0}
+    assert log_of(worker).count("failed: the job's data") == 2
+    assert "Traceback" not in log_of(worker)
 
 
 def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, workers, clean_env):

@@ -34,7 +34,7 @@ from corral.service import _metrics as metrics
 from corral.service._connections import connections_for
 from corral.service._deployment import describe
 from corral.service._keys import KeyRingError, load_key_ring
-from corral.service.queue import WORKER_LOST, Lease, QueueError, RunQueue, open_queue
+from corral.service.queue import INVALID_INPUT, WORKER_LOST, Lease, QueueError, RunQueue, open_queue
 from corral.service.records import FINISHED, Records, RecordsError, new_run, open_records
 
 if TYPE_CHECKING:
@@ -250,6 +250,9 @@ class RunWorker:
 
     async def _execute(self, lease: Lease) -> None:
         try:
+            if lease.invalid is not None:
+                await self._record_invalid(lease)
+                return
             if lease.lost:
                 await self._record_lost(lease)
                 return
@@ -418,6 +421,26 @@ class RunWorker:
         await self.queue.release(lease)
         self._event(lease.run_id, "run.handed_back", worker=self.id)
         logger.info("worker %s: handed run %s back to the queue", self.id, lease.run_id)
+
+    async def _record_invalid(self, lease: Lease) -> None:
+        """A job whose data could not be read (the queue has failed it already): the run
+        fails as invalid_input, its record created when a producer queued it without one."""
+        now = self.clock()
+        error = _error(INVALID_INPUT, f"the run's queue job cannot be used: {lease.invalid}")
+        if await self.records.get_run(lease.run_id) is None:
+            record = new_run(lease.run_id, {"id": "unknown", "nodes": []}, {}, now)
+            record.update(status="failed", finished_at=now, error=error)
+            await self.records.create_run(record)
+        else:
+
+            def reject(current: dict[str, Any]) -> dict[str, Any] | None:
+                if current["status"] in FINISHED:
+                    return None
+                return {**current, "status": "failed", "finished_at": now, "error": error}
+
+            await self.records.update_run(lease.run_id, reject)
+        self._event(lease.run_id, "run.finished", status="failed", error_type=INVALID_INPUT)
+        logger.error("worker %s: run %s failed: %s", self.id, lease.run_id, lease.invalid)
 
     async def _record_lost(self, lease: Lease) -> None:
         now = self.clock()

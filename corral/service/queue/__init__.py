@@ -8,8 +8,22 @@
 taken back and run again (its finished nodes replay from the store).
 """
 
-from corral.service.queue._base import WORKER_LOST, Lease, QueueError, RunQueue
+from corral.service.queue._base import (
+    INVALID_INPUT,
+    WORKER_LOST,
+    Lease,
+    QueueError,
+    RunQueue,
+)
 from corral.service.queue._open import open_queue
 from corral.service.queue._sqlite import SqliteQueue
 
-__all__ = ["WORKER_LOST", "Lease", "QueueError", "RunQueue", "SqliteQueue", "open_queue"]
+__all__ = [
+    "INVALID_INPUT",
+    "WORKER_LOST",
+    "Lease",
+    "QueueError",
+    "RunQueue",
+    "SqliteQueue",
+    "open_queue",
+]

@@ -4,6 +4,7 @@ works, and completes, fails or hands it back with the lease's token."""
 from __future__ import annotations
 
 import abc
+import json
 import math
 from dataclasses import dataclass
 from types import TracebackType
@@ -29,6 +30,27 @@ class Lease:
     token: str
     reclaims: int  # how often a lapsed lease on this run was taken back before this one
     lost: bool = False  # past max_reclaims: already failed as worker_lost; do not run it
+    # Data that is not a JSON object: the job is already out of the queue (failed once);
+    # this says why, for the run's record (`invalid_input`). Do not run it.
+    invalid: str | None = None
+
+
+#: The error type recorded on a run whose job data could not be read.
+INVALID_INPUT = "invalid_input"
+
+
+def parse_job_data(raw: str | bytes | None) -> tuple[dict[str, Any], str | None]:
+    """A job's data as the dict a run needs, or `({}, why not)` for data that is not valid
+    JSON or not a JSON object (a producer's bug: failed once, never retried)."""
+    try:
+        data = json.loads(raw if raw is not None else "")
+    except (ValueError, TypeError) as exc:
+        shown = raw if isinstance(raw, str) else repr(raw)
+        excerpt = shown[:80] + ("…" if len(shown) > 80 else "")
+        return {}, f"the job's data is not valid JSON ({exc}): {excerpt!r}"
+    if not isinstance(data, dict):
+        return {}, f"the job's data must be a JSON object, got {type(data).__name__}"
+    return data, None
 
 
 def check_lease_options(lease_s: float, max_reclaims: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
 import time
@@ -27,11 +28,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from corral.service.queue._base import (
+    INVALID_INPUT,
     WORKER_LOST,
     Lease,
     QueueError,
     RunQueue,
     check_lease_options,
+    parse_job_data,
 )
 
 QUEUE_NAME = "corral-runs"
@@ -131,11 +134,13 @@ class BullmqQueue(RunQueue):
         with self._errors():
             while True:
                 token = f"{uuid.uuid4().hex}:1"
-                try:
-                    job = await self._worker.moveToActive(token)
-                except (ValueError, TypeError, KeyError) as exc:  # data that is not JSON
-                    raise QueueError(f"a job of {QUEUE_NAME} cannot be read: {exc!r}") from exc
+                job, invalid = await self._move_to_active(token)
                 if job is not None:
+                    if invalid is not None:
+                        lease = await self._fail_invalid(job, token, invalid)
+                        if lease is not None:
+                            return lease
+                        continue
                     lease = await self._lease(job, token)
                     if lease is not None:
                         return lease
@@ -146,6 +151,35 @@ class BullmqQueue(RunQueue):
                 self._worker.opts["drainDelay"] = min(MAX_BLOCK_S, max(1, math.ceil(left)))
                 self._worker.blockUntil = 0
                 await self._worker.waitForJob()
+
+    async def _move_to_active(self, token: str) -> tuple[Any, str | None]:
+        """The next job moved to active under `token` (None: none waits), and why its data
+        cannot be used (None: it can). A job whose data or options are not JSON is still
+        read, with empty data, so that it can be failed rather than fail every claim."""
+        worker = self._worker
+        result = await worker.backend.moveToActive(token, worker.opts)
+        raw, found_id, limit_until, delay_until = result if result else (None, None, 0, 0)
+        invalid = None
+        if raw:
+            _, invalid = parse_job_data(raw.get("data"))
+            if invalid is None:
+                try:
+                    json.loads(raw.get("opts") or "{}")
+                except ValueError as exc:
+                    invalid = f"the job's options are not valid JSON ({exc})"
+            if invalid is not None:
+                raw = {**raw, "data": "{}", "opts": "{}"}
+        job = await worker.nextJobFromJobData(raw, found_id, limit_until, delay_until, token)
+        return job, invalid
+
+    async def _fail_invalid(self, job: Any, token: str, reason: str) -> Lease | None:
+        """Fail a job whose data cannot be used, once; the lease that says so to the
+        worker (which records it on the run), or None for a job that is not a run."""
+        job.opts.update(_JOB_OPTIONS)
+        await job.moveToFailed(UnrecoverableError(f"{INVALID_INPUT}: {reason}"), token)
+        if not job.id.startswith(JOB_PREFIX):
+            return None
+        return Lease(job.id[len(JOB_PREFIX) :], {}, token, job.stalledCounter, invalid=reason)
 
     async def _lease(self, job: Any, token: str) -> Lease | None:
         """The lease on a job just moved to active; None for a job that is not a run."""

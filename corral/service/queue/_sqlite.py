@@ -20,7 +20,13 @@ from typing import Any
 
 from corral.runtime.store._sqlite import transaction
 from corral.service._sqlite import SqliteThread
-from corral.service.queue._base import Lease, QueueError, RunQueue, check_lease_options
+from corral.service.queue._base import (
+    Lease,
+    QueueError,
+    RunQueue,
+    check_lease_options,
+    parse_job_data,
+)
 
 # An idle claim looks again this often (another process may enqueue); an enqueue in this
 # process wakes it at once.
@@ -64,11 +70,12 @@ def _claim(
         ).fetchone()
         if row is None:
             return None
-        run_id, data, reclaims = row
+        run_id, raw, reclaims = row
+        data, invalid = parse_job_data(raw)
         lost = reclaims > max_reclaims
-        if lost:
+        if lost or invalid:  # out of the queue in the claim's own transaction: failed once
             conn.execute("DELETE FROM run_queue WHERE run_id = ?", (run_id,))
-    return Lease(run_id, json.loads(data), token, reclaims, lost)
+    return Lease(run_id, data, token, reclaims, lost and not invalid, invalid)
 
 
 def _renew(
