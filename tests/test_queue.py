@@ -98,6 +98,21 @@ async def test_a_run_is_queued_once_and_leased_with_its_data(open_q: OpenQueue):
     assert await queue.enqueue("r1", {"run_id": "r1"}), "a finished run may be queued again"
 
 
+async def test_concurrent_enqueues_of_one_run_add_it_once(open_q: OpenQueue):
+    """Many enqueues of one run id at once, from several queue handles (processes, on other
+    machines): exactly one says it added the run, and the run is there once."""
+    handles = [open_q() for _ in range(4)]
+    for round_ in range(5):
+        run_id = f"r{round_}"
+        added = await asyncio.gather(
+            *(queue.enqueue(run_id, {"n": n}) for n in range(8) for queue in handles)
+        )
+        assert added.count(True) == 1, added
+    assert await handles[0].counts() == {"waiting": 5, "active": 0}
+    leases = [await handles[1].claim() for _ in range(6)]
+    assert sorted(lease.run_id for lease in leases if lease) == [f"r{n}" for n in range(5)]
+
+
 async def test_runs_are_leased_oldest_first(open_q: OpenQueue):
     """Runs come out in the order they were queued."""
     queue = open_q()

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from bullmq import Queue, UnrecoverableError, Worker
+from bullmq import Job, Queue, UnrecoverableError, Worker
 from bullmq.redis_connection import loadScript
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -122,11 +122,29 @@ class BullmqQueue(RunQueue):
 
     async def enqueue(self, run_id: str, data: dict[str, Any]) -> bool:
         """Queue a run; False (and nothing changes) when it is already waiting or leased."""
+        jid = job_id(run_id)
+        key = self._queue.toKey(jid)
         with self._errors():
-            if await self._queue.getJobState(job_id(run_id)) != "unknown":
-                return False
-            await self._queue.add(JOB_NAME, data, {**_JOB_OPTIONS, "jobId": job_id(run_id)})
-        return True
+            # BullMQ's add keeps one job per id but answers the id either way: the check
+            # and the add are one transaction (WATCH the job's key), so of two enqueues of
+            # one run exactly one says it added it.
+            async with self._client.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(key)
+                        if await pipe.exists(key):
+                            return False
+                        pipe.multi()
+                        job = Job(self._queue, JOB_NAME, data, {**_JOB_OPTIONS, "jobId": jid})
+                        await self._queue.scripts.addStandardJob(job, job.timestamp, pipe)
+                        (answer,) = await pipe.execute()
+                    except redis.WatchError:
+                        continue  # the key changed meanwhile: look again
+                    finally:
+                        await pipe.reset()
+                    if isinstance(answer, int) and answer < 0:
+                        raise QueueError(f"BullMQ refused job {jid!r} (code {answer})")
+                    return True
 
     async def claim(self, *, wait_s: float = 0.0) -> Lease | None:
         """Lease the oldest waiting run, waiting up to `wait_s` seconds for one."""
