@@ -456,13 +456,26 @@ def test_breakers_are_listed_and_reset_by_hand(api: Api, service):
     assert api.client.post(f"/api/breakers/{name}/reset").status_code == 404
 
 
+def metric(text: str, sample: str) -> float:
+    """The value of one sample (`name{labels}`, labels as Prometheus prints them) in a
+    /metrics text; 0 when it is not there."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_workers_readiness_registry_and_metrics(api: Api, service):
     """The inline worker is listed fresh; /readyz passes every check; the registry is the
-    capabilities map; /metrics has DESIGN's names and buckets and no run ids."""
+    capabilities map; /metrics has DESIGN's names and buckets and no run ids; a workflow
+    node the worker runs counts as a sandbox execution, as an API execution does."""
+    executions = 'corral_sandbox_executions_total{executor="process",outcome="ok"}'
+    before = metric(api.client.get("/metrics").text, executions)
     _connect(api, service)
-    api.client.put("/api/workflows/metered", json=_workflow("metered", "ok/m"))
+    api.client.put("/api/workflows/metered", json=_workflow("metered", "ok/m", "ok/n"))
     api.client.post("/api/workflows/metered/runs", json={"run_id": "metered-run-7"})
     assert _finished(api, "metered-run-7")["status"] == "succeeded"
+    assert metric(api.client.get("/metrics").text, executions) == before + 2
     workers = api.client.get("/api/workers").json()["workers"]
     assert len(workers) == 1 and workers[0]["fresh"] and workers[0]["pid"] > 0
     ready = api.client.get("/readyz")

@@ -9,6 +9,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import redis
@@ -388,6 +390,34 @@ def test_a_job_with_unusable_data_fails_its_run_once_and_the_worker_goes_on(env,
     assert read("counts") == {"waiting": 0, "active": 0}
     assert log_of(worker).count("failed: the job's data") == 2
     assert "Traceback" not in log_of(worker)
+
+
+def test_a_standalone_worker_serves_metrics_counting_every_sandbox_execution(env, service, workers):
+    """`corral worker` with CORRAL_WORKER_METRICS_PORT=0 serves /metrics on 127.0.0.1 (the
+    port in its log); every node it runs is a sandbox execution by executor and outcome,
+    and the runs' durations are there; no run id is."""
+    worker = workers(CORRAL_WORKER_METRICS_PORT="0")
+    url = wait_for(
+        lambda: re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_of(worker)),
+        "the metrics address logged",
+    ).group(1)
+    base = f"http://127.0.0.1:{service.server_address[1]}"
+    failing = {"id": "wf-bad", "nodes": [{"id": "down", "app": "probe", "function": "call",
+               "params": {"url": f"http://127.0.0.1:{free_port()}/"}}]}  # fmt: skip
+    submit(workflow(service), "metered-ok")
+    submit(failing, "metered-bad")
+    for run_id, status in (("metered-ok", "succeeded"), ("metered-bad", "failed")):
+        wait_for(lambda r=run_id, s=status: read("run", r)["status"] == s, f"{run_id} {status}")
+    text = httpx.get(url, timeout=10).text
+    samples = dict(
+        line.rsplit(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("corral_sandbox_executions_total{")
+    )
+    assert samples.pop('corral_sandbox_executions_total{executor="process",outcome="ok"}') == "1.0"
+    assert [float(v) for v in samples.values()] == [1.0], samples  # the failed node's outcome
+    assert "corral_run_duration_seconds_count 2.0" in text
+    assert "metered-ok" not in text and base not in text
 
 
 def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, workers, clean_env):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,22 @@ def add_commands(commands: Any) -> None:
         "CORRAL_WORKER_CONCURRENCY at a time, renewing each lease and publishing a heartbeat. "
         "SIGTERM or Ctrl-C: take no more runs, let running ones finish for "
         "CORRAL_WORKER_GRACE_S, hand the rest back to the queue.",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics (sandbox executions, run durations, "
+        "node counters) at http://HOST:PORT/metrics (default: $CORRAL_WORKER_METRICS_PORT; "
+        "unset: not served; 0: a free port, logged)",
+    )
+    worker.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="the address of the metrics endpoint (default: $CORRAL_WORKER_METRICS_HOST, "
+        "else 127.0.0.1)",
     )
     worker.set_defaults(handler=_worker)
     scheduler = commands.add_parser(
@@ -83,7 +100,32 @@ def _worker(args: argparse.Namespace) -> int:
     from corral.service._worker import run_worker
 
     settings = get_settings()
-    return _serve(lambda stop: run_worker(settings, stop))
+    metrics_at = _metrics_address(args)
+    return _serve(lambda stop: run_worker(settings, stop, metrics_at=metrics_at))
+
+
+def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Where `corral worker` serves /metrics: --metrics-port/--metrics-host, else
+    CORRAL_WORKER_METRICS_PORT/CORRAL_WORKER_METRICS_HOST; None when no port is given."""
+    from corral._exceptions import ConfigError
+    from corral.service._metrics import METRICS_HOST_ENV, METRICS_PORT_ENV
+
+    port: int | str | None = args.metrics_port
+    if port is None:
+        port = os.environ.get(METRICS_PORT_ENV, "").strip() or None
+    if port is None:
+        return None
+    try:
+        number = int(port)
+        if not 0 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"corral: {METRICS_PORT_ENV} (or --metrics-port) must be a port number from 0 "
+            f"to 65535, got {port!r}"
+        ) from None
+    host = args.metrics_host or os.environ.get(METRICS_HOST_ENV, "").strip() or "127.0.0.1"
+    return host, number
 
 
 def _api(args: argparse.Namespace) -> int:

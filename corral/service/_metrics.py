@@ -30,13 +30,41 @@ LEASE_RECLAIMS = Counter(
 WORKERS = Gauge("corral_workers", "Workers with a fresh heartbeat.")
 SANDBOX_EXECUTIONS = Counter(
     "corral_sandbox_executions",
-    "Executions through the API's sandbox endpoint, by executor and outcome.",
+    "Sandbox executions (API calls, workflow nodes, triggers), by executor and outcome.",
     ["executor", "outcome"],
 )
 BREAKER_STATE = Gauge(
     "corral_breaker_state", "Circuit breakers: 0 closed, 1 half-open, 2 open.", ["breaker"]
 )
 BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
+
+
+METRICS_PORT_ENV = "CORRAL_WORKER_METRICS_PORT"
+METRICS_HOST_ENV = "CORRAL_WORKER_METRICS_HOST"
+
+
+class MetricsServer:
+    """This process's metrics (the default registry: sandbox executions, run durations,
+    queue waits, lease reclaims, the runtime's node counters) in Prometheus' text format
+    over HTTP, on a thread of its own: a standalone `corral worker`'s /metrics."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=host)
+        self.host, self.port = self._server.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        """Where it answers."""
+        host = f"[{self.host}]" if ":" in str(self.host) else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop answering and free the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
 
 
 def runs_total(counts: dict[tuple[str, str], int]) -> CollectorRegistry:

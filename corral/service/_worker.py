@@ -28,12 +28,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from corral._exceptions import InvalidInput
+from corral._exceptions import ConfigError, InvalidInput
 from corral.runtime import WorkflowRun, WorkflowRuntime
 from corral.service import _metrics as metrics
 from corral.service._connections import connections_for
 from corral.service._deployment import describe
 from corral.service._keys import KeyRingError, load_key_ring
+from corral.service._sandbox import CountingSandbox
 from corral.service.queue import INVALID_INPUT, WORKER_LOST, Lease, QueueError, RunQueue, open_queue
 from corral.service.records import FINISHED, Records, RecordsError, new_run, open_records
 
@@ -460,26 +461,39 @@ class RunWorker:
         logger.error("worker %s: run %s failed as %s", self.id, lease.run_id, WORKER_LOST)
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """`corral worker`: the deployment's queue, records and runtime, until `stop` is set."""
+async def run_worker(
+    settings: Settings, stop: asyncio.Event, *, metrics_at: tuple[str, int] | None = None
+) -> None:
+    """`corral worker`: the deployment's queue, records and runtime, until `stop` is set;
+    with `metrics_at` (host, port; port 0 picks one), its /metrics served there."""
     ring = load_key_ring(settings)
-    queue = open_queue(settings)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_at is not None:
+            try:
+                server = metrics.MetricsServer(*metrics_at)
+            except OSError as exc:
+                raise ConfigError(
+                    f"corral: cannot serve the worker's metrics on {metrics_at[0]}:"
+                    f"{metrics_at[1]} ({exc.strerror or exc}); choose another "
+                    f"{metrics.METRICS_PORT_ENV} or --metrics-port"
+                ) from None
+            stack.callback(server.close)
+            logger.info("worker: metrics on %s", server.url)
+        queue = open_queue(settings)
+        stack.push_async_callback(queue.close)
         records = open_records(settings)
-        try:
-            async with WorkflowRuntime(settings) as runtime:
-                worker = RunWorker(
-                    queue,
-                    records,
-                    runtime,
-                    concurrency=settings.worker_concurrency,
-                    grace_s=settings.worker_grace_s,
-                    heartbeat_s=settings.worker_heartbeat_s,
-                    connections=functools.partial(connections_for, records, ring),
-                    deployment=describe(settings),
-                )
-                await worker.serve(stop)
-        finally:
-            await records.close()
-    finally:
-        await queue.close()
+        stack.push_async_callback(records.close)
+        sandbox = CountingSandbox(settings=settings)  # every execution counted
+        stack.callback(sandbox.close)
+        runtime = await stack.enter_async_context(WorkflowRuntime(settings, sandbox=sandbox))
+        worker = RunWorker(
+            queue,
+            records,
+            runtime,
+            concurrency=settings.worker_concurrency,
+            grace_s=settings.worker_grace_s,
+            heartbeat_s=settings.worker_heartbeat_s,
+            connections=functools.partial(connections_for, records, ring),
+            deployment=describe(settings),
+        )
+        await worker.serve(stop)

@@ -25,6 +25,7 @@ from corral.runtime import WorkflowRuntime, open_store
 from corral.runtime.store import Store, StoreError
 from corral.sandbox import NodeSandbox
 from corral.service._keys import KeyRing, ensure_canary, load_key_ring
+from corral.service._sandbox import CountingSandbox
 from corral.service._worker import RunWorker
 from corral.service.queue import QueueError, RunQueue, open_queue
 from corral.service.records import Records, RecordsError, open_records
@@ -67,7 +68,7 @@ class ApiState:
         """The API's sandbox of `executor` (the deployment's default when None)."""
         kind = executor or str(self.settings.executor)
         if kind not in self.sandboxes:
-            self.sandboxes[kind] = NodeSandbox(executor=kind, settings=self.settings)
+            self.sandboxes[kind] = CountingSandbox(executor=kind, settings=self.settings)
         return self.sandboxes[kind]
 
 
@@ -88,7 +89,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         records = open_records(settings)
         stack.push_async_callback(records.close)
         store = open_store(settings)
-        runtime = WorkflowRuntime(settings, store=store)
+        runs_sandbox = CountingSandbox(settings=settings)
+        stack.callback(runs_sandbox.close)
+        runtime = WorkflowRuntime(settings, store=store, sandbox=runs_sandbox)
         stack.push_async_callback(runtime.aclose)
         await ensure_canary(records, ring)
         state = ApiState(settings, records, queue, ring, store, runtime)

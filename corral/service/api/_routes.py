@@ -85,9 +85,8 @@ async def execute(request: Request, body: m.ExecuteRequest) -> dict[str, Any]:
         )  # fmt: skip
     except ConfigError as exc:  # limits that contradict the deployment's (e.g. heartbeats)
         raise ApiError(422, "invalid_input", str(exc)) from None
-    except SandboxError as error:
+    except SandboxError as error:  # counted by the sandbox (corral.service._sandbox)
         executor = error.executor or sandbox.executor
-        metrics.SANDBOX_EXECUTIONS.labels(executor, error.type).inc()
         return {
             "ok": False,
             "output": None,
@@ -96,7 +95,6 @@ async def execute(request: Request, body: m.ExecuteRequest) -> dict[str, Any]:
             "usage": error.usage.to_dict() if error.usage is not None else None,
             "error": error.to_dict(),
         }
-    metrics.SANDBOX_EXECUTIONS.labels(result.executor, "ok").inc()
     return result.to_dict()
 
 
