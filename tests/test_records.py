@@ -198,6 +198,47 @@ async def test_meta_values_can_be_set_once(open_r: OpenRecords):
     assert await records.get_meta("canary") == "c"
 
 
+async def finished_run(records: Records, run_id: str, created: float, status: str) -> None:
+    """A run created at `created` that finished (with `status`) a minute later, with an
+    event; or, for `queued` and `running`, one that never finished."""
+    assert await records.create_run(run(run_id, created))
+    await records.append_event(run_id, {"event": "run.started"})
+    done = None if status in ("queued", "running") else created + 60
+    await records.update_run(run_id, lambda r: {**r, "status": status, "finished_at": done})
+
+
+async def test_prune_removes_old_finished_runs_and_their_events_only(open_r: OpenRecords):
+    """Runs finished before the cutoff go with their events; runs still queued or running
+    stay however old, and so do runs finished after the cutoff (or just before it but
+    retried since); finished counts stay; prune is bounded by its limit."""
+    records = open_r()
+    day = 86_400.0
+    for n, status in enumerate(("succeeded", "failed", "cancelled")):
+        await finished_run(records, f"old-{status}", T0 + n, status)
+    await finished_run(records, "old-queued", T0 + 10, "queued")
+    await finished_run(records, "old-running", T0 + 11, "running")
+    await finished_run(records, "fresh", T0 + 40 * day, "succeeded")
+    await finished_run(records, "late", T0 + 20, "succeeded")
+    await records.update_run("late", lambda r: {**r, "finished_at": T0 + 35 * day})
+    counts = await records.finished_counts()
+    cutoff = T0 + 30 * day
+    assert await records.prune_runs(finished_before=cutoff, limit=2) == [
+        "old-succeeded",
+        "old-failed",
+    ]
+    assert await records.prune_runs(finished_before=cutoff) == ["old-cancelled"]
+    assert await records.prune_runs(finished_before=cutoff) == []
+    for gone in ("old-succeeded", "old-failed", "old-cancelled"):
+        assert await records.get_run(gone) is None
+        assert await records.run_events(gone) == []
+    for kept in ("old-queued", "old-running", "fresh", "late"):
+        assert (await records.get_run(kept)) is not None, kept
+        assert len(await records.run_events(kept)) == 1
+    listed, _ = await records.list_runs()
+    assert {r["id"] for r in listed} == {"old-queued", "old-running", "fresh", "late"}
+    assert await records.finished_counts() == counts
+
+
 async def test_finished_runs_are_counted_by_workflow_and_status(open_r: OpenRecords):
     """Each turn of a run to a finished status counts once (a retried run counts again);
     other updates do not."""

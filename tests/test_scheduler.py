@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import send_json, serving
-from test_worker import act, wait_for, workers  # noqa: F401 (`workers` is a fixture)
+from test_worker import act, log_of, wait_for, workers  # noqa: F401 (`workers` is a fixture)
 
 from corral.service._scheduler import (
     ScheduleError,
@@ -24,6 +24,7 @@ from corral.service._scheduler import (
     item_run_id,
     occurrences,
 )
+from corral.service.records import new_run
 
 TRIGGER_CONNECTOR = {
     "id": "feed",
@@ -197,6 +198,43 @@ def test_a_trigger_queues_one_run_per_new_item_across_restarts(env, feed, worker
     assert feed.hits.count("run/b") == 1 and feed.hits.count("run/c") == 1
 
 
-def _scheduler(workers: Any) -> Any:
+def _scheduler(workers: Any, **extra: str) -> Any:
     """A `corral scheduler` process, through test_worker's fixture (killed at the end)."""
-    return workers(_command="scheduler")
+    return workers(_command="scheduler", **extra)
+
+
+def test_the_scheduler_removes_runs_finished_past_their_retention(env, workers):
+    """CORRAL_RUN_RETENTION_DAYS=30: the leading scheduler removes runs that finished more
+    than 30 days ago, with their events; runs queued or running stay however old, and so
+    do recent ones. A bad value is one clear error."""
+    day = 86_400.0
+    now = time.time()
+
+    async def seed(records: Any, queue: Any) -> None:
+        for run_id, created, status in (
+            ("old-ok", now - 60 * day, "succeeded"), ("old-failed", now - 40 * day, "failed"),
+            ("old-running", now - 60 * day, "running"), ("old-queued", now - 50 * day, "queued"),
+            ("recent", now - 10 * day, "succeeded"),
+        ):  # fmt: skip
+            await records.create_run(new_run(run_id, {"id": "kept", "nodes": []}, {}, created))
+            await records.append_event(run_id, {"event": "run.started"})
+            finished = created + 60 if status in ("succeeded", "failed") else None
+            await records.update_run(
+                run_id, lambda r, s=status, f=finished: {**r, "status": s, "finished_at": f}
+            )
+
+    act(seed)
+    bad = _scheduler(workers, CORRAL_RUN_RETENTION_DAYS="a month")
+    assert bad.wait(timeout=20) != 0
+    assert "CORRAL_RUN_RETENTION_DAYS must be a number of days" in log_of(bad)
+    scheduler = _scheduler(workers, CORRAL_RUN_RETENTION_DAYS="30")
+    wait_for(lambda: {r["id"] for r in _runs("kept")} == {"old-running", "old-queued", "recent"},
+             "the old finished runs removed")  # fmt: skip
+
+    async def events(records: Any, queue: Any) -> dict[str, int]:
+        return {r: len(await records.run_events(r)) for r in ("old-ok", "old-failed", "recent")}
+
+    assert act(events) == {"old-ok": 0, "old-failed": 0, "recent": 1}
+    assert "removed 2 run(s) finished over 30 days" in log_of(scheduler)
+    scheduler.send_signal(signal.SIGTERM)
+    assert scheduler.wait(timeout=20) == 0

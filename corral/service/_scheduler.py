@@ -15,6 +15,9 @@ one run per new item or occurrence, never twice.
                or running is skipped and counted
     sweep      a run recorded `queued` whose job never reached the queue (its producer died
                in between) is queued again
+    retention  every PRUNE_EVERY_S, runs finished more than CORRAL_RUN_RETENTION_DAYS (30;
+               0 keeps them forever) ago are removed with their events; queued and running
+               runs stay, whatever their age
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from croniter import croniter
 from prometheus_client import Counter
 
-from corral._exceptions import SandboxError
+from corral._exceptions import ConfigError, SandboxError
 from corral.runtime import WorkflowRuntime
 from corral.runtime._canonical import canonical_digest
 from corral.runtime.store import Store, StoreError
@@ -43,6 +47,7 @@ from corral.service._keys import KeyRing, KeyRingError
 from corral.service._runs import RunConflict, submit_run
 from corral.service.queue import QueueError, RunQueue
 from corral.service.records import Records, RecordsError
+from corral.service.records._base import PRUNE_BATCH
 
 if TYPE_CHECKING:
     from corral.config import Settings
@@ -53,6 +58,10 @@ TICK_S = 1.0  # how often the leader looks at the workflows (timers fire within 
 SWEEP_AFTER_S = 10.0  # a queued record this old without a job is queued again
 LEADER_KEY = "scheduler:leader"
 LEADER_META = "scheduler_leader"  # who leads, for operators and `corral stack`
+PRUNE_EVERY_S = 600.0  # the leader removes runs past their retention this often
+PRUNE_MAX_BATCHES = 20  # per prune: a backlog of old runs goes over several prunes
+RETENTION_ENV = "CORRAL_RUN_RETENTION_DAYS"
+DEFAULT_RETENTION_DAYS = 30.0
 MAX_OCCURRENCES = 1000  # per tick: a one-second cron after a long outage stays bounded
 
 FIRED = Counter("corral_schedule_runs", "Runs the scheduler enqueued, by source.", ["source"])
@@ -61,6 +70,27 @@ SKIPPED = Counter(
     "Occurrences not fired, by reason (still_running, missed).",
     ["reason"],
 )
+
+
+PRUNED = Counter("corral_runs_pruned", "Finished runs removed after CORRAL_RUN_RETENTION_DAYS.")
+
+
+def run_retention_s(settings: Settings) -> float | None:
+    """How long finished runs are kept, in seconds (CORRAL_RUN_RETENTION_DAYS, default 30);
+    None: forever (0). ConfigError for a value that is not a number of days, 0 or more."""
+    days: Any = getattr(settings, "run_retention_days", None)
+    if days is None:
+        days = os.environ.get(RETENTION_ENV, "").strip() or DEFAULT_RETENTION_DAYS
+    try:
+        value = float(days)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"corral: {RETENTION_ENV} must be a number of days, 0 or more (0: keep finished "
+            f"runs forever), got {days!r}"
+        ) from None
+    return value * 86_400.0 if value else None
 
 
 class ScheduleError(ValueError):
@@ -129,6 +159,7 @@ class Scheduler:
         *,
         lease_s: float,
         catchup_s: float,
+        retention_s: float | None = DEFAULT_RETENTION_DAYS * 86_400.0,
         deployment: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -139,11 +170,13 @@ class Scheduler:
         self.ring = ring
         self.lease_s = lease_s
         self.catchup_s = catchup_s
+        self.retention_s = retention_s
         self.clock = clock
         self.deployment = deployment
         self._token: str | None = None
         self._renewed = 0.0
         self._swept = 0.0
+        self._pruned = 0.0
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Lead (when no one else does) and tick until `stop` is set; then step down."""
@@ -197,6 +230,23 @@ class Scheduler:
         if now - self._swept >= SWEEP_AFTER_S:
             await self._sweep(now)
             self._swept = now
+        if self.retention_s is not None and now - self._pruned >= PRUNE_EVERY_S:
+            await self._prune(now - self.retention_s)
+            self._pruned = now
+
+    async def _prune(self, cutoff: float) -> None:
+        """Remove runs that finished before `cutoff`, a bounded number of batches a time."""
+        removed = 0
+        for _ in range(PRUNE_MAX_BATCHES):
+            batch = await self.records.prune_runs(finished_before=cutoff)
+            removed += len(batch)
+            if len(batch) < PRUNE_BATCH:
+                break
+        if removed:
+            PRUNED.inc(removed)
+            kept = datetime.timedelta(seconds=round(self.retention_s or 0))
+            logger.info("scheduler: removed %d run(s) finished over %s ago (%s)",
+                        removed, kept, RETENTION_ENV)  # fmt: skip
 
     async def _timer(self, definition: dict[str, Any], now: float) -> None:
         workflow_id = definition["id"]
@@ -284,6 +334,7 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event) -> None:
     from corral.runtime import open_store
     from corral.service._deployment import describe
     from corral.service._keys import load_key_ring
+    from corral.service._sandbox import CountingSandbox
     from corral.service.queue import open_queue
     from corral.service.records import open_records
 
@@ -294,11 +345,13 @@ async def run_scheduler(settings: Settings, stop: asyncio.Event) -> None:
         records = open_records(settings)
         stack.push_async_callback(records.close)
         store = open_store(settings)
-        runtime = WorkflowRuntime(settings, store=store)
+        sandbox = CountingSandbox(settings=settings)  # trigger polls count as executions
+        stack.callback(sandbox.close)
+        runtime = WorkflowRuntime(settings, store=store, sandbox=sandbox)
         stack.push_async_callback(runtime.aclose)
         scheduler = Scheduler(
             records, queue, store, runtime, ring,
             lease_s=settings.lease_s, catchup_s=settings.schedule_catchup_s,
-            deployment=describe(settings),
+            retention_s=run_retention_s(settings), deployment=describe(settings),
         )  # fmt: skip
         await scheduler.serve(stop)

@@ -28,6 +28,7 @@ RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LIST_LIMIT = 500
 MAX_SINCE = 1e11  # seconds since the epoch: the year 5138; sort keys stay 15 digits wide
+PRUNE_BATCH = 500  # runs removed per call of prune_runs
 UPDATE_ATTEMPTS = 50  # optimistic writes retried; only a storm of writers to one run loses
 
 
@@ -132,6 +133,12 @@ class Records(abc.ABC):
     async def finished_counts(self) -> dict[tuple[str, str], int]:
         """How many runs finished, by (workflow, status), ever: each time a run's record
         turns succeeded, failed or cancelled counts (a retried run counts again)."""
+
+    @abc.abstractmethod
+    async def prune_runs(self, *, finished_before: float, limit: int = PRUNE_BATCH) -> list[str]:
+        """Remove up to `limit` runs that finished (succeeded, failed, cancelled) before
+        `finished_before`, with their events; the ids removed. Queued and running runs stay
+        whatever their age; finished counts (corral_runs_total) are kept."""
 
     @abc.abstractmethod
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:

@@ -24,6 +24,7 @@ from corral.runtime.store._redis import (
 )
 from corral.service.records._base import (
     FINISHED,
+    PRUNE_BATCH,
     Records,
     RecordsError,
     check_list_args,
@@ -55,6 +56,32 @@ end
 return 1
 """
 
+
+# KEYS[1]: the index; ARGV[1]: the cutoff; ARGV[2]: the key prefix; ARGV[3]: how many to
+# remove at most; ARGV[4..]: index members. A run goes (hash, events, index entry) only if
+# it is still finished before the cutoff when the script runs: a retry in between keeps it.
+_PRUNE_LUA = """
+local removed = {}
+for i = 4, #ARGV do
+  if #removed >= tonumber(ARGV[3]) then break end
+  local member = ARGV[i]
+  local id = string.sub(member, string.find(member, ':', 1, true) + 1)
+  local key = ARGV[2] .. 'run:' .. id
+  local status = redis.call('HGET', key, 'status')
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+    local doc = cjson.decode(redis.call('HGET', key, 'doc'))
+    local finished = doc['finished_at']
+    if type(finished) == 'number' and finished < tonumber(ARGV[1]) then
+      redis.call('DEL', key, ARGV[2] .. 'events:' .. id)
+      redis.call('ZREM', KEYS[1], member)
+      table.insert(removed, id)
+    end
+  elseif not status then
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+return removed
+"""
 
 # A connection is a hash (secret, doc); a rotation writes only over the secret it read.
 _PUT_CONNECTION_LUA = """
@@ -96,6 +123,7 @@ class RedisRecords(Records):
         self._create = self._redis.register_script(_CREATE_LUA)
         self._write = self._redis.register_script(_WRITE_LUA)
         self._put_connection = self._redis.register_script(_PUT_CONNECTION_LUA)
+        self._prune = self._redis.register_script(_PRUNE_LUA)
 
     def __repr__(self) -> str:
         closed = "" if self._redis else ", closed"
@@ -194,6 +222,25 @@ class RedisRecords(Records):
         more = len(found) > limit
         found = found[:limit]
         return [run_summary(run) for run in found], sort_key(found[-1]) if more else None
+
+    async def prune_runs(self, *, finished_before: float, limit: int = PRUNE_BATCH) -> list[str]:
+        """Remove up to `limit` runs finished before `finished_before`, with their events."""
+        removed: list[str] = []
+        upper = f"({since_key(finished_before)}"
+        lower = "-"
+        with self._errors() as client:
+            while len(removed) < limit:
+                members = await client.zrangebylex(
+                    self._index, lower, upper, start=0, num=LIST_BATCH
+                )
+                if not members:
+                    break
+                removed += await self._prune(
+                    keys=[self._index],
+                    args=[finished_before, self.prefix, limit - len(removed), *members],
+                )
+                lower = f"({members[-1]}"
+        return removed
 
     async def put_workflow(self, definition: dict[str, Any], now: float) -> None:
         """Store (or replace) a workflow under its id."""

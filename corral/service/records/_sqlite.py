@@ -11,6 +11,7 @@ from corral.runtime.store._sqlite import transaction
 from corral.service._sqlite import SqliteThread
 from corral.service.records._base import (
     FINISHED,
+    PRUNE_BATCH,
     Records,
     RecordsError,
     check_list_args,
@@ -158,6 +159,21 @@ def _list(
     return [json.loads(doc) for (doc,) in rows]
 
 
+def _prune(conn: sqlite3.Connection, cutoff: float, limit: int) -> list[str]:
+    finished = ", ".join(f"'{status}'" for status in sorted(FINISHED))
+    with transaction(conn):
+        # Finished before the cutoff means created before it too: the order index narrows.
+        rows = conn.execute(
+            f"DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE sort_key < ? "
+            f"AND status IN ({finished}) AND json_extract(doc, '$.finished_at') < ? "
+            "ORDER BY sort_key LIMIT ?) RETURNING id",
+            (since_key(cutoff), cutoff, limit),
+        ).fetchall()
+        removed = [run_id for (run_id,) in rows]
+        conn.executemany("DELETE FROM run_events WHERE run_id = ?", rows)
+    return removed
+
+
 def _put_workflow(conn: sqlite3.Connection, workflow_id: str, doc: str, now: float) -> None:
     with transaction(conn):
         conn.execute(
@@ -293,6 +309,10 @@ class SqliteRecords(Records):
         more = len(runs) > limit
         runs = runs[:limit]
         return [run_summary(run) for run in runs], sort_key(runs[-1]) if more else None
+
+    async def prune_runs(self, *, finished_before: float, limit: int = PRUNE_BATCH) -> list[str]:
+        """Remove up to `limit` runs finished before `finished_before`, with their events."""
+        return list(await self._db.run(_prune, finished_before, limit))
 
     async def put_workflow(self, definition: dict[str, Any], now: float) -> None:
         """Store (or replace) a workflow under its id."""
