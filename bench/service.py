@@ -82,8 +82,13 @@ async def _closed_loop(
     return _stats(latencies, time.perf_counter() - started)
 
 
-async def in_process(root: Path, runs: int, concurrency: int) -> dict[str, float]:
-    settings = load_settings(CORRAL_STATE_DIR=str(root / "inproc"), SANDBOX_MAX_MEMORY_MB="64")
+async def in_process(
+    root: Path, runs: int, concurrency: int, executor: str = "worker"
+) -> dict[str, float]:
+    settings = load_settings(
+        CORRAL_STATE_DIR=str(root / "inproc"), SANDBOX_MAX_MEMORY_MB="64",
+        SANDBOX_EXECUTOR=executor,
+    )  # fmt: skip
     framework = ConnectorFramework([root / "catalog"])
     async with WorkflowRuntime(settings, framework=framework) as runtime:
 
@@ -175,6 +180,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--executor", choices=("worker", "process"), default="worker",
+        help="the sandbox backend of every path (default: worker, the targets' backend)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
@@ -184,8 +193,10 @@ def main() -> int:
         base = {name: value for name, value in os.environ.items()
                 if not name.startswith(("CORRAL_", "SANDBOX_", "ENABLE_INLINE"))}  # fmt: skip
         base.update({"CORRAL_CONNECTORS_DIR": str(root / "catalog"), "CORRAL_API_PORT": "0",
-                     "SANDBOX_MAX_MEMORY_MB": "64"})  # fmt: skip
-        results["in-process"] = asyncio.run(in_process(root, args.runs, args.concurrency))
+                     "SANDBOX_MAX_MEMORY_MB": "64", "SANDBOX_EXECUTOR": args.executor})  # fmt: skip
+        results["in-process"] = asyncio.run(
+            in_process(root, args.runs, args.concurrency, args.executor)
+        )
         with _processes({**base, "CORRAL_STATE_DIR": str(root / "embedded")},
                         args.concurrency) as url:  # fmt: skip
             results["embedded"] = asyncio.run(through_service(url, args.runs, args.concurrency))
@@ -204,7 +215,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"concurrency": args.concurrency, "runs": args.runs, **results}))
         return 0
-    print(f"{args.runs} one-node runs, {args.concurrency} in flight")
+    print(f"{args.runs} one-node runs, {args.concurrency} in flight, {args.executor} executor")
     print(f"{'path':<12}{'runs/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'cost x':>10}")
     for name, row in results.items():
         cost = f"{row.get('overhead_x', 1.0):.2f}"
