@@ -198,6 +198,22 @@ async def test_meta_values_can_be_set_once(open_r: OpenRecords):
     assert await records.get_meta("canary") == "c"
 
 
+async def test_events_appended_in_batches_keep_their_order_and_numbers(open_r: OpenRecords):
+    """append_events (a worker's batch) numbers each run's events on from its last one,
+    interleaved runs apart."""
+    records = open_r()
+    await records.append_event("a", {"event": "one"})
+    await records.append_events(
+        [("a", {"event": "two"}), ("b", {"event": "b1"}), ("a", {"event": "three"})]
+    )
+    assert await records.append_event("a", {"event": "four"}) == 4
+    assert [(n, e["event"]) for n, e in await records.run_events("a")] == [
+        (1, "one"), (2, "two"), (3, "three"), (4, "four"),
+    ]  # fmt: skip
+    assert [(n, e["event"]) for n, e in await records.run_events("b")] == [(1, "b1")]
+    assert [n for n, _ in await records.run_events("a", after=2)] == [3, 4]
+
+
 async def finished_run(records: Records, run_id: str, created: float, status: str) -> None:
     """A run created at `created` that finished (with `status`) a minute later, with an
     event; or, for `queued` and `running`, one that never finished."""

@@ -85,14 +85,23 @@ class _EventSink(logging.Handler):
         self.pending.put_nowait((run_id, entry))
 
     async def forward(self) -> None:
-        while (item := await self.pending.get()) is not None:
+        """Append the events to the records as they come: every one pending in one write."""
+        done = False
+        while not done:
+            batch = [await self.pending.get()]
+            while not self.pending.empty():
+                batch.append(self.pending.get_nowait())
+            done = None in batch
+            events = [item for item in batch if item is not None]
+            if not events:
+                continue
             try:
-                await self.worker.records.append_event(*item)
+                await self.worker.records.append_events(events)
             except RecordsError as exc:  # an event lost is not worth stopping runs for
-                logger.warning("worker %s: run %s: event not kept: %s",
-                               self.worker.id, item[0], exc)  # fmt: skip
+                logger.warning("worker %s: %d event(s) not kept: %s",
+                               self.worker.id, len(events), exc)  # fmt: skip
             except Exception:
-                logger.exception("worker %s: run %s: event not kept", self.worker.id, item[0])
+                logger.exception("worker %s: %d event(s) not kept", self.worker.id, len(events))
 
     def close(self) -> None:
         self.source.removeHandler(self)
@@ -274,8 +283,6 @@ class RunWorker:
         """The run's record moved to `running` by this worker; None when there is nothing
         to run (it finished, was cancelled, or names no workflow)."""
         run_id = lease.run_id
-        if await self.records.get_run(run_id) is None:
-            await self._create_from_job(lease)
         now = self.clock()
 
         def start(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -293,6 +300,9 @@ class RunWorker:
             }
 
         record = await self.records.update_run(run_id, start)
+        if record is None and await self.records.get_run(run_id) is None:
+            await self._create_from_job(lease)  # queued by another producer, without a record
+            record = await self.records.update_run(run_id, start)
         if record is None or record["status"] != "running":
             return None
         if record["attempts"] == 1:

@@ -30,7 +30,9 @@ from corral.service.queue._base import (
 
 # An idle claim looks again this often (another process may enqueue); an enqueue in this
 # process wakes it at once.
-POLL_MIN_S = 0.02
+# A look is a read (WAL: it never waits for a writer nor holds one up); only a look that
+# sees a waiting run takes the write lock to lease it.
+POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05  # idle: 20 cheap reads a second; a run waits at most this long
 
 _SCHEMA = """
@@ -61,6 +63,8 @@ def _enqueue(conn: sqlite3.Connection, run_id: str, data: str, now: float) -> bo
 def _claim(
     conn: sqlite3.Connection, token: str, lease_until: float, max_reclaims: int
 ) -> Lease | None:
+    if conn.execute("SELECT 1 FROM run_queue WHERE state = 'waiting' LIMIT 1").fetchone() is None:
+        return None
     with transaction(conn):
         row = conn.execute(
             "UPDATE run_queue SET state = 'active', token = ?, lease_until = ? "

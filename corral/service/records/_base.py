@@ -152,6 +152,12 @@ class Records(abc.ABC):
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
         """Add an event to a run's stream; its sequence number (1, 2, …)."""
 
+    async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Add `(run id, event)` pairs to their runs' streams, in order (one write where the
+        records allow it: a worker hands over every event pending at once)."""
+        for run_id, event in events:
+            await self.append_event(run_id, event)
+
     @abc.abstractmethod
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """A run's events after sequence number `after`, in order."""

@@ -173,6 +173,14 @@ class RedisRecords(Records):
         with self._errors() as client:
             return int(await client.rpush(self._events_key(run_id), _dumps(event)))
 
+    async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Add `(run id, event)` pairs to their runs' streams, in one round trip."""
+        with self._errors() as client:
+            async with client.pipeline(transaction=False) as pipe:
+                for run_id, event in events:
+                    pipe.rpush(self._events_key(run_id), _dumps(event))
+                await pipe.execute()
+
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """A run's events after sequence number `after`, in order."""
         with self._errors() as client:

@@ -123,6 +123,21 @@ def _append_event(conn: sqlite3.Connection, run_id: str, doc: str) -> int:
         return int(last) + 1
 
 
+def _append_events(conn: sqlite3.Connection, events: list[tuple[str, str]]) -> None:
+    with transaction(conn):
+        last: dict[str, int] = {}
+        for run_id, doc in events:
+            if run_id not in last:
+                (last[run_id],) = conn.execute(
+                    "SELECT coalesce(max(seq), 0) FROM run_events WHERE run_id = ?", (run_id,)
+                ).fetchone()
+            last[run_id] += 1
+            conn.execute(
+                "INSERT INTO run_events (run_id, seq, doc) VALUES (?, ?, ?)",
+                (run_id, last[run_id], doc),
+            )
+
+
 def _run_events(conn: sqlite3.Connection, run_id: str, after: int) -> list[tuple[int, Any]]:
     rows = conn.execute(
         "SELECT seq, doc FROM run_events WHERE run_id = ? AND seq > ? ORDER BY seq",
@@ -285,6 +300,10 @@ class SqliteRecords(Records):
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
         """Add an event to a run's stream; its sequence number."""
         return int(await self._db.run(_append_event, run_id, _dumps(event)))
+
+    async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Add `(run id, event)` pairs to their runs' streams, in one transaction."""
+        await self._db.run(_append_events, [(run_id, _dumps(e)) for run_id, e in events])
 
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """A run's events after sequence number `after`, in order."""
