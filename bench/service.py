@@ -8,7 +8,8 @@ in flight at a time:
 - in-process: WorkflowRuntime.run_workflow in this process, a fresh run id each;
 - embedded: `corral api` (inline worker off) and one `corral worker` (concurrency as
   above) on the embedded SQLite queue and records, runs started with POST
-  /api/workflows/ID/runs and followed with GET /api/runs/ID until finished;
+  /api/workflows/ID/runs and awaited with GET /api/runs/ID?wait_s=30 (the API answers
+  once the run has finished);
 - redis: the same with CORRAL_REDIS_URL on a redis-server this script starts on
   127.0.0.1 (skipped when redis-server is not installed).
 
@@ -47,7 +48,7 @@ from corral.runtime import WorkflowRuntime
 TARGET_OVERHEAD = 2.0
 N8N_RUNS_PER_S = 220.0
 WARM_RUNS = 16
-POLL_S = 0.005
+WAIT = {"wait_s": 30}
 
 
 def _free_port() -> int:
@@ -146,12 +147,11 @@ async def through_service(url: str, runs: int, concurrency: int) -> dict[str, fl
         async def one(n: int) -> None:
             answer = await client.post("/api/workflows/bench/runs", json={"input": {"n": n}})
             run_id = answer.json()["run_id"]
-            while True:
-                run = (await client.get(f"/api/runs/{run_id}")).json()
+            while True:  # the API answers once the run has finished (or after WAIT_S)
+                run = (await client.get(f"/api/runs/{run_id}", params=WAIT)).json()
                 if run["status"] in ("succeeded", "failed", "cancelled"):
                     assert run["status"] == "succeeded", run
                     return
-                await asyncio.sleep(POLL_S)
 
         await _closed_loop(one, WARM_RUNS, concurrency)
         return await _closed_loop(one, runs, concurrency)

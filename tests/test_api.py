@@ -3,6 +3,7 @@ its inline worker, real sandboxes and a real HTTP service on 127.0.0.1 that the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.server
 import json
@@ -437,6 +438,37 @@ def test_cancel_kills_a_running_run_and_retry_resumes_it(api: Api, service):
     assert api.client.post("/api/runs/slow-1/retry").status_code == 409
 
 
+def test_get_run_with_wait_s_answers_once_the_run_finishes(api: Api, service):
+    """GET /api/runs/ID?wait_s=N holds the answer until the run finishes (while its node
+    blocks, it waits; released, it answers the finished run at once); a run that does not
+    finish answers as it is after N seconds; a bad wait_s is 422."""
+    _connect(api, service)
+    api.client.put("/api/workflows/held", json=_workflow("held", "block/held"))
+    api.client.post("/api/workflows/held/runs", json={"run_id": "held-1"})
+    _wait(lambda: any(path == "block/held" for path, _ in service.hits), "the blocking node")
+    started = time.monotonic()
+    still = api.client.get("/api/runs/held-1", params={"wait_s": 0.5})
+    assert still.status_code == 200 and still.json()["status"] == "running"
+    assert time.monotonic() - started >= 0.5
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        waits = [
+            pool.submit(api.client.get, "/api/runs/held-1", params={"wait_s": 20}) for _ in range(3)
+        ]
+        time.sleep(0.5)
+        assert not any(w.done() for w in waits), "a wait answered before the run finished"
+        released = time.monotonic()
+        service.release.set()
+        answers = [w.result(timeout=25) for w in waits]
+    assert [a.json()["status"] for a in answers] == ["succeeded"] * 3
+    assert time.monotonic() - released < 10
+    finished = api.client.get("/api/runs/held-1", params={"wait_s": 20})
+    assert finished.json()["status"] == "succeeded"
+    for bad in ("-1", "31", "soon"):
+        answer = api.client.get("/api/runs/held-1", params={"wait_s": bad})
+        assert answer.status_code == 422 and answer.json()["error"]["type"] == "invalid_input"
+    assert api.client.get("/api/runs/nope", params={"wait_s": 1}).status_code == 404
+
+
 def test_breakers_are_listed_and_reset_by_hand(api: Api, service):
     """Failing calls open the node's breaker (threshold 2): it is listed open and in the
     metrics; a reset closes it."""
@@ -629,3 +661,45 @@ def test_a_run_s_events_stream_as_it_runs_and_resume(api: Api, service):
         seq for seq, _, _ in seen if seq > 2
     ]
     assert api.client.get("/api/runs/nope/events").status_code == 404
+
+
+def test_the_api_s_connections_do_not_wait_for_delayed_acks(clean_env):
+    """Nagle's algorithm is off on every connection the API's socket accepts (asyncio does
+    it only for a socket whose protocol says TCP): with it on, each answer after the first
+    on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from corral.config import load_settings
+    from corral.service.api._serve import bind
+
+    listener = bind(load_settings(CORRAL_API_HOST="127.0.0.1", CORRAL_API_PORT="0"))
+    accepted: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await loop.create_server(Probe, sock=listener)
+        try:
+            port = listener.getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if accepted:
+                    break
+                await asyncio.sleep(0.02)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+    assert accepted and accepted[0] != 0

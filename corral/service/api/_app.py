@@ -27,6 +27,7 @@ from corral.sandbox import NodeSandbox
 from corral.service._keys import KeyRing, ensure_canary, load_key_ring
 from corral.service._sandbox import CountingSandbox
 from corral.service._worker import RunWorker
+from corral.service.api._wait import RunWaiter
 from corral.service.queue import QueueError, RunQueue, open_queue
 from corral.service.records import Records, RecordsError, open_records
 
@@ -63,6 +64,10 @@ class ApiState:
     runtime: WorkflowRuntime
     sandboxes: dict[str, NodeSandbox] = field(default_factory=dict)
     inline_worker: RunWorker | None = None
+    waiter: RunWaiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.waiter = RunWaiter(self.records)
 
     def sandbox(self, executor: str | None) -> NodeSandbox:
         """The API's sandbox of `executor` (the deployment's default when None)."""
@@ -95,6 +100,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(runtime.aclose)
         await ensure_canary(records, ring)
         state = ApiState(settings, records, queue, ring, store, runtime)
+        stack.push_async_callback(state.waiter.close)
         stack.callback(lambda: [box.close() for box in state.sandboxes.values()])
         app.state.api = state
         stop = asyncio.Event()

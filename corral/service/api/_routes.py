@@ -23,6 +23,7 @@ from corral.service._runs import RunConflict, cancel_run, retry_run, submit_run
 from corral.service._scheduler import ScheduleError, check_schedule
 from corral.service.api import _models as m
 from corral.service.api._app import ApiError, ApiState
+from corral.service.api._wait import MAX_WAIT_S
 from corral.service.queue import QueueError
 from corral.service.records import FINISHED, RecordsError
 from corral.service.records._base import MAX_SINCE
@@ -274,9 +275,24 @@ async def _run(state: ApiState, run_id: str) -> dict[str, Any]:
 
 
 @router.get("/api/runs/{run_id}", response_model=m.RunView, tags=["runs"], responses=NOT_FOUND)
-async def get_run(request: Request, run_id: str) -> dict[str, Any]:
+async def get_run(
+    request: Request,
+    run_id: str,
+    wait_s: float = Query(
+        0,
+        ge=0,
+        le=MAX_WAIT_S,
+        description="wait up to this long for a queued or running run to finish, then "
+        "answer it as it is then (0: answer at once)",
+    ),
+) -> dict[str, Any]:
     """A run: the `corral workflow run --json` object, with per-node logs and usage."""
-    return await _run(_state(request), run_id)
+    state = _state(request)
+    record = await _run(state, run_id)
+    if wait_s and record["status"] not in FINISHED:
+        await state.waiter.wait(run_id, wait_s)
+        record = await _run(state, run_id)
+    return record
 
 
 @router.get(

@@ -117,6 +117,11 @@ class Records(abc.ABC):
                 return changed
         raise RecordsError(f"run {run_id!r}: {UPDATE_ATTEMPTS} concurrent updates in a row")
 
+    async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
+        """The status of each of `run_ids` (None for a run that does not exist)."""
+        found = {run_id: await self._read_run(run_id) for run_id in run_ids}
+        return {run_id: None if f is None else f[0]["status"] for run_id, f in found.items()}
+
     @abc.abstractmethod
     async def list_runs(
         self,

@@ -173,6 +173,15 @@ class RedisRecords(Records):
         with self._errors() as client:
             return int(await client.rpush(self._events_key(run_id), _dumps(event)))
 
+    async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
+        """The status of each of `run_ids` (None for a run that does not exist), one trip."""
+        with self._errors() as client:
+            async with client.pipeline(transaction=False) as pipe:
+                for run_id in run_ids:
+                    pipe.hget(self._run_key(run_id), "status")
+                statuses = await pipe.execute()
+        return dict(zip(run_ids, statuses, strict=True))
+
     async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Add `(run id, event)` pairs to their runs' streams, in one round trip."""
         with self._errors() as client:

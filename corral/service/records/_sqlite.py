@@ -123,6 +123,18 @@ def _append_event(conn: sqlite3.Connection, run_id: str, doc: str) -> int:
         return int(last) + 1
 
 
+def _statuses(conn: sqlite3.Connection, run_ids: list[str]) -> dict[str, str | None]:
+    found: dict[str, str | None] = dict.fromkeys(run_ids)
+    for start in range(0, len(run_ids), 500):
+        chunk = run_ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        for run_id, status in conn.execute(
+            f"SELECT id, status FROM runs WHERE id IN ({marks})", chunk
+        ):
+            found[run_id] = status
+    return found
+
+
 def _append_events(conn: sqlite3.Connection, events: list[tuple[str, str]]) -> None:
     with transaction(conn):
         last: dict[str, int] = {}
@@ -300,6 +312,10 @@ class SqliteRecords(Records):
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
         """Add an event to a run's stream; its sequence number."""
         return int(await self._db.run(_append_event, run_id, _dumps(event)))
+
+    async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
+        """The status of each of `run_ids` (None for a run that does not exist), one read."""
+        return await self._db.run(_statuses, run_ids)
 
     async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Add `(run id, event)` pairs to their runs' streams, in one transaction."""

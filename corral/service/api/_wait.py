@@ -1,0 +1,67 @@
+"""Waiting for runs to finish inside the API (GET /api/runs/ID?wait_s=N): one loop looks
+at the status of every awaited run at once, however many requests wait, so a client that
+waits costs one request instead of a poll every few milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from corral.service.records import FINISHED, Records, RecordsError
+
+MAX_WAIT_S = 30.0  # the longest a request may wait; a client waits longer by asking again
+POLL_S = (0.002, 0.02)  # looks, from the first to the slowest (doubling while none finish)
+
+
+class RunWaiter:
+    """Resolves the waits on runs of `records` once each run has finished (or is gone)."""
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
+        self._waits: dict[str, set[asyncio.Future[None]]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+
+    async def wait(self, run_id: str, timeout_s: float) -> None:
+        """Return once `run_id` has finished, or after `timeout_s` (whichever comes first)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waits.setdefault(run_id, set()).add(future)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._look())
+        self._wakeup.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, timeout_s)
+        finally:
+            waits = self._waits.get(run_id)
+            if waits is not None:
+                waits.discard(future)
+                if not waits:
+                    del self._waits[run_id]
+
+    async def _look(self) -> None:
+        poll = POLL_S[0]
+        while self._waits:
+            self._wakeup.clear()
+            try:
+                statuses = await self.records.run_statuses(list(self._waits))
+            except RecordsError:
+                statuses = {}  # the waits end at their time-outs; the answer says the rest
+            finished = [
+                run_id
+                for run_id in self._waits
+                if run_id in statuses and (statuses[run_id] is None or statuses[run_id] in FINISHED)
+            ]
+            for run_id in finished:
+                for future in self._waits.pop(run_id, ()):
+                    if not future.done():
+                        future.set_result(None)
+            poll = POLL_S[0] if finished else min(poll * 2, POLL_S[1])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), poll)
+
+    async def close(self) -> None:
+        """Stop looking (the API stops); waits end at their time-outs."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
