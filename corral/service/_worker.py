@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,7 @@ class _EventSink(logging.Handler):
         super().__init__(logging.INFO)
         self.worker = worker
         self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()  # the loop's
         self.pending: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         self.source = logging.getLogger("corral.events")
         if not self.source.isEnabledFor(logging.INFO):
@@ -77,7 +79,10 @@ class _EventSink(logging.Handler):
         run_id = event.get("run")
         if isinstance(run_id, str) and run_id in self.worker._running.values():
             event["event"] = str(event.get("event", "")).removeprefix("corral.")
-            self.loop.call_soon_threadsafe(self.pending.put_nowait, (run_id, event))
+            if threading.get_ident() == self.thread:  # the runtime's own: no wake-up needed
+                self.pending.put_nowait((run_id, event))
+            else:
+                self.loop.call_soon_threadsafe(self.pending.put_nowait, (run_id, event))
 
     def add(self, run_id: str, event: str, **fields: Any) -> None:
         """An event of the worker's own (run started, handed back, …)."""
