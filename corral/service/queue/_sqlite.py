@@ -60,11 +60,16 @@ def _enqueue(conn: sqlite3.Connection, run_id: str, data: str, now: float) -> bo
         return cursor.rowcount > 0
 
 
+def _any_waiting(conn: sqlite3.Connection) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM run_queue WHERE state = 'waiting' LIMIT 1").fetchone()
+        is not None
+    )
+
+
 def _claim(
     conn: sqlite3.Connection, token: str, lease_until: float, max_reclaims: int
 ) -> Lease | None:
-    if conn.execute("SELECT 1 FROM run_queue WHERE state = 'waiting' LIMIT 1").fetchone() is None:
-        return None
     with transaction(conn):
         row = conn.execute(
             "UPDATE run_queue SET state = 'active', token = ?, lease_until = ? "
@@ -181,10 +186,12 @@ class SqliteQueue(RunQueue):
         poll = POLL_MIN_S
         while True:
             self._wakeup.clear()
-            token = uuid.uuid4().hex
-            lease = await self._db.run(
-                _claim, token, self.clock() + self.lease_s, self.max_reclaims
-            )
+            lease = None
+            if await self._db.read(_any_waiting):  # a look that takes no lock
+                token = uuid.uuid4().hex
+                lease = await self._db.run(
+                    _claim, token, self.clock() + self.lease_s, self.max_reclaims
+                )
             left = deadline - time.monotonic()
             if lease is not None or left <= 0:
                 return lease
