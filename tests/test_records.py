@@ -319,3 +319,31 @@ async def test_a_full_disk_is_a_clear_error_and_the_database_survives(small_disk
         assert len((await reopened.list_runs(limit=500))[0]) == len(stored) + 1
     finally:
         await reopened.close()
+
+
+async def test_a_write_that_finds_the_database_locked_waits_off_the_event_loop(tmp_path: Path):
+    """The embedded records write on the event loop's own connection only when the database
+    is free at once: while another process holds the write lock, a write waits on the
+    database thread (the loop keeps running) and lands once the lock is released."""
+    import sqlite3
+
+    records = SqliteRecords(tmp_path / "corral.db")
+    try:
+        assert await records.create_run(run("before", T0))
+        holder = sqlite3.connect(tmp_path / "corral.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            write = asyncio.create_task(records.create_run(run("during", T0 + 1)))
+            ticks = 0
+            for _ in range(20):  # the loop is not blocked while the write waits
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert ticks == 20 and not write.done()
+            assert (await records.get_run("before"))["id"] == "before"  # reads go on
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        assert await asyncio.wait_for(write, 10)
+        assert (await records.get_run("during"))["status"] == "queued"
+    finally:
+        await records.close()

@@ -2,15 +2,17 @@
 own: what the embedded queue and records share. A database locked by another process is
 waited for on that thread, never on the event loop.
 
-Point reads (`read`) skip the hop to that thread: WAL readers never wait for a writer,
-so they run on the event loop on a second, query-only connection, in microseconds; one
-that finds the database busy all the same (a checkpoint, a recovery) is done on the
-thread instead. Each hop costs two wake-ups, which on a busy machine cost milliseconds.
+Point reads and short writes (`quick`) skip the hop to that thread: they run on the event
+loop on a second connection that never waits (busy_timeout 0) and never checkpoints, in
+microseconds (WAL: a reader never waits for a writer; a commit does not fsync); one that
+finds the database locked goes to the thread, which waits. Each hop costs two wake-ups,
+which on a busy machine cost milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,9 @@ from corral.runtime.store._sqlite import connect, transaction
 
 _T = TypeVar("_T")
 
-READ_BUSY_TIMEOUT_MS = 20  # a point read on the loop waits this long, then goes to the thread
+# The loop's connection never checkpoints (that fsyncs); every this many of its calls, a
+# passive checkpoint runs on the thread, so the WAL stays bounded.
+CHECKPOINT_EVERY = 500
 
 
 class SqliteThread:
@@ -33,7 +37,8 @@ class SqliteThread:
         self.path = path
         self._error = error
         self._what = what
-        self._reader: sqlite3.Connection | None = None  # the loop's, opened on first read
+        self._inline: sqlite3.Connection | None = None  # the loop's, opened on first use
+        self._quick_calls = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-db")
         try:
             self.conn: sqlite3.Connection | None = self._thread.submit(
@@ -70,19 +75,23 @@ class SqliteThread:
             self._thread, self._call, function, conn, *args
         )
 
-    async def read(self, function: Callable[..., _T], *args: Any) -> _T:
-        """`function(conn, *args)`, a read of a few rows, on the event loop's own query-only
-        connection; on the database's thread when the database is busy."""
+    async def quick(self, function: Callable[..., _T], *args: Any) -> _T:
+        """`function(conn, *args)`, a read of a few rows or a short write transaction, on the
+        event loop's own connection when the database is free at once (no waiting, and no
+        checkpoint: those stay on the thread); on the database's thread otherwise."""
         if self.conn is None:
             raise self._error(f"{self._what} in {self.path} is closed")
         try:
-            if self._reader is None:
-                reader = sqlite3.connect(
-                    self.path, timeout=READ_BUSY_TIMEOUT_MS / 1000, isolation_level=None
-                )
-                reader.execute("PRAGMA query_only = 1")
-                self._reader = reader
-            return function(self._reader, *args)
+            if self._inline is None:
+                inline = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+                inline.execute("PRAGMA busy_timeout = 0")
+                inline.execute("PRAGMA wal_autocheckpoint = 0")
+                inline.execute("PRAGMA synchronous = NORMAL")
+                self._inline = inline
+            self._quick_calls += 1
+            if self._quick_calls % CHECKPOINT_EVERY == 0:  # the thread checkpoints instead
+                self._thread.submit(self._checkpoint)
+            return function(self._inline, *args)
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise self._error(f"{self._what} in {self.path}: {exc}") from exc
@@ -90,11 +99,17 @@ class SqliteThread:
             raise self._error(f"{self._what} in {self.path}: {exc}") from exc
         return await self.run(function, *args)
 
+    def _checkpoint(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     async def close(self) -> None:
         """Close the connections and stop the thread; idempotent."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline.close()
         conn, self.conn = self.conn, None
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)

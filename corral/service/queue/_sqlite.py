@@ -176,7 +176,7 @@ class SqliteQueue(RunQueue):
     async def enqueue(self, run_id: str, data: dict[str, Any]) -> bool:
         """Queue a run; False (and nothing changes) when it is already waiting or leased."""
         encoded = json.dumps(data, separators=(",", ":"))
-        added = await self._db.run(_enqueue, run_id, encoded, self.clock())
+        added = await self._db.quick(_enqueue, run_id, encoded, self.clock())
         self._wakeup.set()
         return bool(added)
 
@@ -187,9 +187,9 @@ class SqliteQueue(RunQueue):
         while True:
             self._wakeup.clear()
             lease = None
-            if await self._db.read(_any_waiting):  # a look that takes no lock
+            if await self._db.quick(_any_waiting):  # a look that takes no lock
                 token = uuid.uuid4().hex
-                lease = await self._db.run(
+                lease = await self._db.quick(
                     _claim, token, self.clock() + self.lease_s, self.max_reclaims
                 )
             left = deadline - time.monotonic()
@@ -202,19 +202,21 @@ class SqliteQueue(RunQueue):
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease by `lease_s` from now; False when it is no longer ours."""
         now = self.clock()
-        return bool(await self._db.run(_renew, lease.run_id, lease.token, now + self.lease_s, now))
+        return bool(
+            await self._db.quick(_renew, lease.run_id, lease.token, now + self.lease_s, now)
+        )
 
     async def complete(self, lease: Lease) -> bool:
         """The run is done: remove it; False when no longer ours."""
-        return bool(await self._db.run(_finish, lease.run_id, lease.token))
+        return bool(await self._db.quick(_finish, lease.run_id, lease.token))
 
     async def fail(self, lease: Lease, message: str) -> bool:
         """The run could not be processed: remove it; False when no longer ours."""
-        return bool(await self._db.run(_finish, lease.run_id, lease.token))
+        return bool(await self._db.quick(_finish, lease.run_id, lease.token))
 
     async def release(self, lease: Lease) -> bool:
         """Hand the run back to wait for another worker; False when no longer ours."""
-        released = bool(await self._db.run(_release, lease.run_id, lease.token))
+        released = bool(await self._db.quick(_release, lease.run_id, lease.token))
         self._wakeup.set()
         return released
 
@@ -224,7 +226,7 @@ class SqliteQueue(RunQueue):
 
     async def remove(self, run_id: str) -> bool:
         """Remove a waiting run; False when it is not waiting."""
-        return bool(await self._db.run(_remove, run_id))
+        return bool(await self._db.quick(_remove, run_id))
 
     async def counts(self) -> dict[str, int]:
         """How many runs are `waiting` and `active`."""

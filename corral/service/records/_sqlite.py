@@ -301,13 +301,13 @@ class SqliteRecords(Records):
 
     async def create_run(self, run: dict[str, Any]) -> bool:
         """Store a new run record; False (nothing changes) when its id is taken."""
-        return bool(await self._db.run(_create, run))
+        return bool(await self._db.quick(_create, run))
 
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
-        return await self._db.read(_read, run_id)
+        return await self._db.quick(_read, run_id)
 
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
-        return bool(await self._db.run(_write, run, version))
+        return bool(await self._db.quick(_write, run, version))
 
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
         """Add an event to a run's stream; its sequence number."""
@@ -315,15 +315,15 @@ class SqliteRecords(Records):
 
     async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
         """The status of each of `run_ids` (None for a run that does not exist), one read."""
-        return await self._db.read(_statuses, run_ids)
+        return await self._db.quick(_statuses, run_ids)
 
     async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Add `(run id, event)` pairs to their runs' streams, in one transaction."""
-        await self._db.run(_append_events, [(run_id, _dumps(e)) for run_id, e in events])
+        await self._db.quick(_append_events, [(run_id, _dumps(e)) for run_id, e in events])
 
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """A run's events after sequence number `after`, in order."""
-        return await self._db.read(_run_events, run_id, after)
+        return await self._db.quick(_run_events, run_id, after)
 
     async def finished_counts(self) -> dict[tuple[str, str], int]:
         """How many runs finished, by (workflow, status), ever."""
@@ -355,7 +355,7 @@ class SqliteRecords(Records):
 
     async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
         """A stored workflow's definition, or None."""
-        return await self._db.read(_get_workflow, workflow_id)
+        return await self._db.quick(_get_workflow, workflow_id)
 
     async def delete_workflow(self, workflow_id: str) -> bool:
         """Remove a stored workflow; False when there was none."""
@@ -373,7 +373,7 @@ class SqliteRecords(Records):
 
     async def get_connection(self, app: str) -> dict[str, Any] | None:
         """A stored connection, or None."""
-        return await self._db.read(_get_connection, app)
+        return await self._db.quick(_get_connection, app)
 
     async def delete_connection(self, app: str) -> bool:
         """Remove a stored connection; False when there was none."""
@@ -385,7 +385,7 @@ class SqliteRecords(Records):
 
     async def get_meta(self, key: str) -> str | None:
         """A value kept under `key`, or None."""
-        return await self._db.read(_get_meta, key)
+        return await self._db.quick(_get_meta, key)
 
     async def put_meta(self, key: str, value: str, *, only_new: bool = False) -> bool:
         """Keep `value` under `key`; with `only_new`, only if there is none."""
