@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -418,6 +419,21 @@ def test_a_standalone_worker_serves_metrics_counting_every_sandbox_execution(env
     assert [float(v) for v in samples.values()] == [1.0], samples  # the failed node's outcome
     assert "corral_run_duration_seconds_count 2.0" in text
     assert "metered-ok" not in text and base not in text
+
+
+def test_a_bad_metrics_port_is_one_clear_error(env, workers):
+    """--metrics-port or CORRAL_WORKER_METRICS_PORT out of range: exit 2, one line naming
+    them; a port already taken: the same, naming the address."""
+    bad = workers(CORRAL_WORKER_METRICS_PORT="70000")
+    assert bad.wait(timeout=30) == 2
+    assert "CORRAL_WORKER_METRICS_PORT (or --metrics-port) must be a port" in log_of(bad)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = workers(CORRAL_WORKER_METRICS_PORT=str(taken.getsockname()[1]))
+        assert busy.wait(timeout=30) == 2
+    assert "cannot serve the worker's metrics on 127.0.0.1:" in log_of(busy)
+    assert "Traceback" not in log_of(bad) + log_of(busy)
 
 
 def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, workers, clean_env):
