@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,7 @@ class SqliteThread:
         self._error = error
         self._what = what
         self._inline: sqlite3.Connection | None = None  # the loop's, opened on first use
+        self._inline_thread: int | None = None
         self._quick_calls = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-db")
         try:
@@ -81,8 +83,11 @@ class SqliteThread:
         checkpoint: those stay on the thread); on the database's thread otherwise."""
         if self.conn is None:
             raise self._error(f"{self._what} in {self.path} is closed")
+        if self._inline_thread not in (None, threading.get_ident()):
+            return await self.run(function, *args)  # another loop's thread: not its connection
         try:
             if self._inline is None:
+                self._inline_thread = threading.get_ident()
                 inline = sqlite3.connect(self.path, timeout=0, isolation_level=None)
                 inline.execute("PRAGMA busy_timeout = 0")
                 inline.execute("PRAGMA wal_autocheckpoint = 0")
@@ -109,7 +114,8 @@ class SqliteThread:
         """Close the connections and stop the thread; idempotent."""
         inline, self._inline = self._inline, None
         if inline is not None:
-            inline.close()
+            with contextlib.suppress(sqlite3.ProgrammingError):  # closed from another thread
+                inline.close()
         conn, self.conn = self.conn, None
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
