@@ -53,6 +53,8 @@ _PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
 # Waiting in BullMQ's terms: runs no worker holds yet.
 _WAITING_STATES = ("wait", "paused", "delayed", "prioritized")
 _JOB_OPTIONS = {"attempts": 1, "removeOnComplete": True, "removeOnFail": True}
+# The keys of BullMQ's addStandardJob script, in its order (bullmq's Scripts.addStandardJob).
+_ADD_KEYS = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events", "marker"]
 
 
 def _mask(url: str) -> str:
@@ -123,28 +125,28 @@ class BullmqQueue(RunQueue):
     async def enqueue(self, run_id: str, data: dict[str, Any]) -> bool:
         """Queue a run; False (and nothing changes) when it is already waiting or leased."""
         jid = job_id(run_id)
-        key = self._queue.toKey(jid)
+        scripts = self._queue.scripts
+        add = scripts.commands["addStandardJob"]
+        job = Job(self._queue, JOB_NAME, data, {**_JOB_OPTIONS, "jobId": jid})
+        keys = scripts.getKeys(_ADD_KEYS)
+        args = [*scripts.addJobArgs(job), job.timestamp]
         with self._errors():
-            # BullMQ's add keeps one job per id but answers the id either way: the check
-            # and the add are one transaction (WATCH the job's key), so of two enqueues of
-            # one run exactly one says it added it.
-            async with self._client.pipeline(transaction=True) as pipe:
-                while True:
+            # BullMQ's add keeps one job per id but answers the id either way: whether the
+            # job was there is asked in the same MULTI as the add (one round trip, nothing
+            # in between), so of several enqueues of one run exactly one says it added it.
+            for _ in range(2):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.exists(scripts.toKey(jid))
+                    pipe.evalsha(add.sha, len(keys), *keys, *args)
                     try:
-                        await pipe.watch(key)
-                        if await pipe.exists(key):
-                            return False
-                        pipe.multi()
-                        job = Job(self._queue, JOB_NAME, data, {**_JOB_OPTIONS, "jobId": jid})
-                        await self._queue.scripts.addStandardJob(job, job.timestamp, pipe)
-                        (answer,) = await pipe.execute()
-                    except redis.WatchError:
-                        continue  # the key changed meanwhile: look again
-                    finally:
-                        await pipe.reset()
-                    if isinstance(answer, int) and answer < 0:
-                        raise QueueError(f"BullMQ refused job {jid!r} (code {answer})")
-                    return True
+                        existed, answer = await pipe.execute()
+                    except redis.exceptions.NoScriptError:
+                        await self._client.script_load(add.script)  # first use on this Redis
+                        continue
+                if isinstance(answer, int) and answer < 0:
+                    raise QueueError(f"BullMQ refused job {jid!r} (code {answer})")
+                return not existed
+        raise QueueError(f"Redis at {_mask(self.url)} would not load BullMQ's addStandardJob")
 
     async def claim(self, *, wait_s: float = 0.0) -> Lease | None:
         """Lease the oldest waiting run, waiting up to `wait_s` seconds for one."""
