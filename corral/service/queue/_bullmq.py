@@ -45,6 +45,7 @@ CONNECT_TIMEOUT_S = 2.0
 # leaves room above it.
 MAX_BLOCK_S = 5
 SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
+MAX_HELD = 4096  # jobs of leases kept for finishing them (a lost lease's is never asked for)
 CLOSE_TIMEOUT_S = 5.0  # bullmq's Worker.close() waits without a limit; ours does not
 # A dropped connection is retried briefly; a server that is gone surfaces as QueueError
 # within a second instead of bullmq's default of retrying for minutes.
@@ -108,6 +109,8 @@ class BullmqQueue(RunQueue):
         )
         self._to_wait = self._client.register_script(loadScript("moveJobFromActiveToWait-9.lua"))
         self._closed = False
+        # The job of each lease this queue handed out, by token: finishing it needs no read.
+        self._held: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"BullmqQueue({_mask(self.url)!r}{', closed' if self._closed else ''})"
@@ -213,6 +216,10 @@ class BullmqQueue(RunQueue):
         if lost:
             job.opts.update(_JOB_OPTIONS)
             await job.moveToFailed(UnrecoverableError(WORKER_LOST), token)
+        if not lost:
+            if len(self._held) >= MAX_HELD:  # leases lost without a word: start afresh
+                self._held.clear()
+            self._held[token] = job
         return Lease(run_id, job.data, token, job.stalledCounter, lost)
 
     async def renew(self, lease: Lease) -> bool:
@@ -225,7 +232,9 @@ class BullmqQueue(RunQueue):
 
     async def _finish(self, lease: Lease, reason: str | None) -> bool:
         with self._errors():
-            job = await self._queue.getJob(job_id(lease.run_id))
+            job = self._held.pop(lease.token, None) or await self._queue.getJob(
+                job_id(lease.run_id)
+            )
             if job is None:
                 return False
             job.opts.update(_JOB_OPTIONS)  # a Node producer's job may not ask for removal
@@ -252,6 +261,7 @@ class BullmqQueue(RunQueue):
             ["active", "wait", "stalled", "paused", "meta", "limiter", "prioritized", "marker"]
         )
         keys.append(self._worker.scripts.keys["events"])
+        self._held.pop(lease.token, None)
         job_key = self._worker.scripts.toKey(job_id(lease.run_id))
         with self._errors():
             answer = await self._to_wait(
