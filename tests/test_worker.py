@@ -148,7 +148,7 @@ def _no_processes_left(started: list[subprocess.Popen[str]]) -> None:
     while time.monotonic() < deadline:
         left = []
         for proc in psutil.process_iter(["pid"]):
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):  # gone meanwhile
                 if os.getsid(proc.pid) in sessions:
                     left.append(proc)
         if not left:
