@@ -397,7 +397,8 @@ def test_a_standalone_worker_serves_metrics_counting_every_sandbox_execution(env
     """`corral worker` with CORRAL_WORKER_METRICS_PORT=0 serves /metrics on 127.0.0.1 (the
     port in its log); every node it runs is a sandbox execution by executor and outcome,
     and the runs' durations are there; no run id is."""
-    worker = workers(CORRAL_WORKER_METRICS_PORT="0")
+    # A long lease: on a loaded machine a 1 s one may lapse and the run (rightly) run twice.
+    worker = workers(CORRAL_WORKER_METRICS_PORT="0", CORRAL_LEASE_S="30")
     url = wait_for(
         lambda: re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_of(worker)),
         "the metrics address logged",
