@@ -427,7 +427,7 @@ def test_a_bad_metrics_port_is_one_clear_error(env, workers):
     them; a port already taken: the same, naming the address."""
     bad = workers(CORRAL_WORKER_METRICS_PORT="70000")
     assert bad.wait(timeout=30) == 2
-    assert "CORRAL_WORKER_METRICS_PORT (or --metrics-port) must be a port" in log_of(bad)
+    assert "CORRAL_WORKER_METRICS_PORT='70000' is invalid: above 65535" in log_of(bad)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

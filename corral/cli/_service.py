@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from corral.cli._common import port_number
 from corral.config import get_settings
 
 
@@ -42,7 +42,7 @@ def add_commands(commands: Any) -> None:
     )
     worker.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=None,
         metavar="PORT",
         help="serve this worker's Prometheus metrics (sandbox executions, run durations, "
@@ -100,32 +100,17 @@ def _worker(args: argparse.Namespace) -> int:
     from corral.service._worker import run_worker
 
     settings = get_settings()
-    metrics_at = _metrics_address(args)
+    metrics_at = _metrics_address(args, settings)
     return _serve(lambda stop: run_worker(settings, stop, metrics_at=metrics_at))
 
 
-def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
+def _metrics_address(args: argparse.Namespace, settings: Any) -> tuple[str, int] | None:
     """Where `corral worker` serves /metrics: --metrics-port/--metrics-host, else
     CORRAL_WORKER_METRICS_PORT/CORRAL_WORKER_METRICS_HOST; None when no port is given."""
-    from corral._exceptions import ConfigError
-    from corral.service._metrics import METRICS_HOST_ENV, METRICS_PORT_ENV
-
-    port: int | str | None = args.metrics_port
-    if port is None:
-        port = os.environ.get(METRICS_PORT_ENV, "").strip() or None
+    port = args.metrics_port if args.metrics_port is not None else settings.worker_metrics_port
     if port is None:
         return None
-    try:
-        number = int(port)
-        if not 0 <= number <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(
-            f"corral: {METRICS_PORT_ENV} (or --metrics-port) must be a port number from 0 "
-            f"to 65535, got {port!r}"
-        ) from None
-    host = args.metrics_host or os.environ.get(METRICS_HOST_ENV, "").strip() or "127.0.0.1"
-    return host, number
+    return args.metrics_host or settings.worker_metrics_host, port
 
 
 def _api(args: argparse.Namespace) -> int:

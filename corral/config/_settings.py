@@ -105,12 +105,20 @@ def _whole(minimum: int = 1, maximum: int | None = None) -> Parse:
 
 
 def _positive_number(value: Any) -> float:
+    number = _number(value)
+    if not number > 0:
+        raise ValueError("not a positive number")
+    return number
+
+
+def _number(value: Any) -> float:
+    """A finite number, 0 or more."""
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise ValueError("not a number") from None
-    if isinstance(value, bool) or not number > 0 or number == float("inf"):
-        raise ValueError("not a positive number")
+    if isinstance(value, bool) or not 0 <= number < float("inf"):
+        raise ValueError("not a finite number, 0 or more")
     return number
 
 
@@ -373,6 +381,17 @@ class Settings:
     )  # fmt: skip
     schedule_catchup_s: int = _setting(
         "CORRAL_SCHEDULE_CATCHUP_S", _whole(0), "a whole number of seconds", 300
+    )
+    run_retention_days: float = _setting(
+        "CORRAL_RUN_RETENTION_DAYS", _number,
+        "a number of days, 0 or more (0: keep finished runs forever)", 30.0,
+    )  # fmt: skip
+    worker_metrics_port: int | None = _setting(
+        "CORRAL_WORKER_METRICS_PORT", _whole(0, 65535),
+        "a TCP port (0: any free one); unset: a standalone worker serves no /metrics",
+    )  # fmt: skip
+    worker_metrics_host: str = _setting(
+        "CORRAL_WORKER_METRICS_HOST", _text, "an address to bind", "127.0.0.1"
     )
 
     def __post_init__(self) -> None:

@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from croniter import croniter
 from prometheus_client import Counter
 
-from corral._exceptions import ConfigError, SandboxError
+from corral._exceptions import SandboxError
 from corral.runtime import WorkflowRuntime
 from corral.runtime._canonical import canonical_digest
 from corral.runtime.store import Store, StoreError
@@ -61,7 +60,6 @@ LEADER_META = "scheduler_leader"  # who leads, for operators and `corral stack`
 PRUNE_EVERY_S = 600.0  # the leader removes runs past their retention this often
 PRUNE_MAX_BATCHES = 20  # per prune: a backlog of old runs goes over several prunes
 RETENTION_ENV = "CORRAL_RUN_RETENTION_DAYS"
-DEFAULT_RETENTION_DAYS = 30.0
 MAX_OCCURRENCES = 1000  # per tick: a one-second cron after a long outage stays bounded
 
 FIRED = Counter("corral_schedule_runs", "Runs the scheduler enqueued, by source.", ["source"])
@@ -76,21 +74,10 @@ PRUNED = Counter("corral_runs_pruned", "Finished runs removed after CORRAL_RUN_R
 
 
 def run_retention_s(settings: Settings) -> float | None:
-    """How long finished runs are kept, in seconds (CORRAL_RUN_RETENTION_DAYS, default 30);
-    None: forever (0). ConfigError for a value that is not a number of days, 0 or more."""
-    days: Any = getattr(settings, "run_retention_days", None)
-    if days is None:
-        days = os.environ.get(RETENTION_ENV, "").strip() or DEFAULT_RETENTION_DAYS
-    try:
-        value = float(days)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"corral: {RETENTION_ENV} must be a number of days, 0 or more (0: keep finished "
-            f"runs forever), got {days!r}"
-        ) from None
-    return value * 86_400.0 if value else None
+    """How long finished runs are kept, in seconds (CORRAL_RUN_RETENTION_DAYS); None:
+    forever (0)."""
+    days = settings.run_retention_days
+    return days * 86_400.0 if days else None
 
 
 class ScheduleError(ValueError):
@@ -159,7 +146,7 @@ class Scheduler:
         *,
         lease_s: float,
         catchup_s: float,
-        retention_s: float | None = DEFAULT_RETENTION_DAYS * 86_400.0,
+        retention_s: float | None = 30 * 86_400.0,
         deployment: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
