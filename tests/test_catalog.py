@@ -146,8 +146,8 @@ PROBLEM_CASES = {
         "connector.json", "$.id", "'other' differs from its folder's name 'demo'",
     ),
     "handlers.py breaks the sandbox policy": (
-        _write("handlers.py", HANDLERS.replace('{"answer": 42}', "params.__class__")),
-        "handlers.py", "$", 'policy_violation: Line 2: "__class__" is an invalid attribute',
+        _write("handlers.py", HANDLERS.replace('return {"answer": 42}', "params.__class__ = 1")),
+        "handlers.py", "$", 'policy_violation: Line 2: "__class__" cannot be assigned',
     ),
     "handlers.py imports what the sandbox refuses": (
         _write("handlers.py", "from os import path\nimport json, urllib.parse\n" + HANDLERS),

@@ -427,7 +427,7 @@ def run(params, context):
     case("property-descriptor", getter_walk("N = str").replace(
         "def run(params, context):\n",
         "class Holder:\n    value = property(lambda self: leak())\ndef run(params, context):\n"
-        "    return Holder().value\ndef leak():\n", 1), expect="code_error"),
+        "    return Holder().value\ndef leak():\n", 1)),
     case("type-three-arg-metaclass", """
 def leak(cls):
     base = getattr(getattr(cls, '__mr' + 'o__')[-1], '__subcl' + 'asses__')
@@ -441,7 +441,7 @@ def run(params, context):
     found = leak(Leaky)
     log(found)
     return found
-""", expect="code_error"),
+"""),
     case("metaclass-keyword", SUBCLASS_WALK + """
 class Meta(type):
     def __call__(cls):
@@ -700,6 +700,7 @@ def run(params, context):
             found = list(getattr(json, name).sys.modules)
             log(found)
             return found
+    raise LookupError('dir() shows only what the view offers')
 """, expect="code_error"),
     case("log-function-globals", """
 def run(params, context):
@@ -749,8 +750,10 @@ WRITES = [
         "json.loads('1') == 'TAMPERED'", JSON_INTACT,
     )),
     case("vars-item-assignment-on-module-view", **tamper(
-        "json", "vars(json)['loads'] = lambda s: 'TAMPERED'", "json.loads('1') == 'TAMPERED'",
-        JSON_INTACT, swallow=False,
+        "json",
+        "vars(json)['loads'] = lambda s: 'TAMPERED'\n"
+        "assert json.loads('1') == 'TAMPERED', 'vars() gave a copy'",
+        "json.loads('1') == 'TAMPERED'", JSON_INTACT, swallow=False,
     ), expect="code_error"),
     case("object-__setattr__-on-module-view", **tamper(
         "json", "object.__setattr__(json, 'loads', lambda s: 'TAMPERED')",
@@ -777,11 +780,6 @@ def run(params, context):
     case("shared-class-property-replaced", **tamper(
         "uuid", "setattr(uuid.UUID, 'hex', 'TAMPERED')", "uuid.NAMESPACE_DNS.hex == 'TAMPERED'",
         ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
-    )),
-    case("decimal-context-precision", **tamper(
-        "decimal", "decimal.getcontext().prec = 3",
-        "str(decimal.Decimal(1) / decimal.Decimal(3)) == '0.333'",
-        ("str(decimal.Decimal(1) / decimal.Decimal(3))", "0." + "3" * 28),
     )),
     # The check puts len back: the child itself needs it to answer.
     case("builtins-dict-mutation", **tamper(
@@ -1074,7 +1072,7 @@ def run(params, context):
     found = list(help.__call__.__globals__['sys'].modules)
     log(found)
     return found
-"""),
+""", expect=("code_error", "policy_violation")),
     # breakpoint() would start pdb on the child's stdin: nothing to show for it here.
     case("breakpoint", """
 def run(params, context):

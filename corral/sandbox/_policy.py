@@ -10,35 +10,53 @@ layer: the OS layers (cgroups, rlimits, a fresh process) hold without it.
 
 from __future__ import annotations
 
+import _string
 import abc
 import builtins
 import collections
+import functools
 import hashlib
 import importlib
 import operator
+import string
 import sys
 import threading
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from RestrictedPython import compile_restricted_exec, limited_builtins, safe_builtins
+from RestrictedPython import compile_restricted_exec, safe_builtins
 from RestrictedPython.Guards import (
     full_write_guard,
     guarded_iter_unpack_sequence,
     guarded_unpack_sequence,
-    raise_,
-    safer_getattr,
 )
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from corral.config._imports import view_attributes
+from corral.sandbox._language import CLASS_METHODS, ConnectorTransformer, is_dunder
 
-#: Builtins added to RestrictedPython's conservative set; none reaches the host.
+#: Builtins added to RestrictedPython's conservative set; none reaches the host. `range`
+#: is the real one: the cgroup, the CPU limit and the heartbeat bound a long loop, not a
+#: 1000-element cap. `type` and `vars` are Guards' own versions.
 _EXTRA_BUILTINS: tuple[str, ...] = (
-    "all", "any", "bytes", "dict", "enumerate", "filter", "format", "frozenset", "iter",
-    "list", "map", "max", "min", "next", "reversed", "set", "sorted", "sum", "tuple", "zip",
+    "NotImplemented", "all", "any", "ascii", "bin", "bytearray", "bytes", "classmethod",
+    "dict", "dir", "enumerate", "filter", "format", "frozenset", "iter", "list", "map", "max",
+    "min", "next", "object", "property", "range", "reversed", "set", "sorted", "staticmethod",
+    "sum", "super", "tuple", "zip",
+    *(name for name, value in vars(builtins).items()
+      if isinstance(value, type) and issubclass(value, BaseException)),
 )  # fmt: skip
+
+#: Attributes starting with `_` that foreign objects show as public API (namedtuple's).
+_PUBLIC_UNDERSCORED = frozenset({"_asdict", "_replace", "_fields", "_field_defaults", "_make"})
+#: Special attributes any object may show: they describe it and reach nothing.
+_DESCRIPTIVE = frozenset({"__name__", "__qualname__", "__doc__"})
+#: Special attributes the connector's own objects show besides their special methods.
+_OWN_SPECIAL = frozenset({"__class__", "__dict__", "__module__", "__slots__"})
+#: Containers connector code may write into, whoever made them: none that a module or a
+#: class shares can be reached through a public name (see corral.config._imports).
+_WRITABLE = (dict, list, set, bytearray, collections.deque)
 
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd,
@@ -59,9 +77,9 @@ _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
 
 _BASE_BUILTINS: dict[str, Any] = {
     **safe_builtins,
-    **limited_builtins,
     **{name: getattr(builtins, name) for name in _EXTRA_BUILTINS},
 }
+_BASE_BUILTINS.pop("_getattr_")  # RestrictedPython's; Guards put their own in the globals
 
 
 CONNECTOR_MODULE = "connector"  # __module__ of what connector code defines
@@ -85,7 +103,7 @@ def compile_connector(source: str, filename: str = "<connector>") -> tuple[Any, 
     except (ValueError, RecursionError, MemoryError) as exc:
         return None, "code_error", f"{type(exc).__name__}: the source cannot be compiled: {exc}"
     try:
-        result = compile_restricted_exec(source, filename=filename)
+        result = compile_restricted_exec(source, filename=filename, policy=ConnectorTransformer)
     except SyntaxError as exc:  # found by the compiler, not the parser: `return` outside a def
         return None, "code_error", f"SyntaxError: {exc.msg} (line {exc.lineno})"
     except (RecursionError, MemoryError) as exc:
@@ -254,6 +272,39 @@ class ImportPolicy:
         return made
 
 
+def own_object(obj: Any) -> bool:
+    """Whether `obj` is a class the connector defined or an instance of one."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return cls.__module__ == CONNECTOR_MODULE and cls.__dict__.get("__module__") == CONNECTOR_MODULE
+
+
+def _described(obj: Any) -> str:
+    if isinstance(obj, types.ModuleType | type):
+        return f"{type(obj).__name__} {obj.__name__}"
+    return f"a {type(obj).__name__} object"
+
+
+def _is_decimal_context(obj: Any) -> bool:
+    """A decimal.Context: `getcontext().prec = 6` is ordinary, and each execution gets a
+    fresh context (the worker resets it)."""
+    decimal = sys.modules.get("decimal")
+    return decimal is not None and isinstance(obj, decimal.Context)
+
+
+class _Formatter(string.Formatter):
+    """str.format for connector code: fields read attributes and items through the guards."""
+
+    def __init__(self, guards: Guards) -> None:
+        self._guards = guards
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        first, rest = _string.formatter_field_name_split(field_name)
+        obj = self.get_value(first, args, kwargs)
+        for is_attribute, key in rest:
+            obj = self._guards._getattr(obj, key) if is_attribute else obj[key]
+        return obj, first
+
+
 class _ReadOnly:
     """What a write to a module, a type or a foreign object meets: a recorded violation."""
 
@@ -334,16 +385,18 @@ class Guards:
             raise ImportError(f"cannot import name {attr!r} from {name!r}")
 
     def _checked_name(self, name: Any, action: str) -> str:
-        """`name` as a plain str that is not private; a str subclass could lie about both."""
+        """`name` as a plain str (a str subclass could lie about what it holds)."""
         if type(name) is not str:
             raise self.violation(f"{action} needs a plain str attribute name, not {type(name)!r}")
-        if name.startswith("_") or name in INSPECT_ATTRIBUTES:
+        if name in INSPECT_ATTRIBUTES or name.endswith("__roles__"):
             raise self.violation(f"{action} of {name!r}: the attribute is off limits")
         return name
 
     def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
         name = self._checked_name(name, "getattr")
-        if name == "register" and isinstance(obj, abc.ABCMeta):
+        if name.startswith("_"):
+            self._check_private(obj, name)
+        elif name == "register" and isinstance(obj, abc.ABCMeta):
             # An abstract base class is shared by every execution a worker serves (and
             # `ChainMap.mro()` reaches collections.abc): `Mapping.register(list)` would
             # change what isinstance() answers, and so what library code does, for them all.
@@ -351,27 +404,80 @@ class Guards:
                 f"`register` of the abstract base class {obj.__name__} is off limits: "
                 "it would change the class for every later execution"
             )
-        try:
-            return safer_getattr(obj, name, *(default or (raise_,)))
-        except NotImplementedError as exc:
-            raise self.violation(str(exc)) from None
+        return self._guarded_value(getattr(obj, name, *default))
+
+    def _check_private(self, obj: Any, name: str) -> None:
+        """Names starting with `_` are read only on the connector's own objects.
+
+        A `super()` object counts as the object it is bound to. Special names are
+        further limited to the methods a class may define and a few descriptive ones:
+        never a function's globals or code, nor a class's metaclass.
+        """
+        if name in _DESCRIPTIVE:
+            return
+        owner = obj.__self__ if type(obj) is super else obj
+        if not own_object(owner):
+            if name in _PUBLIC_UNDERSCORED and (
+                isinstance(owner, tuple) or (isinstance(owner, type) and issubclass(owner, tuple))
+            ):
+                return
+            raise self.violation(
+                f"`{name}` of {_described(owner)} is off limits: attributes starting with "
+                "`_` are read only on the connector's own objects and classes"
+            )
+        if is_dunder(name) and (
+            (name not in CLASS_METHODS and name not in _OWN_SPECIAL)
+            or (name == "__class__" and isinstance(owner, type))
+        ):
+            raise self.violation(
+                f"`{name}` is off limits; of the special attributes, connector code reads "
+                "the methods a class may define and __name__, __qualname__, __doc__, "
+                "__class__ (of an instance), __dict__, __module__"
+            )
+
+    def _guarded_value(self, value: Any) -> Any:
+        """`str.format` walks attributes named in its format string, past every guard:
+        whatever route reached it (a str, a subclass, `super()`, the class), the caller
+        gets a format that reads attributes through `_getattr`."""
+        if value is str.format or value is str.format_map:
+            return functools.partial(self._format, map_only=value is str.format_map)
+        if (
+            type(value) is types.BuiltinMethodType
+            and isinstance(value.__self__, str)
+            and value.__name__ in ("format", "format_map")
+        ):
+            return functools.partial(
+                self._format, value.__self__, map_only=value.__name__ == "format_map"
+            )
+        return value
+
+    def _format(self, template: Any, /, *args: Any, map_only: bool = False, **kwargs: Any) -> str:
+        if not isinstance(template, str):
+            raise TypeError("format() needs a str to format")
+        if map_only:
+            if len(args) != 1 or kwargs:
+                raise TypeError("format_map() takes exactly one mapping")
+            return _Formatter(self).vformat(template, (), args[0])
+        return _Formatter(self).vformat(template, args, kwargs)
 
     def _write(self, obj: Any) -> Any:
         """Writes reach containers and what the connector made (its classes and instances)."""
-        cls = obj if isinstance(obj, type) else type(obj)
-        if (
-            cls.__module__ == CONNECTOR_MODULE
-            and cls.__dict__.get("__module__") == CONNECTOR_MODULE
-        ):
+        if own_object(obj) or isinstance(obj, _WRITABLE) or _is_decimal_context(obj):
             return obj
         guarded = full_write_guard(obj)
         return obj if guarded is obj else _ReadOnly(self, obj)
 
+    def _written_name(self, name: Any, action: str) -> str:
+        name = self._checked_name(name, action)
+        if is_dunder(name):
+            raise self.violation(f"{action} of {name!r}: special attributes are Python's own")
+        return name
+
     def _setattr(self, obj: Any, name: str, value: Any) -> None:
-        setattr(self._write(obj), self._checked_name(name, "setattr"), value)
+        setattr(self._write(obj), self._written_name(name, "setattr"), value)
 
     def _delattr(self, obj: Any, name: str) -> None:
-        delattr(self._write(obj), self._checked_name(name, "delattr"))
+        delattr(self._write(obj), self._written_name(name, "delattr"))
 
     def _hasattr(self, obj: Any, name: str) -> bool:
         try:
@@ -379,6 +485,35 @@ class Guards:
         except AttributeError:
             return False
         return True
+
+    def _type(self, *args: Any) -> type:
+        """type(obj): the class of an object. Not the three-argument form (define classes
+        with `class`), nor a class's metaclass (it makes classes), nor the class of
+        corral's own objects other than exceptions (`http`, `context` are given, not made)."""
+        if len(args) != 1:
+            raise self.violation(
+                "type() takes one argument in connector code (the object whose class you "
+                "want); define a new class with a `class` statement"
+            )
+        cls = type(args[0])
+        if issubclass(cls, type):
+            raise self.violation("type() of a class is off limits: its metaclass makes classes")
+        if cls.__module__.startswith("corral") and not issubclass(cls, BaseException):
+            raise self.violation(f"type() of corral's own {cls.__name__} object is off limits")
+        return cls
+
+    def _vars(self, *args: Any) -> dict[str, Any]:
+        """vars(obj) of the connector's own object; of anything else, its public names."""
+        if len(args) != 1:
+            raise self.violation("vars() needs the object whose attributes you want")
+        (obj,) = args
+        if own_object(obj) and not isinstance(obj, type):
+            return vars(obj)
+        return {
+            name: self._guarded_value(value)
+            for name, value in vars(obj).items()
+            if not name.startswith("_")
+        }
 
     def _open(self, *_args: Any, **_kwargs: Any) -> None:
         raise self.violation("open() is refused: connector code has no file system")
@@ -394,8 +529,9 @@ class Guards:
             hasattr=self._hasattr,
             setattr=self._setattr,
             delattr=self._delattr,
-            _getattr_=self._getattr,
             open=self._open,
+            type=self._type,
+            vars=self._vars,
         )
         return {
             "__builtins__": allowed_builtins,
