@@ -217,7 +217,28 @@ def warm_lazy_imports() -> None:
     datetime.datetime.strptime("2000", "%Y")
 
 
+def _wraps(wrapped: Any) -> Callable[[Any], Any]:
+    """functools.wraps for connector code: the wrapper takes the wrapped one's __name__,
+    __qualname__ and __doc__, and nothing else (the real one copies whatever attributes
+    the caller names, `__dict__` and `__wrapped__` included)."""
+
+    def decorate(wrapper: Any) -> Any:
+        if not (
+            isinstance(wrapper, types.FunctionType)
+            and wrapper.__globals__.get("__name__") == CONNECTOR_MODULE
+        ):
+            raise TypeError("functools.wraps() decorates a function the connector defines")
+        for name in ("__name__", "__qualname__", "__doc__"):
+            value = getattr(wrapped, name, None)
+            if type(value) is str or (name == "__doc__" and value is None):
+                setattr(wrapper, name, value)
+        return wrapper
+
+    return decorate
+
+
 _REPLACEMENTS: dict[tuple[str, str], Any] = {
+    ("functools", "wraps"): _wraps,
     ("time", "sleep"): _sleep,
     ("time", "strptime"): _strptime,
 }
