@@ -172,3 +172,27 @@ def test_vars_of_a_foreign_object_is_a_copy_of_its_public_names(sandbox):
         """,
     )
     assert output == [True, 1]
+
+
+def test_decimal_context_changes_stay_in_their_execution(sandbox):
+    """`getcontext().prec = 3` and its traps are allowed, and the next execution on the same
+    worker starts from a fresh context."""
+    changed = run(
+        sandbox,
+        """
+        import decimal
+        def run(params, context):
+            decimal.getcontext().prec = 3
+            decimal.getcontext().traps[decimal.Inexact] = True
+            try:
+                decimal.Decimal(1) / decimal.Decimal(3)
+            except decimal.Inexact:
+                return 'trapped'
+        """,
+    )
+    fresh = run(
+        sandbox,
+        "import decimal\ndef run(params, context):\n"
+        "    return str(decimal.Decimal(1) / decimal.Decimal(3))\n",
+    )
+    assert [changed, fresh] == ["trapped", "0." + "3" * 28]

@@ -328,10 +328,12 @@ def _described(obj: Any) -> str:
 
 
 def _is_decimal_context(obj: Any) -> bool:
-    """A decimal.Context: `getcontext().prec = 6` is ordinary, and each execution gets a
-    fresh context (the worker resets it)."""
+    """A decimal.Context or its traps and flags: `getcontext().prec = 6` is ordinary, and
+    each execution gets a fresh context (the worker resets it)."""
     decimal = sys.modules.get("decimal")
-    return decimal is not None and isinstance(obj, decimal.Context)
+    return decimal is not None and (
+        isinstance(obj, decimal.Context) or type(obj) is type(decimal.DefaultContext.traps)
+    )
 
 
 class _Formatter(string.Formatter):
