@@ -31,6 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from corral.sandbox import _leftovers
 from corral.sandbox import _protocol as proto
 from corral.sandbox._child import (
     _PR_SET_PDEATHSIG,
@@ -98,19 +99,22 @@ def _reset_state() -> None:
 def _leave_nothing_behind() -> bool:
     """After an execution: clear the caches, run now the finalizers of what it left in
     cycles (a generator's `finally`, a context's exit), then reset the state they may
-    have touched. While this runs, the execution is still watched and stoppable.
+    have touched and every interpreter-wide structure of `_leftovers`. While this runs,
+    the execution is still watched and stoppable.
 
-    False when garbage was still being made after the last round (finalizers that leave
-    new cycles each time): some of the execution's code would run in a later one.
+    False when the worker must retire: garbage was still being made after the last
+    round (finalizers that leave new cycles each time: some of the execution's code
+    would run in a later one), or the execution changed what cannot be put back.
     """
-    _clear_caches()
+    if _leftovers.WATCH is None:
+        _clear_caches()
     settled = False
     for _ in range(_GC_ROUNDS):
         if not gc.collect():
             settled = True
             break
     _reset_state()
-    return settled
+    return _leftovers.reset() and settled
 
 
 def _ran() -> tuple[int, dict[str, Any]]:
@@ -280,6 +284,8 @@ def serve(
     executor = _ExecutionThread(start_thread)
     lock_down(spec)
     _reset_state()
+    if _leftovers.WATCH is not None:
+        _leftovers.WATCH.baseline()  # what every execution of this worker starts from
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:
         if frame[0] != proto.REQUEST:
