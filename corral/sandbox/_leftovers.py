@@ -95,7 +95,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
      "warnings._filters_mutated() makes every registry stale"),
     # --- Caches written by allowed functions: emptied, or put back.
     ("lru:*", CLEAR, "a functools cache: cache_clear()"),
-    ("module:re:_cache", CLEAR, "re.purge()"),
+    ("module:re:_cache", CLEAR, "re's compiled patterns: emptied"),
     ("module:_strptime:_regex_cache", CLEAR, "time.strptime's compiled formats"),
     ("module:encodings:_cache", RESTORE, "encodings.search_function's cache, misses too"),
     ("module:encodings:_aliases", RESTORE, "codec modules may add aliases when found"),
@@ -137,6 +137,7 @@ REBOUND_GLOBALS: tuple[str, ...] = (
     "_frozen_importlib.sys", "_frozen_importlib_external._bootstrap", "_strptime._TimeRE_cache",
     "base64._a85chars", "base64._a85chars2", "base64._b85chars", "base64._b85chars2",
     "base64._b85dec", "certifi.core._CACERT_CTX", "certifi.core._CACERT_PATH",
+    "corral.sandbox._leftovers.WATCH",
     "io.OpenWrapper", "ipaddress._address_fmt_re", "locale._setlocale",
     "logging._logRecordFactory", "logging._loggerClass", "logging._warnings_showwarning",
     "platform._os_release_cache", "platform._uname_cache", "posixpath._varprog",
