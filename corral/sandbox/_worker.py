@@ -53,6 +53,7 @@ from corral.sandbox._http import make_http
 from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
 GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
+SETTLE_S = 1.0  # how long the clean-up after a stopped execution may take
 _CPU_CHECK_FLOOR_S = 0.002
 # PyThreadState_SetAsyncExc(thread id, exception type), and with NULL to withdraw it.
 _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
@@ -141,15 +142,16 @@ class _Job:
     def __call__(self) -> None:
         try:
             SLEEP_CUT.clear()
-            if not _Job.clean_slate:
-                _leave_nothing_behind()
+            if not _Job.clean_slate and not _leave_nothing_behind():
+                self.tainted = True  # (serve() settles a stopped execution before this)
             _Job.clean_slate = False
             try:
                 self.result = self._run()
             finally:
                 self._end()
                 self._run = _ran  # the request, params and globals go with it
-            self.tainted = not _leave_nothing_behind()  # the next execution starts from here
+            # the next execution starts from here
+            self.tainted = not _leave_nothing_behind() or self.tainted
             _Job.clean_slate = True
         finally:
             self.done.release()
@@ -266,6 +268,21 @@ class _Verdict:
                 self.executor.stop()  # again: the code may have caught the first one
 
 
+def _nothing() -> tuple[int, dict[str, Any]]:
+    return proto.RESULT, {}
+
+
+def _settled(executor: _ExecutionThread) -> bool:
+    """After an execution a stop cut short (its clean-up did not run): run the clean-up
+    now, before the answer; False when the worker must retire (it found what cannot be
+    put back, or did not finish within SETTLE_S)."""
+    if _Job.clean_slate:
+        return True
+    cleanup = _Job(_nothing, lambda: None)
+    executor.submit(cleanup)
+    return cleanup.done.acquire(timeout=SETTLE_S) and not cleanup.tainted
+
+
 def serve(
     spec: dict[str, Any],
     cache: CompileCache,
@@ -316,7 +333,7 @@ def serve(
         else:
             assert job.result is not None
             kind, message = job.result
-        leaving = stuck or job.tainted
+        leaving = stuck or job.tainted or not _settled(executor)
         if leaving:
             message["leaving"] = True  # the host must not hand this worker another execution
         answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
