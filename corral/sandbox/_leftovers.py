@@ -35,10 +35,10 @@ import fnmatch
 import functools
 import importlib
 import operator
-import pkgutil
+import re
 import sys
 import types
-from collections.abc import Iterator, MutableMapping, MutableSequence, MutableSet
+from collections.abc import Collection, Iterator, MutableMapping, MutableSequence, MutableSet
 from typing import Any
 
 #: What happens to a structure after every execution.
@@ -101,8 +101,10 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("module:encodings:_aliases", RESTORE, "codec modules may add aliases when found"),
     ("module:hashlib:__builtin_constructor_cache", RESTORE, "hashlib.new's fallback cache"),
     ("module:sys:modules", RETIRE,
-     "a module imported during an execution (a timing channel, and its side effects) "
-     "cannot be unloaded: the worker retires; warm_up() imports what allowed code reaches"),
+     "a module imported during an execution (a timing channel, and its side effects): "
+     "a codec module of `encodings` (plain Python, found by a name lookup) is unloaded "
+     "again, so that the next execution imports it anew as a fresh worker would; anything "
+     "else retires the worker; warm_up() imports ahead what allowed code imports lazily"),
     ("class:*._value2member_map_", RESTORE, "an enum's value map: Flag pseudo-members"),
     ("class:*._member_map_", SKIP, "an enum's members: written only when it is made"),
     ("class:*._member_names_", SKIP, "an enum's member names: written only when it is made"),
@@ -128,6 +130,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("instance:*:__loader__", SKIP, "a module's loader: written only by its import"),
     ("instance:corral.sandbox._leftovers:WATCH", SKIP, "this reset itself"),
 )  # fmt: skip
+_MATCHERS = [(re.compile(fnmatch.translate(p)).match, a, w) for p, a, w in RULES]
 NOT_REACHED = "the module is not in REACHED: no function connector code can call runs there"
 
 #: Globals some function of a loaded module rebinds (STORE_GLOBAL/DELETE_GLOBAL), as
@@ -155,6 +158,7 @@ _CONTAINERS = (
     dict, list, set, bytearray, collections.deque, array.array,
     MutableMapping, MutableSequence, MutableSet,
 )  # fmt: skip
+_CONCRETE = (dict, list, set, bytearray, collections.deque, array.array)
 _LRU = functools._lru_cache_wrapper
 _MISSING = object()
 #: Module-level objects whose attributes are not state: classes, modules, functions
@@ -174,7 +178,10 @@ LAZY_IMPORTS = (
 
 
 def _is_container(value: Any) -> bool:
-    return isinstance(value, _CONTAINERS) and not isinstance(value, type)
+    if isinstance(value, _CONCRETE):
+        return True
+    kind = type(value)  # a static type is a container only as one of _CONCRETE
+    return bool(kind.__flags__ & _HEAPTYPE) and isinstance(value, _CONTAINERS)
 
 
 def _classes() -> Iterator[type]:
@@ -201,11 +208,14 @@ def _modules() -> list[tuple[str, types.ModuleType]]:
     )
 
 
-def census() -> dict[str, Any]:
-    """Every mutable structure the interpreter holds beyond one execution: "kind:name" ->
-    the object (C-level state, which has no object, is not included: see RULES)."""
+def census(only: Collection[str] | None = None) -> dict[str, Any]:
+    """Every mutable structure the interpreter holds beyond one execution (of the modules
+    in `only`, when given): "kind:module:name" -> the object. C-level state, which has no
+    object, is not included (see RULES)."""
     found: dict[str, Any] = {}
     for name, module in _modules():
+        if only is not None and name not in only:
+            continue
         namespace = vars(module)
         found[f"globals:{name}:"] = namespace
         for attr, value in list(namespace.items()):
@@ -223,6 +233,8 @@ def census() -> dict[str, Any]:
     for cls in _classes():
         if not cls.__flags__ & _HEAPTYPE:
             continue  # a static type's namespace is read-only
+        if only is not None and cls.__module__ not in only:
+            continue
         where = f"{cls.__module__}:{cls.__qualname__}"
         for attr, value in list(cls.__dict__.items()):
             if _is_container(value):
@@ -265,8 +277,8 @@ def classify(name: str) -> tuple[str, str]:
     kind, module, _ = name.split(":", 2)
     if kind not in ("state", "globals") and module not in REACHED:
         return SKIP, NOT_REACHED
-    for pattern, action, why in RULES:
-        if fnmatch.fnmatchcase(name, pattern):
+    for matches, action, why in _MATCHERS:
+        if matches(name):
             return action, why
     if kind in ("module", "class", "instance"):
         return RETIRE, f"a {kind}-level container of a reached module: a change retires"
@@ -277,7 +289,6 @@ def warm_up() -> None:
     """Import ahead what allowed functions import on first use, and build the tables
     they build on first use, so that no execution finds them missing (trusted code)."""
     import base64
-    import encodings
     import time
     import urllib.parse
 
@@ -285,11 +296,6 @@ def warm_up() -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            continue
-    for info in pkgutil.iter_modules(encodings.__path__):
-        try:
-            importlib.import_module(f"encodings.{info.name}")
-        except ImportError:  # mbcs and oem: Windows only
             continue
     for name in ("utf-8", "ascii", "latin-1", "utf-16", "utf-32", "idna"):
         codecs.lookup(name)  # the worker's own (a text file's) and json's, in the baseline
@@ -369,6 +375,7 @@ class Leftovers:
         for cls in self._abcs:
             _abc._reset_caches(cls)
         self._objects = [obj for _, obj, _ in self._watched]
+        self._module_names = frozenset(sys.modules)
         self._sizes = list(map(len, self._objects))
         self._snapshots = {
             id(obj): _copy(obj) for name, obj, action in self._watched
@@ -422,6 +429,10 @@ class Leftovers:
         for (name, obj, action), size in zip(self._watched, self._sizes, strict=True):
             if len(obj) == size:
                 continue
+            if obj is sys.modules:
+                self._unload_codec_modules()
+                whole = whole and len(obj) == size
+                continue
             snapshot = self._snapshots.get(id(obj))
             if name.startswith("globals:") and "__warningregistry__" in obj:
                 del obj["__warningregistry__"]
@@ -431,6 +442,20 @@ class Leftovers:
             else:
                 whole = False
         return whole
+
+    def _unload_codec_modules(self) -> None:
+        """Remove the codec modules a lookup imported (its codec cache entries go with the
+        codec reset); what else an execution imported stays, and the worker retires."""
+        import encodings
+
+        for name in [name for name in sys.modules if name not in self._module_names]:
+            module = sys.modules[name]
+            package, _, attr = name.rpartition(".")
+            if package != "encodings" or not str(getattr(module, "__file__", "")).endswith(".py"):
+                continue
+            del sys.modules[name]
+            if vars(encodings).get(attr) is module:
+                delattr(encodings, attr)
 
     def _reset_codecs(self) -> None:
         codecs.unregister(self._search)  # empties the C-level cache
@@ -471,7 +496,7 @@ def prepare() -> Leftovers:
     global WATCH
     watch = Leftovers()
     warm_up()
-    watch.cover(census())
+    watch.cover(census(REACHED))
     WATCH = watch
     return watch
 
