@@ -11,6 +11,7 @@ leaves out.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_workers import one_worker, worker_pids
 
+import corral
 from corral import Limits, NodeSandbox
 from corral.config import load_settings
 from corral.sandbox import _leftovers
@@ -175,6 +177,40 @@ def test_allowed_lazy_imports_do_not_grow_the_worker(workers):
     (pid,) = worker_pids()
     for _ in range(2):
         assert workers.execute_sync(code).output == 1
+    assert worker_pids() == {pid}
+
+
+_ORDINARY = [
+    "def run(params, context):\n    print('hello', params)\n    log('x', level='warn')\n"
+    "    return {'n': len(params)}\n",
+    "import json, re, base64, hashlib, hmac\ndef run(params, context):\n"
+    "    sig = hmac.new(b'k', json.dumps(params).encode(), hashlib.sha256).hexdigest()\n"
+    "    return [sig, re.findall(r'(?im)^a', 'a\\nA'), base64.b64encode(b'x').decode()]\n",
+    "import datetime, decimal\ndef run(params, context):\n"
+    "    d = datetime.datetime(2024, 1, 2, tzinfo=datetime.timezone.utc)\n"
+    "    return [d.isoformat(), str(decimal.Decimal('1.10') * 3)]\n",
+    "class Page:\n    def __init__(self, items):\n        self.items = items\n"
+    "def run(params, context):\n    try:\n        raise ValueError('no')\n"
+    "    except ValueError as exc:\n        return [Page([1]).items, str(exc)]\n",
+    "import collections, functools, itertools, uuid, urllib.parse\n"
+    "def run(params, context):\n"
+    "    c = collections.Counter('abca').most_common(1)\n"
+    "    q = urllib.parse.urlencode({'a': 1, 'b': 'x y'})\n"
+    "    u = str(uuid.uuid5(uuid.NAMESPACE_DNS, 'x'))\n"
+    "    return [c, q, u, list(itertools.islice('ab', 1))]\n",
+    "def run(params, context):\n    raise RuntimeError('a failing connector')\n",
+]
+
+
+def test_ordinary_executions_keep_their_worker(workers):
+    """Everyday connector code (each source compiled in the worker) changes nothing the
+    reset must retire the worker for."""
+    workers.execute_sync("def run(params, context):\n    return 1\n")
+    (pid,) = worker_pids()
+    for _ in range(2):
+        for code in _ORDINARY:
+            with contextlib.suppress(corral.CodeError):
+                workers.execute_sync(code, params={"a": 1})
     assert worker_pids() == {pid}
 
 

@@ -13,13 +13,19 @@ what they hold, by presence or by timing.
 level or in a class's namespace of every loaded module, every module's
 globals, the attribute dicts of module-level instances, and every functools
 cache; `rebound_globals()` scans the code of every loaded function for
-STORE_GLOBAL. `RULES` says for each what happens after an execution (reset,
-restore, rebind, retire the worker) or why nothing needs to, and
-`tests/test_leftovers.py` checks that the census in a running worker finds
-nothing the rules leave out. The reset itself is cheap: one `len()` of each
-watched structure against its baseline, identity checks of the rebindable
-globals, a dirty flag for the codec cache; snapshots are restored only when
-something changed, and what has no way back retires the worker.
+STORE_GLOBAL. REACHED names the modules allowed code runs in, and `RULES` says
+for each structure what happens after an execution (emptied, restored,
+rebound, the worker retired) or why nothing needs to; `tests/test_leftovers.py`
+checks that the census in a running worker finds nothing the rules leave out.
+
+The zygote calls `prepare()` once: the codec watch, `warm_up()` (what allowed
+functions import or build on first use, done ahead), the census. A worker
+takes its baseline when it starts; `reset()` after each execution is cheap
+(~6 µs): one `len()` of each watched structure against the baseline, identity
+checks of the rebindable globals, `_abc._reset_caches` of the reached ABCs, a
+dirty flag for the codec cache. Snapshots are restored only when something
+changed; a codec module a lookup imported is unloaded again; what has no way
+back makes `reset()` say False, and the worker retires.
 """
 
 from __future__ import annotations
@@ -314,7 +320,6 @@ class Leftovers:
         """Install the codec watch: from here on, codec lookups are noted (call this first:
         the lookups made before the baseline are the ones a reset makes again)."""
         self.codecs_dirty = False
-        self.missed: list[str] = []
         self._recording = True  # codec lookups before the baseline are re-made after a reset
         self._warm_codecs: list[str] = []
         self._install_codec_watch()
@@ -360,8 +365,6 @@ class Leftovers:
                 self._warm_codecs.append(encoding)
             else:
                 self.codecs_dirty = True
-                if len(self.missed) < 16:
-                    self.missed.append(encoding[:64])
             return search(encoding)
 
         codecs.unregister(search)  # and the C-level cache with it
@@ -378,16 +381,14 @@ class Leftovers:
         self._module_names = frozenset(sys.modules)
         self._sizes = list(map(len, self._objects))
         self._snapshots = {
-            id(obj): _copy(obj) for name, obj, action in self._watched
-            if action == RESTORE and not name.startswith("globals:")
-        }  # fmt: skip
+            id(obj): _copy(obj) for _, obj, action in self._watched if action == RESTORE
+        }
         self._missing = [_MISSING] * len(self._globals)
         self._global_dicts = [namespace for namespace, _ in self._globals]
         self._global_names = [attr for _, attr in self._globals]
         self._global_values = list(
             map(dict.get, self._global_dicts, self._global_names, [_MISSING] * len(self._globals))
         )
-        self.missed: list[str] = []  # codec names looked up since the baseline (for tests)
 
     def reset(self) -> bool:
         """Put everything back as the baseline had it; False when the worker must retire."""
@@ -409,6 +410,7 @@ class Leftovers:
         return whole
 
     def _rebind(self) -> None:
+        """Bind every checked global back to its baseline value (or remove a new one)."""
         for namespace, attr, value in zip(
             self._global_dicts, self._global_names, self._global_values, strict=True
         ):
@@ -425,6 +427,7 @@ class Leftovers:
         ]  # fmt: skip
 
     def _restore(self) -> bool:
+        """Put back what changed size; False when something has no way back."""
         whole = True
         for (name, obj, action), size in zip(self._watched, self._sizes, strict=True):
             if len(obj) == size:
@@ -434,10 +437,7 @@ class Leftovers:
                 whole = whole and len(obj) == size
                 continue
             snapshot = self._snapshots.get(id(obj))
-            if name.startswith("globals:") and "__warningregistry__" in obj:
-                del obj["__warningregistry__"]
-                whole = whole and len(obj) == size
-            elif action == RESTORE and snapshot is not None:
+            if action == RESTORE and snapshot is not None:
                 _put_back(obj, snapshot)
             else:
                 whole = False
@@ -463,7 +463,7 @@ class Leftovers:
         import encodings
 
         _put_back(encodings._cache, self._snapshots[id(encodings._cache)])
-        for name in self._warm_codecs:
+        for name in dict.fromkeys(self._warm_codecs):
             codecs.lookup(name)
         self.codecs_dirty = False
 
@@ -507,8 +507,8 @@ def reset() -> bool:
 
 
 def uncovered(found: dict[str, Any] | None = None) -> dict[str, str]:
-    """What a census finds that the running reset does not cover, with the rule's reason
-    when the rule says to skip it; {"name": "no rule"} for what no rule matches."""
+    """What a census (of every loaded module) finds that neither the running reset covers
+    nor a rule skips with a reason: name -> what is missing."""
     found = census() if found is None else found
     covered_ids = {id(obj) for _, obj, action in (WATCH.structures if WATCH else ())
                    if action != SKIP}  # fmt: skip

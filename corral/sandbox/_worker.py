@@ -10,9 +10,11 @@ a loop in C that holds the GIL does not even let this thread run — the host
 ends by killing the worker.
 
 Nothing one execution leaves survives it: every execution gets fresh
-globals and fresh module views (which hold no mutable containers), and the
-execution thread's decimal context, the random module's state and the re
-module's caches are reset before it starts.
+globals and fresh module views (which hold no mutable containers); after it,
+the finalizers of what it left run, the execution thread's decimal context
+and the random module's state are reset, and so is every interpreter-wide
+structure allowed code can write (`_leftovers`: caches, enum maps, the codec
+and ABC caches, rebound globals). What cannot be put back retires the worker.
 """
 
 from __future__ import annotations
