@@ -429,7 +429,7 @@ class Leftovers:
     def _restore(self) -> bool:
         """Put back what changed size; False when something has no way back."""
         whole = True
-        for (name, obj, action), size in zip(self._watched, self._sizes, strict=True):
+        for (_, obj, action), size in zip(self._watched, self._sizes, strict=True):
             if len(obj) == size:
                 continue
             if obj is sys.modules:
