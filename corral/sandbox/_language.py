@@ -60,7 +60,8 @@ CLASS_METHODS: frozenset[str] = frozenset(
 )  # fmt: skip
 
 #: Special names a class body may assign (not define as a method).
-CLASS_ATTRIBUTES: frozenset[str] = frozenset({"__slots__", "__match_args__"})
+#: Not `__slots__`: a slot named `__del__` would be a finalizer.
+CLASS_ATTRIBUTES: frozenset[str] = frozenset({"__match_args__"})
 
 _AUG_OBJECT, _AUG_KEY = "_aug_object_", "_aug_key_"  # ends in `_`: no connector name clashes
 
@@ -128,7 +129,7 @@ class ConnectorTransformer(RestrictingNodeTransformer):
             isinstance(node.ctx, ast.Store | ast.Load)
             and self._in_class_body
             and (node.id in CLASS_ATTRIBUTES or node.id in CLASS_METHODS)
-        ):  # `__slots__ = ...`, `__hash__ = None`, `__radd__ = __add__`
+        ):  # `__hash__ = None`, `__radd__ = __add__`
             return node
         return super().visit_Name(node)
 

@@ -50,11 +50,12 @@ _EXTRA_BUILTINS: tuple[str, ...] = (
 )  # fmt: skip
 
 #: Attributes starting with `_` that foreign objects show as public API (namedtuple's).
-_PUBLIC_UNDERSCORED = frozenset({"_asdict", "_replace", "_fields", "_field_defaults", "_make"})
+#: Not `_field_defaults`: a dict the class shares with every execution.
+_PUBLIC_UNDERSCORED = frozenset({"_asdict", "_replace", "_fields", "_make"})
 #: Special attributes any object may show: they describe it and reach nothing.
 _DESCRIPTIVE = frozenset({"__name__", "__qualname__", "__doc__"})
 #: Special attributes the connector's own objects show besides their special methods.
-_OWN_SPECIAL = frozenset({"__class__", "__dict__", "__module__", "__slots__"})
+_OWN_SPECIAL = frozenset({"__class__", "__dict__", "__module__"})
 #: Containers connector code may write into, whoever made them: none that a module or a
 #: class shares can be reached through a public name (see corral.config._imports).
 _WRITABLE = (dict, list, set, bytearray, collections.deque)
@@ -321,6 +322,24 @@ def own_object(obj: Any) -> bool:
     return cls.__module__ == CONNECTOR_MODULE and cls.__dict__.get("__module__") == CONNECTOR_MODULE
 
 
+_super_self = vars(super)["__self__"].__get__  # past whatever a subclass of super defines
+_super_self_class = vars(super)["__self_class__"].__get__
+_super_this_class = vars(super)["__thisclass__"].__get__
+
+
+def _definer(obj: Any, owner: Any, name: str) -> type | None:
+    """The class whose namespace `name` comes from when read on `obj` (a super object
+    searches after its class), or None when the instance holds it itself."""
+    if isinstance(obj, super):
+        mro = _super_self_class(obj).__mro__
+        mro = mro[mro.index(_super_this_class(obj)) + 1 :]
+    else:
+        if not isinstance(owner, type) and name in getattr(owner, "__dict__", ()):
+            return None
+        mro = (owner if isinstance(owner, type) else type(owner)).__mro__
+    return next((cls for cls in mro if name in vars(cls)), None)
+
+
 def _described(obj: Any) -> str:
     if isinstance(obj, types.ModuleType | type):
         return f"{type(obj).__name__} {obj.__name__}"
@@ -440,8 +459,8 @@ class Guards:
     def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
         name = self._checked_name(name, "getattr")
         if name.startswith("_"):
-            self._check_private(obj, name)
-        elif name == "register" and isinstance(obj, abc.ABCMeta):
+            return self._private(obj, name, *default)
+        if name == "register" and isinstance(obj, abc.ABCMeta):
             # An abstract base class is shared by every execution a worker serves (and
             # `ChainMap.mro()` reaches collections.abc): `Mapping.register(list)` would
             # change what isinstance() answers, and so what library code does, for them all.
@@ -449,23 +468,29 @@ class Guards:
                 f"`register` of the abstract base class {obj.__name__} is off limits: "
                 "it would change the class for every later execution"
             )
+        if name == "mro" and isinstance(obj, type):
+            raise self.violation(
+                "`mro()` is off limits: it hands out the classes a class derives from, "
+                "Enum's class factory among them"
+            )
         return self._guarded_value(getattr(obj, name, *default))
 
-    def _check_private(self, obj: Any, name: str) -> None:
-        """Names starting with `_` are read only on the connector's own objects.
+    def _private(self, obj: Any, name: str, *default: Any) -> Any:
+        """An attribute starting with `_`: read only on the connector's own objects.
 
         A `super()` object counts as the object it is bound to. Special names are
-        further limited to the methods a class may define and a few descriptive ones:
-        never a function's globals or code, nor a class's metaclass.
+        further limited to the methods a class may define and a few descriptive ones,
+        and what an own class inherits from a foreign one comes only bound to the own
+        object: `Own.__setattr__` (object's, unbound) would write any shared object.
         """
         if name in _DESCRIPTIVE:
-            return
-        owner = obj.__self__ if type(obj) is super else obj
+            return getattr(obj, name, *default)
+        owner = _super_self(obj) if isinstance(obj, super) else obj
+        if name in _PUBLIC_UNDERSCORED and (
+            isinstance(owner, tuple) or (isinstance(owner, type) and issubclass(owner, tuple))
+        ):
+            return getattr(obj, name, *default)
         if not own_object(owner):
-            if name in _PUBLIC_UNDERSCORED and (
-                isinstance(owner, tuple) or (isinstance(owner, type) and issubclass(owner, tuple))
-            ):
-                return
             raise self.violation(
                 f"`{name}` of {_described(owner)} is off limits: attributes starting with "
                 "`_` are read only on the connector's own objects and classes"
@@ -479,6 +504,31 @@ class Guards:
                 "the methods a class may define and __name__, __qualname__, __doc__, "
                 "__class__ (of an instance), __dict__, __module__"
             )
+        value = getattr(obj, name, *default)
+        if name in _OWN_SPECIAL:
+            return value
+        definer = _definer(obj, owner, name)
+        if definer is None or own_object(definer):
+            return self._guarded_value(value)
+        if name == "__new__":  # makes a new object, changes none; not type.__new__
+            return self._guarded_value(value)
+        if getattr(value, "__self__", None) is not owner:
+            raise self.violation(
+                f"`{name}` comes from {definer.__name__}, not from the connector's own "
+                "classes: reach it through an instance (`self.{name}`, `super().{name}`)"
+            )
+        if name in ("__setattr__", "__delattr__"):
+            return self._named(value, name.strip("_"))
+        return value
+
+    def _named(self, method: Callable[..., Any], action: str) -> Callable[..., Any]:
+        """`method` (a bound __setattr__/__delattr__) refusing special names, as the
+        `setattr` builtin does. A closure, not a partial: a partial shows its `func`."""
+
+        def checked(name: Any, *value: Any) -> Any:
+            return method(self._written_name(name, action), *value)
+
+        return checked
 
     def _guarded_value(self, value: Any) -> Any:
         """`str.format` walks attributes named in its format string, past every guard:
