@@ -1248,6 +1248,40 @@ WIDENING = [
         "decimal.Decimal(3).as_tuple()._field_defaults.get('stash') == 'TAMPERED'",
         ("len(decimal.Decimal(1).as_tuple()._field_defaults)", 0), swallow=False,
     ), expect=("policy_violation", "code_error")),
+    # ... also through a connector class that inherits it.
+    case("own-subclass-reaches-foreign-_field_defaults", **tamper(
+        "urllib.parse",
+        """
+        class Mine(urllib.parse.SplitResult):
+            __slots__ = ()
+        Mine._field_defaults['stash'] = 'TAMPERED'
+        assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
+        ("len(urllib.parse.SplitResult._field_defaults)", 0), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    # A slot named __del__ is a finalizer: CPython calls whatever the instance holds there
+    # when it is collected (maybe in a later execution). The instance's own, bound
+    # __setattr__ fills it (it checks no name).
+    case("slot-named-__del__-is-a-finalizer", """
+class Zombie:
+    __slots__ = ('__del__',)
+def run(params, context):
+    zombie = Zombie()
+    zombie.__setattr__('__del__', lambda: log('TAMPERED'))
+    del zombie
+    return 'collected'
+""", evidence=TAMPER),
+    case("slot-named-__getattribute__-via-super", """
+class Spy:
+    __slots__ = ('__getattribute__',)
+def run(params, context):
+    spy = Spy()
+    super(Spy, spy).__setattr__('__getattribute__', lambda name: 'TAMPERED')
+    found = spy.anything
+    log(found)
+    return found
+""", evidence=TAMPER),
     # The child's own frames to the host go through json.dumps: a connector class swapped
     # in as its default encoder forges the answer (here its logs).
     case("json-dumps-kwdefaults-forges-the-answer-logs", """
