@@ -1188,6 +1188,26 @@ WIDENING = [
         "uuid.NAMESPACE_OID.int == 0x7A3E",
         ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
     )),
+    # A guard that hands out a functools.partial of the raw method hands it out whole:
+    # partial's public `args` and `func` give it back.
+    case("guarded-inherited-__setattr__-unwrapped", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        setter = Own.__setattr__
+        for route in ('args', 'func'):
+            try:
+                setter = getattr(setter, route)
+            except AttributeError:
+                continue
+            setter = setter[0] if route == 'args' else setter
+            break
+        setter(uuid.NAMESPACE_OID, 'int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
     case("own-subclass-of-super-bound-to-shared-object", **tamper(
         "uuid",
         """
