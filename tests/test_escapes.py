@@ -1341,6 +1341,34 @@ def run(params, context):
         pass
     raise ValueError('the answer says what Forger wants')
 """, evidence=TAMPER),
+    # mro() of an enum class reaches Enum itself, and Enum's functional API builds a class
+    # from a dict: any special method, __del__ too (the allocations trigger a collection).
+    case("enum-functional-api-defines-__del__", """
+import re
+def define():
+    Enum = type(re.A).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', {'A': 1, '__del__': finalizer})
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    case("enum-functional-api-from-uuid-safety", """
+import uuid
+def define():
+    Enum = type(uuid.uuid4().is_safe).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', [('A', 1), ('__del__', finalizer)])
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
     # `object` is a builtin now: a class pattern reads attributes with no guard.
     case("match-class-pattern-reads-attributes", """
 def run(params, context):
