@@ -806,7 +806,7 @@ def run(params, context):
     case("abc-register-via-getattr", **tamper(
         "collections", "getattr(collections.ChainMap.mro()[2], 'reg' + 'ister')(str)",
         "isinstance('', collections.ChainMap.mro()[2])",
-        ("isinstance('', collections.ChainMap.mro()[2])", False),
+        ("dict(collections.Counter('aba'))", {"a": 2, "b": 1}),  # (no mro(): it may be refused)
     )),
     # CPython refuses both writes on its own (built-in types are immutable): what counts
     # here is that asking is a policy violation.
