@@ -154,8 +154,8 @@ PROBLEM_CASES = {
         "handlers.py", "line 1", "imports 'os.path', which connector code may not import",
     ),
     "handlers.py imports a name its module's view does not show": (
-        _write("handlers.py", "import json\nfrom functools import reduce, wraps\n" + HANDLERS),
-        "handlers.py", "line 2", "imports 'functools.wraps', which connector code may not",
+        _write("handlers.py", "import json\nfrom functools import update_wrapper\n" + HANDLERS),
+        "handlers.py", "line 2", "imports 'functools.update_wrapper', which connector code may not",
     ),
     "a params $ref that does not resolve": (
         _set(lambda d: d["actions"][1]["params"]["properties"], "tag",

@@ -126,7 +126,9 @@ class _Logs:
 def _make_log(logs: _Logs) -> Any:
     def log(*parts: Any, level: str = "info") -> None:
         """Record a log line: the parts joined by spaces, as print() would."""
-        logs.add(str(level), " ".join(str(part) for part in parts))
+        # Plain str copies: a str subclass of the connector's would carry its methods into
+        # code that runs after the execution (the heartbeat, the answer, the next one).
+        logs.add(str.__str__(str(level)), " ".join([str(part) for part in parts]))
 
     return log
 

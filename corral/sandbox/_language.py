@@ -107,13 +107,13 @@ class ConnectorTransformer(RestrictingNodeTransformer):
         if allow_magic_methods and self._in_class_body and name in CLASS_METHODS:
             return
         if is_dunder(name):
-            where = (
-                "a class may define "
-                + ("it" if name in CLASS_METHODS else f"only these: {_listed(CLASS_METHODS)}")
-                if name in CLASS_METHODS or self._in_class_body
-                else "special names are Python's own"
-            )
-            self.error(node, f'"{name}" cannot be bound here: {where}')
+            if self._in_class_body and allow_magic_methods:
+                why = "it is not among the special methods a connector class may define"
+            elif name in CLASS_METHODS:
+                why = "it is a special method: define it inside a class"
+            else:
+                why = "special names are Python's own"
+            self.error(node, f'"{name}" cannot be bound here: {why}')
         elif name.startswith("_") and name.endswith("_"):
             self.error(
                 node,
@@ -124,7 +124,11 @@ class ConnectorTransformer(RestrictingNodeTransformer):
             self.error(node, f'"{name}" is a reserved name.')
 
     def visit_Name(self, node: ast.Name) -> Any:
-        if isinstance(node.ctx, ast.Store) and self._in_class_body and node.id in CLASS_ATTRIBUTES:
+        if (
+            isinstance(node.ctx, ast.Store | ast.Load)
+            and self._in_class_body
+            and (node.id in CLASS_ATTRIBUTES or node.id in CLASS_METHODS)
+        ):  # `__slots__ = ...`, `__hash__ = None`, `__radd__ = __add__`
             return node
         return super().visit_Name(node)
 
@@ -235,8 +239,3 @@ def _as_expression(key: ast.expr) -> ast.expr:
         ast.Constant(None) if part is None else part for part in (key.lower, key.upper, key.step)
     ]
     return ast.Call(func=ast.Name("slice", ast.Load()), args=parts, keywords=[])
-
-
-def _listed(names: frozenset[str]) -> str:
-    shown = sorted(names, key=lambda name: (len(name), name))[:12]
-    return ", ".join(shown) + ", ..."

@@ -44,8 +44,9 @@ _EXTRA_BUILTINS: tuple[str, ...] = (
     "dict", "dir", "enumerate", "filter", "format", "frozenset", "iter", "list", "map", "max",
     "min", "next", "object", "property", "range", "reversed", "set", "sorted", "staticmethod",
     "sum", "super", "tuple", "zip",
-    *(name for name, value in vars(builtins).items()
-      if isinstance(value, type) and issubclass(value, BaseException)),
+    *(name for name, value in vars(builtins).items()  # not the groups: see except* CVE-2025-22153
+      if isinstance(value, type) and issubclass(value, BaseException)
+      and not issubclass(value, BaseExceptionGroup)),
 )  # fmt: skip
 
 #: Attributes starting with `_` that foreign objects show as public API (namedtuple's).
@@ -199,7 +200,48 @@ def _sleep(seconds: float) -> None:
     SLEEP_CUT.wait(seconds)
 
 
-_REPLACEMENTS: dict[tuple[str, str], Any] = {("time", "sleep"): _sleep}
+def _strptime(string: str, format: str = "%a %b %d %H:%M:%S %Y") -> Any:
+    """time.strptime for connector code. The C function imports `_strptime` on every
+    call through the caller's `__import__`, which refuses it to connector code."""
+    import _strptime
+
+    return _strptime._strptime_time(str.__str__(string), str.__str__(format))
+
+
+def warm_lazy_imports() -> None:
+    """Import now what allowed C functions import on first use through the running code's
+    `__import__` (connector code's refuses them): datetime.strptime keeps `_strptime` once
+    it has it. Call before any connector code runs (the zygote does)."""
+    import datetime
+
+    datetime.datetime.strptime("2000", "%Y")
+
+
+def _wraps(wrapped: Any) -> Callable[[Any], Any]:
+    """functools.wraps for connector code: the wrapper takes the wrapped one's __name__,
+    __qualname__ and __doc__, and nothing else (the real one copies whatever attributes
+    the caller names, `__dict__` and `__wrapped__` included)."""
+
+    def decorate(wrapper: Any) -> Any:
+        if not (
+            isinstance(wrapper, types.FunctionType)
+            and wrapper.__globals__.get("__name__") == CONNECTOR_MODULE
+        ):
+            raise TypeError("functools.wraps() decorates a function the connector defines")
+        for name in ("__name__", "__qualname__", "__doc__"):
+            value = getattr(wrapped, name, None)
+            if type(value) is str or (name == "__doc__" and value is None):
+                setattr(wrapper, name, value)
+        return wrapper
+
+    return decorate
+
+
+_REPLACEMENTS: dict[tuple[str, str], Any] = {
+    ("functools", "wraps"): _wraps,
+    ("time", "sleep"): _sleep,
+    ("time", "strptime"): _strptime,
+}
 
 
 def _module_view(module: types.ModuleType, name: str, tripwire: Tripwire) -> types.ModuleType:
@@ -234,6 +276,7 @@ class ImportPolicy:
         # so that a test can prove the OS layers hold with no language layer above them.
         self.unsafe_plain_python = unsafe_plain_python
         self._modules = {name: importlib.import_module(name) for name in self.allowed}
+        warm_lazy_imports()
         # Packages above dotted names ("urllib" for "urllib.parse") get a holder view.
         self._packages = {
             name.rsplit(".", depth)[0]
@@ -285,10 +328,12 @@ def _described(obj: Any) -> str:
 
 
 def _is_decimal_context(obj: Any) -> bool:
-    """A decimal.Context: `getcontext().prec = 6` is ordinary, and each execution gets a
-    fresh context (the worker resets it)."""
+    """A decimal.Context or its traps and flags: `getcontext().prec = 6` is ordinary, and
+    each execution gets a fresh context (the worker resets it)."""
     decimal = sys.modules.get("decimal")
-    return decimal is not None and isinstance(obj, decimal.Context)
+    return decimal is not None and (
+        isinstance(obj, decimal.Context) or type(obj) is type(decimal.DefaultContext.traps)
+    )
 
 
 class _Formatter(string.Formatter):
@@ -439,6 +484,8 @@ class Guards:
         """`str.format` walks attributes named in its format string, past every guard:
         whatever route reached it (a str, a subclass, `super()`, the class), the caller
         gets a format that reads attributes through `_getattr`."""
+        if value is type.__new__:  # `super(type, C).__new__`: a class with any special method
+            raise self.violation("type.__new__ is off limits: define classes with `class`")
         if value is str.format or value is str.format_map:
             return functools.partial(self._format, map_only=value is str.format_map)
         if (
