@@ -806,7 +806,7 @@ def run(params, context):
     case("abc-register-via-getattr", **tamper(
         "collections", "getattr(collections.ChainMap.mro()[2], 'reg' + 'ister')(str)",
         "isinstance('', collections.ChainMap.mro()[2])",
-        ("isinstance('', collections.ChainMap.mro()[2])", False),
+        ("dict(collections.Counter('aba'))", {"a": 2, "b": 1}),  # (no mro(): it may be refused)
     )),
     # CPython refuses both writes on its own (built-in types are immutable): what counts
     # here is that asking is a policy violation.
@@ -1132,11 +1132,315 @@ def run(params, context):
          expect="code_error", plain=False),
 ]
 
+# What the widened language layer (own classes' special methods, `super`, `vars`, namedtuple's
+# public `_` names) must not hand out. An own class inherits `object.__setattr__` and the
+# special methods of any foreign base, unbound: called on a shared object they write it with
+# no guard. A worker then carries the change (and code the connector defined) into the next
+# execution: the first case rewrites the next request's source through `json.loads`.
+WIDENING = [
+    case("own-class-object-__setattr__-hijacks-next-request", **tamper(
+        "json",
+        """
+        class Own:
+            pass
+        def hook(d):
+            if 'source' in d and 'entry_point' in d:
+                d['source'] = "def run(params, context):\\n    return 'TAMPERED'\\n"
+            return d
+        Own.__setattr__(json.loads, '__kwdefaults__', {
+            'cls': None, 'object_hook': hook, 'parse_float': None, 'parse_int': None,
+            'parse_constant': None, 'object_pairs_hook': None})
+        """,
+        "json.loads('{\"source\": 1, \"entry_point\": 2}')['source'] != 1",
+        JSON_INTACT,
+    )),
+    case("own-class-object-__setattr__-retypes-shared-uuid", **tamper(
+        "uuid",
+        """
+        class Evil(uuid.UUID):
+            __slots__ = ()
+            def __str__(self):
+                return 'TAMPERED'
+        class Own:
+            pass
+        Own.__setattr__(uuid.NAMESPACE_URL, '__class__', Evil)
+        """,
+        "str(uuid.NAMESPACE_URL) == 'TAMPERED'",
+        ("str(uuid.NAMESPACE_URL)", "6ba7b811-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("own-class-object-__delattr__-on-shared-uuid", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        Own.__delattr__(uuid.NAMESPACE_X500, 'int')
+        """,
+        "not hasattr(uuid.NAMESPACE_X500, 'int')",
+        ("str(uuid.NAMESPACE_X500)", "6ba7b814-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("super-of-own-class-object-__setattr__", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        super(Own, Own).__setattr__(uuid.NAMESPACE_OID, 'int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    # A guard that hands out a functools.partial of the raw method hands it out whole:
+    # partial's public `args` and `func` give it back.
+    case("guarded-inherited-__setattr__-unwrapped", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        setter = Own.__setattr__
+        for route in ('args', 'func'):
+            try:
+                setter = getattr(setter, route)
+            except AttributeError:
+                continue
+            setter = setter[0] if route == 'args' else setter
+            break
+        setter(uuid.NAMESPACE_OID, 'int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("own-subclass-of-super-bound-to-shared-object", **tamper(
+        "uuid",
+        """
+        class Proxy(super):
+            pass
+        Proxy(uuid.UUID, uuid.NAMESPACE_OID).__setattr__('int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("foreign-base-__init__-through-own-subclass", **tamper(
+        "uuid",
+        """
+        class Mine(uuid.UUID):
+            __slots__ = ()
+        Mine.__init__(uuid.NAMESPACE_DNS, int=0x7A3E)
+        """,
+        "uuid.NAMESPACE_DNS.int == 0x7A3E",
+        ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
+    )),
+    case("property-__init__-reinitialises-shared-property", **tamper(
+        "uuid",
+        """
+        class Prop(property):
+            pass
+        Prop.__init__(vars(uuid.UUID)['hex'], lambda self: 'TAMPERED')
+        """,
+        "uuid.NAMESPACE_DNS.hex == 'TAMPERED'",
+        ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
+    )),
+    case("classmethod-__init__-reinitialises-shared-classmethod", **tamper(
+        "collections",
+        """
+        class Method(classmethod):
+            pass
+        Method.__init__(vars(collections.Counter)['fromkeys'], lambda cls, *args: 'TAMPERED')
+        """,
+        "collections.Counter.fromkeys('ab') == 'TAMPERED'",
+        ("collections.Counter.fromkeys.__name__", "fromkeys"),
+    )),
+    # A namedtuple class's _field_defaults is one dict for every execution (a copy would
+    # end the payload at its assert).
+    case("namedtuple-_field_defaults-shared-dict", **tamper(
+        "urllib.parse",
+        """
+        urllib.parse.SplitResult._field_defaults['stash'] = 'TAMPERED'
+        assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
+        ("len(urllib.parse.SplitResult._field_defaults)", 0), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    case("namedtuple-instance-_field_defaults-shared-dict", **tamper(
+        "decimal",
+        """
+        decimal.Decimal(1).as_tuple()._field_defaults['stash'] = 'TAMPERED'
+        assert decimal.Decimal(2).as_tuple()._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "decimal.Decimal(3).as_tuple()._field_defaults.get('stash') == 'TAMPERED'",
+        ("len(decimal.Decimal(1).as_tuple()._field_defaults)", 0), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    # ... also through a connector class that inherits it.
+    case("own-subclass-reaches-foreign-_field_defaults", **tamper(
+        "urllib.parse",
+        """
+        class Mine(urllib.parse.SplitResult):
+            __slots__ = ()
+        Mine._field_defaults['stash'] = 'TAMPERED'
+        assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
+        ("len(urllib.parse.SplitResult._field_defaults)", 0), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    # A slot named __del__ is a finalizer: CPython calls whatever the instance holds there
+    # when it is collected (maybe in a later execution). The instance's own, bound
+    # __setattr__ fills it (it checks no name).
+    case("slot-named-__del__-is-a-finalizer", """
+class Zombie:
+    __slots__ = ('__del__',)
+def run(params, context):
+    zombie = Zombie()
+    zombie.__setattr__('__del__', lambda: log('TAMPERED'))
+    del zombie
+    return 'collected'
+""", evidence=TAMPER),
+    case("slot-named-__getattribute__-via-super", """
+class Spy:
+    __slots__ = ('__getattribute__',)
+def run(params, context):
+    spy = Spy()
+    super(Spy, spy).__setattr__('__getattribute__', lambda name: 'TAMPERED')
+    found = spy.anything
+    log(found)
+    return found
+""", evidence=TAMPER),
+    # The child's own frames to the host go through json.dumps: a connector class swapped
+    # in as its default encoder forges the answer (here its logs).
+    case("json-dumps-kwdefaults-forges-the-answer-logs", """
+import json
+class Own:
+    pass
+class Forger(json.JSONEncoder):
+    def encode(self, o):
+        if isinstance(o, dict) and 'logs' in o:
+            o['logs'] = [['info', 'TAMPERED']]
+        return json.JSONEncoder.encode(self, o)
+def run(params, context):
+    Own.__setattr__(json.dumps, '__kwdefaults__', {
+        'skipkeys': False, 'ensure_ascii': True, 'check_circular': True, 'allow_nan': True,
+        'cls': Forger, 'indent': None, 'separators': None, 'default': None,
+        'sort_keys': False})
+    return 'forged'
+""", evidence=TAMPER),
+    # ... or its error: a violation the code caught comes out as a mere code_error.
+    case("json-dumps-kwdefaults-hides-a-violation", """
+import json
+class Own:
+    pass
+class Forger(json.JSONEncoder):
+    def encode(self, o):
+        if isinstance(o, dict) and 'type' in o:
+            o['type'], o['message'] = 'code_error', 'TAMPERED'
+        return json.JSONEncoder.encode(self, o)
+def run(params, context):
+    Own.__setattr__(json.dumps, '__kwdefaults__', {
+        'skipkeys': False, 'ensure_ascii': True, 'check_circular': True, 'allow_nan': True,
+        'cls': Forger, 'indent': None, 'separators': None, 'default': None,
+        'sort_keys': False})
+    try:
+        import os
+    except Exception:
+        pass
+    raise ValueError('the answer says what Forger wants')
+""", evidence=TAMPER),
+    # mro() of an enum class reaches Enum itself, and Enum's functional API builds a class
+    # from a dict: any special method, __del__ too (the allocations trigger a collection).
+    case("enum-functional-api-defines-__del__", """
+import re
+def define():
+    Enum = type(re.A).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', {'A': 1, '__del__': finalizer})
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    case("enum-functional-api-from-uuid-safety", """
+import uuid
+def define():
+    Enum = type(uuid.uuid4().is_safe).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', [('A', 1), ('__del__', finalizer)])
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    # `object` is a builtin now: a class pattern reads attributes with no guard.
+    case("match-class-pattern-reads-attributes", """
+def run(params, context):
+    match log:
+        case object(__globals__=table):
+            found = list(table['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("own-class-inherited-__getattribute__", """
+class Own:
+    pass
+def run(params, context):
+    found = list(Own.__getattribute__(log, '__globals__')['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("metaclass-through-own-instance-__class__", SUBCLASS_WALK + """
+class Own:
+    pass
+def run(params, context):
+    found = host_modules(Own().__class__.__class__.__base__)
+    log(found)
+    return found
+"""),
+    # namedtuple() names the caller's module: its classes count as the connector's own.
+    case("own-namedtuple-method-globals", """
+import collections
+def run(params, context):
+    Point = collections.namedtuple('Point', 'x y')
+    found = list(Point.__repr__.__globals__['_sys'].modules)
+    log(found)
+    return found
+"""),
+    # Under the language layer str.format is a partial of the guards' own formatter, and
+    # `print` goes through a printer object bound to the guards; the module view's
+    # __getattr__ holds the real module. None of them exists without the layer.
+    case("format-partial-func-reaches-the-guards", """
+def run(params, context):
+    guards = '{}'.format.func.__self__
+    found = list(guards._imports._modules['json'].codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+    case("printer-object-reaches-the-guards", """
+def run(params, context):
+    print('x')
+    guards = _print._getattr_.__self__
+    found = list(guards._imports._modules['json'].codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+    case("module-view-retyped-to-own-module-class", """
+import json
+class Own:
+    pass
+class Module(type(json)):
+    pass
+def run(params, context):
+    Own.__setattr__(json, '__class__', Module)
+    real = json.__dict__['__getattr__'].__closure__[0].cell_contents
+    found = list(real.codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+]
+
 # fmt: on
 
 CORPUS = (
     FRAMES + SUBCLASSES + FORMATS + MODULE_WALKS + WRITES + GUARD_NAMES + IMPORTS + SOURCE_TRICKS
-)
+) + WIDENING
 
 
 # ---------------------------------------------------------------------------------------------
