@@ -1249,7 +1249,8 @@ WIDENING = [
         ("collections.Counter.fromkeys.__name__", "fromkeys"),
     )),
     # A namedtuple class's _field_defaults is one dict for every execution (a copy would
-    # end the payload at its assert).
+    # end the payload at its assert; connector code may not read it at all). The after-run
+    # cannot read it either: it checks that the next execution works.
     case("namedtuple-_field_defaults-shared-dict", **tamper(
         "urllib.parse",
         """
@@ -1257,7 +1258,7 @@ WIDENING = [
         assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
         """,
         "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
-        ("len(urllib.parse.SplitResult._field_defaults)", 0), swallow=False,
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"), swallow=False,
     ), expect=("policy_violation", "code_error")),
     case("namedtuple-instance-_field_defaults-shared-dict", **tamper(
         "decimal",
@@ -1266,7 +1267,7 @@ WIDENING = [
         assert decimal.Decimal(2).as_tuple()._field_defaults['stash'] == 'TAMPERED', 'a copy'
         """,
         "decimal.Decimal(3).as_tuple()._field_defaults.get('stash') == 'TAMPERED'",
-        ("len(decimal.Decimal(1).as_tuple()._field_defaults)", 0), swallow=False,
+        ("decimal.Decimal(1).as_tuple().digits", [1]), swallow=False,
     ), expect=("policy_violation", "code_error")),
     # ... also through a connector class that inherits it.
     case("own-subclass-reaches-foreign-_field_defaults", **tamper(
@@ -1278,7 +1279,7 @@ WIDENING = [
         assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
         """,
         "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
-        ("len(urllib.parse.SplitResult._field_defaults)", 0), swallow=False,
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"), swallow=False,
     ), expect=("policy_violation", "code_error")),
     # A slot named __del__ is a finalizer: CPython calls whatever the instance holds there
     # when it is collected (maybe in a later execution). The instance's own, bound

@@ -130,7 +130,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("*.__annotations__", SKIP, "annotations: written only when the class is made"),
     ("*.__slots__", SKIP, "slots: read only when the class is made"),
     ("*._fields_", SKIP, "a ctypes structure's fields: read only when the class is made"),
-    ("*._field_defaults", SKIP, "a namedtuple's defaults: written only when it is made"),
+    ("*._field_defaults", SKIP, "a namedtuple's defaults: connector code cannot read it"),
     ("*.__dataclass_fields__", SKIP, "a dataclass's fields: written only when it is made"),
     ("instance:*:__spec__", SKIP, "a module's import spec: written only by its import"),
     ("instance:*:__loader__", SKIP, "a module's loader: written only by its import"),
