@@ -102,6 +102,6 @@ def test_a_secret_split_across_keys_and_from_logs_into_output_is_masked():
     """Keys count as strings in document order, and the log lines come before the output."""
     redactor = Redactor(["hunter2-secret"])
     assert redactor.value({"hunter2": "-secret"}) == {MASK: MASK}
-    logs = ["starting", "hunter2-"]
-    output = redactor.value(["secret", "kept"], before=logs)
-    assert logs == ["starting", MASK] and output == [MASK, "kept"]
+    masked = redactor.execution([("info", "starting"), ("info", "hunter2-")], ["secret", "kept"])
+    assert masked.logs == [("info", "starting"), ("info", MASK)]
+    assert masked.output == [MASK, "kept"]
