@@ -18,11 +18,12 @@ split into pieces is masked in each piece that holds part of it when the
 pieces follow one another in one of these readings: every field in the order
 a reader meets it (the log lines, each level then message, then the output or
 the error; and the output before the log lines, as the JSON result lists
-them); the texts alone (messages, output strings, error), with or without the
-output's numbers, or with the keys; the levels alone; the keys alone. What is
-not caught: a secret the code transformed some other way (reversed,
-interleaved with other text, encrypted, encoded after changing the case of
-some of its letters only).
+them); the texts alone (messages, output strings, the error's own text
+without the `Type: ` before it and the ` (line N, in fn)` after it), with the
+keys (or that frame of the error), with the output's numbers, or with
+neither; the levels alone; the keys alone. What is not caught: a secret the
+code transformed some other way (reversed, interleaved with other text,
+encrypted, encoded after changing the case of some of its letters only).
 """
 
 from __future__ import annotations
@@ -155,9 +156,12 @@ NO_OUTPUT: Any = object()  # `output` of an execution that ended with an error
 
 # The kinds of field an execution sends out, and the readings a secret's pieces are
 # looked for in: every field, then the fields of some kinds alone.
-LEVEL, MESSAGE, KEY, STRING, SCALAR, ERROR = range(6)
+LEVEL, MESSAGE, KEY, STRING, SCALAR, ERROR, FRAME = range(7)
 TEXTS = frozenset({MESSAGE, STRING, ERROR})
-READINGS = (TEXTS | {KEY}, TEXTS | {SCALAR}, TEXTS, frozenset({LEVEL}), frozenset({KEY}))
+# An error message as the child writes one: `Type: message (line N, in fn)`. The type and
+# the place frame the message: the texts are read without them.
+ERROR_FRAME = re.compile(r"([A-Za-z_][\w.]{0,200}: )?(.*?)( \(line \d+(?:, in [^()]*)?\))?", re.S)
+READINGS = (TEXTS | {KEY, FRAME}, TEXTS | {SCALAR}, TEXTS, frozenset({LEVEL}), frozenset({KEY}))
 
 
 class _Forms:
@@ -260,8 +264,10 @@ class Redactor:
         texts += [text for _, _, _, text in slots]
         kinds += [kind for _, _, kind, _ in slots]
         if error is not None:
-            texts.append(error)
-            kinds.append(ERROR)
+            framed = ERROR_FRAME.fullmatch(error)
+            assert framed is not None  # every part may be empty
+            texts += [framed[1] or "", framed[2], framed[3] or ""]
+            kinds += [FRAME, ERROR, FRAME]
         chronological = list(range(len(texts)))
         readings = []
         if self._active:
@@ -290,7 +296,7 @@ class Redactor:
         return Masked(
             logs=[(masked[i], masked[i + 1]) for i in range(0, 2 * len(logs), 2)],
             output=None if output is NO_OUTPUT else root[0],
-            error=masked[-1] if error is not None else None,
+            error="".join(masked[-3:]) if error is not None else None,
         )
 
     def fields(self, texts: list[str], readings: list[list[int]]) -> list[str]:
