@@ -18,12 +18,13 @@ split into pieces is masked in each piece that holds part of it when the
 pieces follow one another in one of these readings: every field in the order
 a reader meets it (the log lines, each level then message, then the output or
 the error; and the output before the log lines, as the JSON result lists
-them); the texts alone (messages, output strings, the error's own text
-without the `Type: ` before it and the ` (line N, in fn)` after it), with the
-keys (or that frame of the error), with the output's numbers, or with
-neither; the levels alone; the keys alone. What is not caught: a secret the
-code transformed some other way (reversed, interleaved with other text,
-encrypted, encoded after changing the case of some of its letters only).
+them), the error read as its own text, without the `Type: ` before it and the
+` (line N, in fn)` after it; the texts alone (messages, output strings, the
+error's own text), with the keys (and the error's frame), with the output's
+numbers, or with neither; the levels alone; the keys alone. What is not
+caught: a secret the code transformed some other way (reversed, interleaved
+with other text, encrypted, encoded after changing the case of some of its
+letters only).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import re
 import unicodedata
 import urllib.parse
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, repeat
 from typing import Any, NamedTuple
 
@@ -273,7 +274,8 @@ class Redactor:
         if self._active:
             shown = list(range(2 * len(logs), 2 * len(logs) + len(slots)))
             logged = list(range(2 * len(logs)))
-            readings.append(shown + logged + chronological[len(logged) :])
+            after = [index for index in chronological[len(logged) :] if kinds[index] != FRAME]
+            readings.append(shown + logged + after)
             for chosen in READINGS:
                 reading = [index for index in chronological if kinds[index] in chosen]
                 if len(reading) > 1 and reading not in readings:
@@ -306,24 +308,31 @@ class Redactor:
         if not self._active:
             return list(map(encodable, texts))
         readings = readings or [[index] for index in range(len(texts))]
-        folds = [fold(text) for text in texts]
         raws = ["".join([texts[i] for i in reading]) for reading in readings]
-        foldeds = ["".join([folds[i][0] for i in reading]) for reading in readings]
         everything = "\x00".join(raws)
+        ascii_only = everything.isascii()  # then folding is lower(), and lines up
+        if ascii_only:
+            folds: list[tuple[str, list[int] | None]] | None = None
+            foldeds = [raw.lower() for raw in raws]
+        else:
+            folds = [fold(text) for text in texts]
+            foldeds = ["".join([folds[i][0] for i in reading]) for reading in readings]
+        escape = (lambda text: text) if ascii_only else encodable
         exact = self._exact.pattern(everything.replace("\r", "").replace("\n", ""))
         caseless = self._caseless.pattern("\x00".join(foldeds))
         if exact is None and caseless is None:
-            return list(map(encodable, texts))
+            return texts if ascii_only else list(map(encodable, texts))
         spans: list[list[tuple[int, int]]] = [[] for _ in texts]
         for reading, raw, folded in zip(readings, raws, foldeds, strict=True):
+            lengths = [len(texts[i]) for i in reading]
             if exact is not None:
-                lengths = [len(texts[i]) for i in reading]
                 _collect(exact, raw, reading, lengths, None, spans)
-            if caseless is not None:
+            if caseless is not None and folds is not None:
                 lengths = [len(folds[i][0]) for i in reading]
+            if caseless is not None:
                 _collect(caseless, folded, reading, lengths, folds, spans)
         return [
-            encodable(_cut(text, found) if found else text)
+            escape(_cut(text, found) if found else text)
             for text, found in zip(texts, spans, strict=True)
         ]
 
@@ -383,24 +392,28 @@ def _scalar(item: Any) -> str | None:
 
 def _slots(root: list[Any]) -> list[tuple[Any, Any, int, str]]:
     """Every field of the JSON value `root[0]` in document order (a key before its
-    value), as (container, key or index, kind, text)."""
+    value), as (container, key or index, kind, text). Walks without recursion."""
     slots: list[tuple[Any, Any, int, str]] = []
-    pending: list[tuple[Any, Any, bool]] = [(root, 0, False)]
-    while pending:  # depth first, in document order
-        holder, key, is_key = pending.pop()
-        if is_key:
-            slots.append((holder, key, KEY, key))
-            continue
-        item = holder[key]
-        if isinstance(item, str):
-            slots.append((holder, key, STRING, item))
-        elif isinstance(item, list):
-            pending.extend((item, index, False) for index in reversed(range(len(item))))
-        elif isinstance(item, dict):
-            for name in reversed(list(item)):
-                pending += [(item, name, False), (item, name, True)]  # the key comes first
+    add = slots.append
+    stack: list[tuple[Any, Iterator[Any], bool]] = [(root, iter((0,)), False)]
+    while stack:
+        holder, keys, is_dict = stack[-1]
+        for key in keys:
+            if is_dict:
+                add((holder, key, KEY, key))
+            item = holder[key]
+            if isinstance(item, str):
+                add((holder, key, STRING, item))
+            elif isinstance(item, list):
+                stack.append((item, iter(range(len(item))), False))
+                break  # its items come next; this container's rest after them
+            elif isinstance(item, dict):
+                stack.append((item, iter(list(item)), True))
+                break
+            else:
+                shown = _scalar(item)
+                if shown is not None:
+                    add((holder, key, SCALAR, shown))
         else:
-            shown = _scalar(item)
-            if shown is not None:
-                slots.append((holder, key, SCALAR, shown))
+            stack.pop()
     return slots
