@@ -117,6 +117,18 @@ def test_a_secret_split_across_keys_and_from_logs_into_output_is_masked():
     assert masked.output == [MASK, "kept"]
 
 
+@pytest.mark.parametrize("secrets", [[], ["tok-live-1a2b3"]])
+def test_lone_surrogates_are_escaped_in_every_field(secrets):
+    """No encoder takes a lone surrogate: each field holding one is escaped, secrets or not."""
+    masked = Redactor(secrets).execution(
+        [("\ud800", "a\udc80")], {"k\ud800": ["v\udfff", 1]}, may_hold_surrogates=True
+    )
+    assert masked.logs == [("\\ud800", "a\\udc80")]
+    assert masked.output == {"k\\ud800": ["v\\udfff", 1]}
+    error = Redactor(secrets).execution([], error="E: \ud800 tok-live-1a2b3").error
+    assert error == "E: \\ud800 " + ("tok-live-1a2b3" if not secrets else MASK)
+
+
 def test_an_error_is_read_as_its_text_and_with_its_frame():
     """An error message `Type: text (line N, in fn)` joins the log lines as its text alone,
     and a secret shaped like that frame is masked whole."""
