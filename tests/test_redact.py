@@ -333,10 +333,13 @@ def _spread(rnd: random.Random, secret: str, pieces: list[str]) -> Spread:
         tail = filler() if index == len(pieces) - 1 and rnd.random() < 0.5 else Field.of(text="")
         field = Field.of(piece, head, tail)
         # An error as the child writes it, `Type: text (line N, in fn)`, when no form of
-        # the secret can run into that frame (none holds a space) or sit inside it.
-        frame = FRAME_HEAD + FRAME_TAIL
+        # the secret can run from the frame into the text (none holds a space), from the
+        # log messages into the frame ("...xv" + "ValueError: " may spell "...XV"), or sit
+        # inside the frame.
         if place == "error" and " " not in secret and rnd.random() < 0.5:
-            if _redactor((secret,)).text(frame) == frame:
+            before = "".join(message for _, message in logs)
+            masked = _redactor((secret,)).texts([before + FRAME_HEAD, FRAME_TAIL])
+            if masked[0].endswith(FRAME_HEAD) and masked[1] == FRAME_TAIL:
                 field = Field.of(piece, FRAME_HEAD + head, tail + FRAME_TAIL)
         elif place == "error" and kinds != READINGS["texts and keys"] and _framed(field):
             place = "log"  # read as a frame and text, apart but for the "texts and keys"
@@ -443,7 +446,7 @@ def _check(spread: Spread, lines_free: bool) -> None:
             got = _unbroken(text) if lines_free and field.piece is not None else text
             if lines_free and field.piece is not None and not _unbroken(field.piece):
                 want = got if got == field.head + field.tail else want  # a line break alone
-            assert got == want, (spread.reading, fields, shown)
+            assert got == want, (spread.secret, spread.reading, fields, shown)
         elif isinstance(field, Number):  # a number that is a piece (others may be masked)
             assert text == MASK, (spread.reading, fields, shown)
 
