@@ -1467,6 +1467,52 @@ def run(params, context):
         ("'__orig_class__' in dir(json.dumps) or '__orig_class__' in dir(json.JSONEncoder)",
          False),
     )),
+    # A GenericAlias forwards every attribute it does not know to its origin, past the
+    # checks that look at the object asked (`mro` of a class, `register` of an ABC):
+    # `ChainMap[int]` is one, and type(list[int]) makes one of any class.
+    case("generic-alias-forwards-register-to-a-shared-abc", **tamper(
+        "collections, re",
+        "collections.ChainMap[int].register(re.Match)",
+        "isinstance(re.match('x', 'x'), collections.ChainMap)",
+        ("isinstance(re.match('x', 'x'), collections.ChainMap)", False),
+    )),
+    # (The clean run after it asks Counter, which treats a Mapping apart: a fix may refuse
+    # mro(), so that run cannot name Mapping itself.)
+    case("generic-alias-forwards-mro-then-register-to-mapping", **{
+        **tamper(
+            "collections, re",
+            """
+            Mapping = collections.ChainMap[int].mro()[2]
+            type(list[int])(Mapping, ()).register(re.Pattern)
+            """,
+            "isinstance(re.compile('x'), collections.ChainMap[int].mro()[2])",
+            JSON_INTACT,
+        ),
+        "after": ("""
+import collections
+import re
+def run(params, context):
+    try:
+        collections.Counter(a=1).update(re.compile('x'))
+    except AttributeError:
+        return 'a mapping'
+    except TypeError:
+        return 'not a mapping'
+""", "not a mapping"),
+    }),
+    case("generic-alias-forwards-mro-to-enum-functional-api-__del__", """
+import re
+def define():
+    Enum = type(list[int])(type(re.A), ()).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', {'A': 1, '__del__': finalizer})
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
 ]
 
 # fmt: on
