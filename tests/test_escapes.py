@@ -1513,6 +1513,19 @@ def run(params, context):
         junk = [[] for _ in range(1000)]
     return 'collected'
 """, evidence=TAMPER),
+    # With Enum back in hand, a connector enum class (its module is the caller's) shows
+    # its metaclass's methods: `_private` finds no definer in the class's MRO for them and
+    # treats them as the connector's own. EnumType._convert_ reads sys.modules[module].
+    case("generic-alias-enum-metaclass-_convert_-reads-sys-modules", """
+import re
+def run(params, context):
+    Enum = type(list[int])(type(re.A), ()).mro()[-2]
+    Base = Enum('Base', [])
+    Leak = Base._convert_('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
 ]
 
 # fmt: on
