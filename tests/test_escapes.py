@@ -1526,6 +1526,28 @@ def run(params, context):
     log(found)
     return found
 """),
+    # staticmethod() copies the wrapped object's __annotations__ into its own __dict__, by
+    # reference, and a connector subclass's instance shows its __dict__: json.dumps's
+    # annotations dict is one for every execution.
+    case("staticmethod-subclass-__dict__-holds-a-shared-annotations-dict", **{
+        **tamper(
+            "json",
+            """
+            class Copy(staticmethod):
+                pass
+            Copy(json.dumps).__dict__['__annotations__']['stash'] = 'TAMPERED'
+            """,
+            "'stash' in Copy(json.dumps).__dict__['__annotations__']",
+            JSON_INTACT,
+        ),
+        "after": ("""
+import json
+class Copy(staticmethod):
+    pass
+def run(params, context):
+    return sorted(Copy(json.dumps).__dict__['__annotations__'])
+""", []),
+    }),
 ]
 
 # fmt: on
