@@ -1548,6 +1548,32 @@ def run(params, context):
     return sorted(Copy(json.dumps).__dict__['__annotations__'])
 """, []),
     }),
+    # A bound method forwards what its type lacks to its __func__, and types.MethodType is
+    # type() of any bound method: bound to anything, a class answers for it.
+    case("method-type-forwards-register-to-a-shared-abc", **tamper(
+        "collections, re",
+        """
+        class Own:
+            def method(self):
+                pass
+        type(Own().method)(collections.ChainMap, 0).register(re.Match)
+        """,
+        "isinstance(re.match('x', 'x'), collections.ChainMap)",
+        ("isinstance(re.match('x', 'x'), collections.ChainMap)", False),
+    )),
+    case("method-type-forwards-mro-to-enum-_convert_", """
+import re
+class Own:
+    def method(self):
+        pass
+def run(params, context):
+    Enum = type(Own().method)(type(re.A), 0).mro()[-2]
+    Base = Enum('Base', [])
+    Leak = Base._convert_('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
 ]
 
 # fmt: on
