@@ -1574,6 +1574,30 @@ def run(params, context):
     log(found)
     return found
 """),
+    # A connector subclass of GenericAlias is the connector's own object, and its getattr
+    # is GenericAlias's, which asks the origin: a `_` name it finds nowhere in the subclass's
+    # MRO (no definer) passes `_private` as the connector's own, read on any object.
+    case("own-generic-alias-subclass-reads-_convert_-of-a-foreign-enum", """
+import uuid
+class Forward(type(list[int])):
+    pass
+def run(params, context):
+    convert = Forward(type(uuid.uuid4().is_safe), ())._convert_
+    Leak = convert('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    case("own-generic-alias-subclass-reaches-a-shared-_field_defaults", **tamper(
+        "urllib.parse",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(urllib.parse.SplitResult, ())._field_defaults['stash'] = 'TAMPERED'
+        """,
+        "'stash' in Forward(urllib.parse.SplitResult, ())._field_defaults",
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"),
+    )),
 ]
 
 # fmt: on
