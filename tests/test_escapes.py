@@ -1598,6 +1598,18 @@ def run(params, context):
         "'stash' in Forward(urllib.parse.SplitResult, ())._field_defaults",
         ("urllib.parse.urlsplit('http://a/b').path", "/b"),
     )),
+    # ... and `__dict__`, which the connector's own objects show, is the origin's: any
+    # object's attributes, written past the write guard (a shared enum member's name).
+    case("own-generic-alias-subclass-__dict__-is-any-objects-dict", **tamper(
+        "re",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(re.I, ()).__dict__['_name_'] = 'TAMPERED'
+        """,
+        "repr(re.I) == 're.TAMPERED'",
+        ("repr(re.I)", "re.IGNORECASE"),
+    )),
 ]
 
 # fmt: on
