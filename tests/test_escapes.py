@@ -1610,6 +1610,23 @@ def run(params, context):
         "repr(re.I) == 're.TAMPERED'",
         ("repr(re.I)", "re.IGNORECASE"),
     )),
+    # super.__init__, bound to the connector's own super subclass, binds it anew: to a
+    # shared object, after the guard saw it bound to the connector's own (refused today: the
+    # guard reads the binding again at every access; kept so that it stays so).
+    case("own-super-subclass-rebound-to-a-shared-object-by-its-own-__init__", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        class Proxy(super):
+            pass
+        proxy = Proxy(Own, Own())
+        super(Proxy, proxy).__init__(uuid.UUID, uuid.NAMESPACE_OID)
+        proxy.__setattr__('int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
 ]
 
 # fmt: on
