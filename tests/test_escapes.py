@@ -1627,6 +1627,19 @@ def run(params, context):
         "uuid.NAMESPACE_OID.int == 0x7A3E",
         ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
     )),
+    # ... as are the special methods a class may define that GenericAlias itself lacks
+    # (`__get__`, `__set__`, ...): a slot's member descriptor, which vars() shows, sets it
+    # on a shared UUID past UUID's own __setattr__.
+    case("own-generic-alias-subclass-__set__-of-a-slot-descriptor", **tamper(
+        "uuid",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(vars(uuid.UUID)['int'], ()).__set__(uuid.NAMESPACE_X500, 0x7A3E)
+        """,
+        "uuid.NAMESPACE_X500.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_X500)", "6ba7b814-9dad-11d1-80b4-00c04fd430c8"),
+    )),
 ]
 
 # fmt: on
