@@ -37,7 +37,7 @@ import pytest
 
 import corral
 from corral import Limits, NodeSandbox
-from corral.config import DEFAULT_ALLOWED_IMPORTS
+from corral.config import DEFAULT_ALLOWED_IMPORTS, load_settings
 from corral.sandbox._policy import Guards, ImportPolicy, PolicyError, compile_connector
 
 LEAK = "corral.sandbox._child"  # a key of the child's sys.modules
@@ -1435,6 +1435,211 @@ def run(params, context):
     log(found)
     return found
 """, plain=False),
+
+    # --- Second review. ---
+    # Corral's error path formats the code's exception only after it looked at the tripwire:
+    # a violation the exception's own __str__ commits (and catches) is never reported.
+    case("exception-__str__-violates-after-the-tripwire-was-read", """
+class Loud(Exception):
+    def __str__(self):
+        try:
+            import sys
+            found = ' '.join(sys.modules)
+            log(found)
+            return found
+        except Exception:
+            return 'nothing to see'
+def run(params, context):
+    raise Loud()
+"""),
+    # type() of `list[int]` is types.GenericAlias: calling an alias calls its origin, then
+    # sets `__orig_class__` on whatever that returned, with no guard: a shared class or
+    # function gains an attribute every later execution sees (and keeps this one's lambda,
+    # its globals and guards alive for good).
+    case("generic-alias-call-writes-__orig_class__-on-shared-objects", **tamper(
+        "json",
+        """
+        Alias = type(list[int])
+        Alias(lambda: json.dumps, ())()
+        Alias(lambda: json.JSONEncoder, ())()
+        """,
+        "'__orig_class__' in dir(json.dumps) or '__orig_class__' in dir(json.JSONEncoder)",
+        ("'__orig_class__' in dir(json.dumps) or '__orig_class__' in dir(json.JSONEncoder)",
+         False),
+    )),
+    # A GenericAlias forwards every attribute it does not know to its origin, past the
+    # checks that look at the object asked (`mro` of a class, `register` of an ABC):
+    # `ChainMap[int]` is one, and type(list[int]) makes one of any class.
+    case("generic-alias-forwards-register-to-a-shared-abc", **tamper(
+        "collections, re",
+        "collections.ChainMap[int].register(re.Match)",
+        "isinstance(re.match('x', 'x'), collections.ChainMap)",
+        ("isinstance(re.match('x', 'x'), collections.ChainMap)", False),
+    )),
+    # (The clean run after it asks Counter, which treats a Mapping apart: a fix may refuse
+    # mro(), so that run cannot name Mapping itself.)
+    case("generic-alias-forwards-mro-then-register-to-mapping", **{
+        **tamper(
+            "collections, re",
+            """
+            Mapping = collections.ChainMap[int].mro()[2]
+            type(list[int])(Mapping, ()).register(re.Pattern)
+            """,
+            "isinstance(re.compile('x'), collections.ChainMap[int].mro()[2])",
+            JSON_INTACT,
+        ),
+        "after": ("""
+import collections
+import re
+def run(params, context):
+    try:
+        collections.Counter(a=1).update(re.compile('x'))
+    except AttributeError:
+        return 'a mapping'
+    except TypeError:
+        return 'not a mapping'
+""", "not a mapping"),
+    }),
+    case("generic-alias-forwards-mro-to-enum-functional-api-__del__", """
+import re
+def define():
+    Enum = type(list[int])(type(re.A), ()).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', {'A': 1, '__del__': finalizer})
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    # With Enum back in hand, a connector enum class (its module is the caller's) shows
+    # its metaclass's methods: `_private` finds no definer in the class's MRO for them and
+    # treats them as the connector's own. EnumType._convert_ reads sys.modules[module].
+    case("generic-alias-enum-metaclass-_convert_-reads-sys-modules", """
+import re
+def run(params, context):
+    Enum = type(list[int])(type(re.A), ()).mro()[-2]
+    Base = Enum('Base', [])
+    Leak = Base._convert_('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    # staticmethod() copies the wrapped object's __annotations__ into its own __dict__, by
+    # reference, and a connector subclass's instance shows its __dict__: json.dumps's
+    # annotations dict is one for every execution.
+    case("staticmethod-subclass-__dict__-holds-a-shared-annotations-dict", **{
+        **tamper(
+            "json",
+            """
+            class Copy(staticmethod):
+                pass
+            Copy(json.dumps).__dict__['__annotations__']['stash'] = 'TAMPERED'
+            """,
+            "'stash' in Copy(json.dumps).__dict__['__annotations__']",
+            JSON_INTACT,
+        ),
+        "after": ("""
+import json
+class Copy(staticmethod):
+    pass
+def run(params, context):
+    return sorted(Copy(json.dumps).__dict__['__annotations__'])
+""", []),
+    }),
+    # A bound method forwards what its type lacks to its __func__, and types.MethodType is
+    # type() of any bound method: bound to anything, a class answers for it.
+    case("method-type-forwards-register-to-a-shared-abc", **tamper(
+        "collections, re",
+        """
+        class Own:
+            def method(self):
+                pass
+        type(Own().method)(collections.ChainMap, 0).register(re.Match)
+        """,
+        "isinstance(re.match('x', 'x'), collections.ChainMap)",
+        ("isinstance(re.match('x', 'x'), collections.ChainMap)", False),
+    )),
+    case("method-type-forwards-mro-to-enum-_convert_", """
+import re
+class Own:
+    def method(self):
+        pass
+def run(params, context):
+    Enum = type(Own().method)(type(re.A), 0).mro()[-2]
+    Base = Enum('Base', [])
+    Leak = Base._convert_('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    # A connector subclass of GenericAlias is the connector's own object, and its getattr
+    # is GenericAlias's, which asks the origin: a `_` name it finds nowhere in the subclass's
+    # MRO (no definer) passes `_private` as the connector's own, read on any object.
+    case("own-generic-alias-subclass-reads-_convert_-of-a-foreign-enum", """
+import uuid
+class Forward(type(list[int])):
+    pass
+def run(params, context):
+    convert = Forward(type(uuid.uuid4().is_safe), ())._convert_
+    Leak = convert('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    case("own-generic-alias-subclass-reaches-a-shared-_field_defaults", **tamper(
+        "urllib.parse",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(urllib.parse.SplitResult, ())._field_defaults['stash'] = 'TAMPERED'
+        """,
+        "'stash' in Forward(urllib.parse.SplitResult, ())._field_defaults",
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"),
+    )),
+    # ... and `__dict__`, which the connector's own objects show, is the origin's: any
+    # object's attributes, written past the write guard (a shared enum member's name).
+    case("own-generic-alias-subclass-__dict__-is-any-objects-dict", **tamper(
+        "re",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(re.I, ()).__dict__['_name_'] = 'TAMPERED'
+        """,
+        "repr(re.I) == 're.TAMPERED'",
+        ("repr(re.I)", "re.IGNORECASE"),
+    )),
+    # super.__init__, bound to the connector's own super subclass, binds it anew: to a
+    # shared object, after the guard saw it bound to the connector's own (refused today: the
+    # guard reads the binding again at every access; kept so that it stays so).
+    case("own-super-subclass-rebound-to-a-shared-object-by-its-own-__init__", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        class Proxy(super):
+            pass
+        proxy = Proxy(Own, Own())
+        super(Proxy, proxy).__init__(uuid.UUID, uuid.NAMESPACE_OID)
+        proxy.__setattr__('int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    # ... as are the special methods a class may define that GenericAlias itself lacks
+    # (`__get__`, `__set__`, ...): a slot's member descriptor, which vars() shows, sets it
+    # on a shared UUID past UUID's own __setattr__.
+    case("own-generic-alias-subclass-__set__-of-a-slot-descriptor", **tamper(
+        "uuid",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(vars(uuid.UUID)['int'], ()).__set__(uuid.NAMESPACE_X500, 0x7A3E)
+        """,
+        "uuid.NAMESPACE_X500.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_X500)", "6ba7b814-9dad-11d1-80b4-00c04fd430c8"),
+    )),
 ]
 
 # fmt: on
@@ -1529,6 +1734,233 @@ def test_from_import_never_falls_back_on_sys_modules():
         leaked = namespace["run"]({}, {})
     assert leaked is None
     assert guards.violations
+
+
+# ---------------------------------------------------------------------------------------------
+# Later executions. What an execution leaves on a warm worker must neither run nor show in the
+# executions that follow it. The payload itself may well succeed (a fix may let it, and retire
+# the worker or drop what it left): the checks are that no evidence shows in its own answer,
+# and that clean executions after it, in the same sandbox, give their usual output.
+
+
+@dataclass(frozen=True)
+class Later:
+    """A payload, a clean execution run `runs` times after it, and what that one must give.
+
+    `plain`: without the language layer the payload does change what the clean runs give
+    (on a worker); False where the technique needs the language layer itself.
+    """
+
+    code: str
+    after: str
+    expected: Any
+    runs: int = 2
+    plain: bool = True
+
+
+def later(id: str, code: str, after: str, expected: Any, runs: int = 2, plain: bool = True) -> Any:
+    body = textwrap.dedent(code).lstrip("\n")
+    clean = textwrap.dedent(after).lstrip("\n")
+    return pytest.param(Later(body, clean, expected, runs, plain), id=id)
+
+
+#: A clean execution whose answer depends on the execution thread's decimal context.
+DECIMAL_THIRD = """
+import decimal
+def run(params, context):
+    return str(decimal.Decimal(1) / decimal.Decimal(3))
+"""
+THIRD = "0." + "3" * 28
+
+# fmt: off
+LATER = [
+    # The worker resets the decimal context, then empties re's cache. A connector str held
+    # only by that cache dies in the reset, and with it a generator suspended in `try`:
+    # its `finally` (the connector's code) runs after the context was reset.
+    later("finalizer-held-by-re-cache-runs-in-the-worker-reset", """
+import decimal
+import re
+class Key(str):
+    pass
+def linger():
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+def run(params, context):
+    key = Key('lingering-pattern')
+    key.gen = linger()
+    next(key.gen)
+    re.compile(key)
+    return 'planted'
+""", DECIMAL_THIRD, THIRD),
+    # ... with no guard to pass at all when it runs: leaving `with localcontext()` puts back
+    # the context saved on entry (this execution's, at prec 3) as the thread's context.
+    later("localcontext-exit-held-by-urlsplit-cache-restores-a-stale-context", """
+import decimal
+import urllib.parse
+class Url(str):
+    pass
+def linger():
+    with decimal.localcontext(prec=3):
+        yield 1
+def run(params, context):
+    decimal.getcontext().prec = 3
+    url = Url('http://lingering/')
+    url.gen = linger()
+    next(url.gen)
+    urllib.parse.urlsplit(url)
+    decimal.getcontext().prec = 28
+    return 'planted'
+""", DECIMAL_THIRD, THIRD),
+    # ... held by an enum's value map (a Flag pseudo-member keeps the connector's int).
+    later("finalizer-held-by-a-flag-pseudo-member-runs-in-the-worker-reset", """
+import decimal
+import re
+class Bits(int):
+    pass
+def linger():
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+def run(params, context):
+    bits = Bits(1 << 20)
+    bits.gen = linger()
+    next(bits.gen)
+    type(re.A)(bits)
+    return 'planted'
+""", DECIMAL_THIRD, THIRD),
+    # ... or a cycle the cache kept through the collections after the execution: garbage
+    # once the reset empties the cache, collected whenever a later execution allocates.
+    later("cycle-held-by-re-cache-is-collected-in-a-later-execution", """
+import decimal
+import re
+class Key(str):
+    pass
+def linger(key):
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+def run(params, context):
+    key = Key('lingering-cycle')
+    key.gen = linger(key)
+    next(key.gen)
+    re.compile(key)
+    return 'planted'
+""", """
+import decimal
+def run(params, context):
+    rows = [[] for _ in range(300000)]
+    return str(decimal.Decimal(1) / decimal.Decimal(3))
+""", THIRD, runs=1),
+    # print() hands the printer what __str__ returned, a connector str subclass included:
+    # its methods run in the printer, and put a connector dict into the pending logs, which
+    # the worker's control thread encodes (items() runs) after the answer, past the reset.
+    # There the dict sees that its execution's log is closed, and plants a finalizer that
+    # runs in the next execution's reset (so the one after that sees prec 3).
+    later("printed-str-subclass-runs-code-after-the-answer", """
+import decimal
+import re
+class Key(str):
+    pass
+def linger():
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+class Late(dict):
+    def items(self):
+        key = Key('planted-after-the-answer')
+        key.gen = linger()
+        next(key.gen)
+        re.compile(key)
+        try:
+            log('still open')
+        except RuntimeError:
+            return [('after-the-end', 'TAMPERED')]
+        return [('during', 'the execution')]
+class Line:
+    def split(self, sep):
+        return [Late(a=1), '']
+class Text(str):
+    def encode(self, *args):
+        return b''
+    def __contains__(self, part):
+        return True
+    def __radd__(self, other):
+        return Line()
+class Shown:
+    def __str__(self):
+        return Text('shown')
+def run(params, context):
+    print(Shown())
+    return 'printed'
+""", DECIMAL_THIRD, THIRD, plain=False),  # without the layer print() writes to /dev/null
+    # A class body holding a foreign property calls its __set_name__: the property the
+    # shared class holds takes the connector's name, in every later error message.
+    later("class-body-property-__set_name__-renames-a-shared-property", """
+import urllib.parse
+class Namer:
+    TAMPERED = urllib.parse.SplitResult.hostname
+def run(params, context):
+    return 'renamed'
+""", """
+import urllib.parse
+class Mine(urllib.parse.SplitResult):
+    pass
+def run(params, context):
+    try:
+        Mine('http', 'a', '/', '', '').hostname = 'b'
+    except AttributeError as exc:
+        return str(exc)
+""", "property 'hostname' of 'Mine' object has no setter", runs=1),
+]
+# fmt: on
+
+
+def _run_texts(sandbox: NodeSandbox, code: str) -> str:
+    try:
+        result = sandbox.execute_sync(code, params={"id": 1}, timeout_ms=TIMEOUT_MS, limits=LIMITS)
+    except corral.SandboxError as error:
+        return _texts(error)
+    return _texts(None, result)
+
+
+@pytest.mark.parametrize("case", LATER)
+def test_nothing_reaches_a_later_execution(sandbox, case):
+    """The payload shows no evidence, and clean executions after it give their usual output."""
+    text = _run_texts(sandbox, case.code)
+    for evidence in EVIDENCE:
+        assert evidence not in text, f"the payload produced {evidence!r}: {text[:2000]}"
+    for run in range(case.runs):
+        output = sandbox.execute_sync(case.after, timeout_ms=TIMEOUT_MS).output
+        assert output == case.expected, f"clean run {run + 1} after the payload: {output!r}"
+
+
+@pytest.fixture
+def plain_worker() -> Any:
+    """A worker with the language layer off: state carries from one execution to the next."""
+    with NodeSandbox(
+        executor="worker",
+        limits=Limits(max_memory_mb=64),
+        settings=load_settings(),
+        _unsafe_layers_off={"language"},
+    ) as box:
+        yield box
+
+
+@pytest.mark.parametrize("case", [p for p in LATER if p.values[0].plain])
+def test_later_payload_works_without_the_language_layer(plain_worker, case):
+    """Without the language layer the payload does change what a later execution gives:
+    the case above tests the worker's reset and the policy, not a broken payload."""
+    _run_texts(plain_worker, case.code)
+    outputs = [
+        plain_worker.execute_sync(case.after, timeout_ms=TIMEOUT_MS).output
+        for _ in range(case.runs)
+    ]
+    assert any(output != case.expected for output in outputs), outputs
 
 
 # ---------------------------------------------------------------------------------------------
