@@ -56,6 +56,11 @@ _PUBLIC_UNDERSCORED = frozenset({"_asdict", "_replace", "_fields", "_make"})
 _DESCRIPTIVE = frozenset({"__name__", "__qualname__", "__doc__"})
 #: Special attributes the connector's own objects show besides their special methods.
 _OWN_SPECIAL = frozenset({"__class__", "__dict__", "__module__"})
+_WHY = {
+    "mro": "it hands out the classes a class derives from, Enum's class factory among them",
+    "__new__": "define classes with `class`",
+    "register": "it would change what isinstance() answers for every later execution",
+}
 #: Containers connector code may write into, whoever made them: none that a module or a
 #: class shares can be reached through a public name (see corral.config._imports).
 _WRITABLE = (dict, list, set, bytearray, collections.deque)
@@ -327,17 +332,28 @@ _super_self_class = vars(super)["__self_class__"].__get__
 _super_this_class = vars(super)["__thisclass__"].__get__
 
 
-def _definer(obj: Any, owner: Any, name: str) -> type | None:
+_HELD = object()  # _definer's answer for a name the instance holds itself
+
+
+def _definer(obj: Any, owner: Any, name: str) -> Any:
     """The class whose namespace `name` comes from when read on `obj` (a super object
-    searches after its class), or None when the instance holds it itself."""
+    searches after its class); _HELD when the instance holds it itself; None when no
+    class of the MRO has it (a metaclass's, or forwarded by a __getattr__)."""
     if isinstance(obj, super):
         mro = _super_self_class(obj).__mro__
         mro = mro[mro.index(_super_this_class(obj)) + 1 :]
     else:
         if not isinstance(owner, type) and name in getattr(owner, "__dict__", ()):
-            return None
+            return _HELD
         mro = (owner if isinstance(owner, type) else type(owner)).__mro__
     return next((cls for cls in mro if name in vars(cls)), None)
+
+
+def _own_getattr(owner: Any) -> bool:
+    """Whether the first `__getattr__` of `owner`'s class is the connector's own."""
+    cls = owner if isinstance(owner, type) else type(owner)
+    found = next((c for c in cls.__mro__ if "__getattr__" in vars(c)), None)
+    return found is not None and own_object(found)
 
 
 def _described(obj: Any) -> str:
@@ -460,19 +476,6 @@ class Guards:
         name = self._checked_name(name, "getattr")
         if name.startswith("_"):
             return self._private(obj, name, *default)
-        if name == "register" and isinstance(obj, abc.ABCMeta):
-            # An abstract base class is shared by every execution a worker serves (and
-            # `ChainMap.mro()` reaches collections.abc): `Mapping.register(list)` would
-            # change what isinstance() answers, and so what library code does, for them all.
-            raise self.violation(
-                f"`register` of the abstract base class {obj.__name__} is off limits: "
-                "it would change the class for every later execution"
-            )
-        if name == "mro" and isinstance(obj, type):
-            raise self.violation(
-                "`mro()` is off limits: it hands out the classes a class derives from, "
-                "Enum's class factory among them"
-            )
         return self._guarded_value(getattr(obj, name, *default))
 
     def _private(self, obj: Any, name: str, *default: Any) -> Any:
@@ -508,14 +511,22 @@ class Guards:
         if name in _OWN_SPECIAL:
             return value
         definer = _definer(obj, owner, name)
-        if definer is None or own_object(definer):
+        if definer is _HELD or (definer is not None and own_object(definer)):
             return self._guarded_value(value)
+        if definer is None:  # from a metaclass, or forwarded by a foreign __getattr__
+            if _own_getattr(owner):
+                return self._guarded_value(value)
+            raise self.violation(
+                f"`{name}` of {_described(owner)} comes from outside the connector's own "
+                "classes: it is off limits"
+            )
         if name == "__new__":  # makes a new object, changes none; not type.__new__
             return self._guarded_value(value)
-        if getattr(value, "__self__", None) is not owner:
+        bound_to = getattr(value, "__self__", None)
+        if bound_to is not owner and not (bound_to is type(owner) and own_object(bound_to)):
             raise self.violation(
                 f"`{name}` comes from {definer.__name__}, not from the connector's own "
-                "classes: reach it through an instance (`self.{name}`, `super().{name}`)"
+                f"classes: reach it through an instance (`self.{name}`, `super().{name}`)"
             )
         if name in ("__setattr__", "__delattr__"):
             return self._named(value, name.strip("_"))
@@ -531,21 +542,31 @@ class Guards:
         return checked
 
     def _guarded_value(self, value: Any) -> Any:
-        """`str.format` walks attributes named in its format string, past every guard:
-        whatever route reached it (a str, a subclass, `super()`, the class), the caller
-        gets a format that reads attributes through `_getattr`."""
-        if value is type.__new__:  # `super(type, C).__new__`: a class with any special method
-            raise self.violation("type.__new__ is off limits: define classes with `class`")
-        if value is str.format or value is str.format_map:
-            return functools.partial(self._format, map_only=value is str.format_map)
-        if (
-            type(value) is types.BuiltinMethodType
-            and isinstance(value.__self__, str)
-            and value.__name__ in ("format", "format_map")
+        """What a read hands out, judged on the value, whatever route reached it (a
+        subclass, `super()`, the class, a generic alias or a bound method forwarding the
+        read to what is behind it).
+
+        `str.format` walks attributes named in its format string, past every guard: the
+        caller gets a format that reads attributes through `_getattr`. `mro()` hands out
+        the classes a class derives from (Enum's class factory among them); `register` of
+        an abstract base class would change what isinstance() answers for every later
+        execution; `type.__new__` makes a class with any special method.
+        """
+        kind = type(value)
+        if kind is types.BuiltinMethodType:
+            owner, name = value.__self__, value.__name__
+            if isinstance(owner, str) and name in ("format", "format_map"):
+                return functools.partial(self._format, owner, map_only=name == "format_map")
+            if isinstance(owner, type) and (
+                name == "mro"
+                or (name == "__new__" and owner is type)
+                or (name == "register" and isinstance(owner, abc.ABCMeta))
+            ):
+                raise self.violation(f"`{name}` of {_described(owner)} is off limits: {_WHY[name]}")
+        elif kind is types.MethodDescriptorType and (
+            value is str.format or value is str.format_map
         ):
-            return functools.partial(
-                self._format, value.__self__, map_only=value.__name__ == "format_map"
-            )
+            return functools.partial(self._format, map_only=value is str.format_map)
         return value
 
     def _format(self, template: Any, /, *args: Any, map_only: bool = False, **kwargs: Any) -> str:
@@ -593,6 +614,11 @@ class Guards:
                 "want); define a new class with a `class` statement"
             )
         cls = type(args[0])
+        if issubclass(cls, types.GenericAlias | types.MethodType):
+            raise self.violation(
+                f"type() of a {cls.__name__} is off limits: it would make new ones that "
+                "forward attribute reads to any object"
+            )
         if issubclass(cls, type):
             raise self.violation("type() of a class is off limits: its metaclass makes classes")
         if cls.__module__.startswith("corral") and not issubclass(cls, BaseException):
@@ -611,6 +637,24 @@ class Guards:
             for name, value in vars(obj).items()
             if not name.startswith("_")
         }
+
+    def _make_class(
+        self, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any
+    ) -> type:
+        """Every `class` statement's metaclass. Making a class calls `__set_name__` on what
+        its body holds: a foreign property from a module would be renamed for every later
+        execution, so the class gets a copy; other foreign values with `__set_name__` are
+        refused."""
+        for key, value in list(namespace.items()):
+            if type(value) is property:
+                namespace[key] = property(value.fget, value.fset, value.fdel, value.__doc__)
+            elif hasattr(type(value), "__set_name__") and not own_object(value):
+                raise self.violation(
+                    f"`{key}` holds a {type(value).__name__} the connector did not make: "
+                    "a class body may not adopt it"
+                )
+        meta = types._calculate_meta(type, bases)  # type: ignore[attr-defined]
+        return meta(name, bases, namespace, **kwargs)
 
     def _open(self, *_args: Any, **_kwargs: Any) -> None:
         raise self.violation("open() is refused: connector code has no file system")
@@ -633,7 +677,7 @@ class Guards:
         return {
             "__builtins__": allowed_builtins,
             "__name__": CONNECTOR_MODULE,
-            "__metaclass__": type,
+            "__metaclass__": self._make_class,
             "_getattr_": self._getattr,
             "_getitem_": operator.getitem,
             "_getiter_": iter,

@@ -29,6 +29,7 @@ import queue
 import socket
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -109,8 +110,12 @@ def _leave_nothing_behind() -> bool:
     round (finalizers that leave new cycles each time: some of the execution's code
     would run in a later one), or the execution changed what cannot be put back.
     """
+    # The caches first: what they held of the execution (a key of its own class) is
+    # collected below with the rest, so its finalizers run before the state is reset.
     if _leftovers.WATCH is None:
         _clear_caches()
+    else:
+        _leftovers.reset()
     settled = False
     for _ in range(_GC_ROUNDS):
         if not gc.collect():
@@ -128,10 +133,17 @@ class _Job:
     """One execution handed to the execution thread."""
 
     def __init__(
-        self, run: Callable[[], tuple[int, dict[str, Any]]], end: Callable[[], None]
+        self,
+        run: Callable[[], tuple[int, dict[str, Any]]],
+        end: Callable[[], None],
+        guards: Any,
     ) -> None:
         self._run = run
         self._end = end  # closes the execution's capabilities once it has its result
+        # Every function, class, frame and generator of the connector holds its globals,
+        # which hold the guards: alive after the clean-up, something of the execution is
+        # kept somewhere, and could run in a later one.
+        self._guards = weakref.ref(guards)
         self.result: tuple[int, dict[str, Any]] | None = None
         self.tainted = False  # its leftovers would outlive it: the worker must go
         self.done = _thread.allocate_lock()
@@ -151,9 +163,10 @@ class _Job:
                 self.result = self._run()
             finally:
                 self._end()
-                self._run = _ran  # the request, params and globals go with it
+                self._run = self._end = _ran  # the request, params and globals go with them
             # the next execution starts from here
-            self.tainted = not _leave_nothing_behind() or self.tainted
+            clean = _leave_nothing_behind() and self._guards() is None
+            self.tainted = not clean or self.tainted
             _Job.clean_slate = True
         finally:
             self.done.release()
@@ -323,6 +336,7 @@ def serve(
         job = _Job(
             partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http),
             end,
+            guards,
         )
         # Only the job holds the execution's objects now: when it drops them, whatever the
         # code hung on them (a generator in the params) is finalized within the execution.
