@@ -349,6 +349,16 @@ def _definer(obj: Any, owner: Any, name: str) -> Any:
     return next((cls for cls in mro if name in vars(cls)), None)
 
 
+def _own_dict(obj: Any) -> dict[str, Any]:
+    """The attributes of the connector's own instance: its dict itself when every class it
+    derives from is its own (or object); else a copy without special names (a foreign
+    base may keep shared objects there: staticmethod's `__annotations__`)."""
+    held = vars(obj)
+    if all(own_object(cls) or cls is object for cls in type(obj).__mro__):
+        return held
+    return {name: value for name, value in held.items() if not is_dunder(name)}
+
+
 def _own_getattr(owner: Any) -> bool:
     """Whether the first `__getattr__` of `owner`'s class is the connector's own."""
     cls = owner if isinstance(owner, type) else type(owner)
@@ -507,6 +517,8 @@ class Guards:
                 "the methods a class may define and __name__, __qualname__, __doc__, "
                 "__class__ (of an instance), __dict__, __module__"
             )
+        if name == "__dict__" and not isinstance(owner, type):
+            return _own_dict(owner)
         value = getattr(obj, name, *default)
         if name in _OWN_SPECIAL:
             return value
@@ -563,6 +575,11 @@ class Guards:
                 or (name == "register" and isinstance(owner, abc.ABCMeta))
             ):
                 raise self.violation(f"`{name}` of {_described(owner)} is off limits: {_WHY[name]}")
+        elif kind is types.MethodType:  # ABCMeta.register is a Python method
+            if value.__name__ == "register" and isinstance(value.__self__, abc.ABCMeta):
+                raise self.violation(
+                    f"`register` of {_described(value.__self__)} is off limits: {_WHY['register']}"
+                )
         elif kind is types.MethodDescriptorType and (
             value is str.format or value is str.format_map
         ):
@@ -631,7 +648,7 @@ class Guards:
             raise self.violation("vars() needs the object whose attributes you want")
         (obj,) = args
         if own_object(obj) and not isinstance(obj, type):
-            return vars(obj)
+            return _own_dict(obj)
         return {
             name: self._guarded_value(value)
             for name, value in vars(obj).items()
