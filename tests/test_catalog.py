@@ -146,16 +146,16 @@ PROBLEM_CASES = {
         "connector.json", "$.id", "'other' differs from its folder's name 'demo'",
     ),
     "handlers.py breaks the sandbox policy": (
-        _write("handlers.py", HANDLERS.replace('{"answer": 42}', "params.__class__")),
-        "handlers.py", "$", 'policy_violation: Line 2: "__class__" is an invalid attribute',
+        _write("handlers.py", HANDLERS.replace('return {"answer": 42}', "params.__class__ = 1")),
+        "handlers.py", "$", 'policy_violation: Line 2: "__class__" cannot be assigned',
     ),
     "handlers.py imports what the sandbox refuses": (
         _write("handlers.py", "from os import path\nimport json, urllib.parse\n" + HANDLERS),
         "handlers.py", "line 1", "imports 'os.path', which connector code may not import",
     ),
     "handlers.py imports a name its module's view does not show": (
-        _write("handlers.py", "import json\nfrom functools import reduce, wraps\n" + HANDLERS),
-        "handlers.py", "line 2", "imports 'functools.wraps', which connector code may not",
+        _write("handlers.py", "import json\nfrom functools import update_wrapper\n" + HANDLERS),
+        "handlers.py", "line 2", "imports 'functools.update_wrapper', which connector code may not",
     ),
     "a params $ref that does not resolve": (
         _set(lambda d: d["actions"][1]["params"]["properties"], "tag",

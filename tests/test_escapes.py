@@ -37,7 +37,7 @@ import pytest
 
 import corral
 from corral import Limits, NodeSandbox
-from corral.config import DEFAULT_ALLOWED_IMPORTS
+from corral.config import DEFAULT_ALLOWED_IMPORTS, load_settings
 from corral.sandbox._policy import Guards, ImportPolicy, PolicyError, compile_connector
 
 LEAK = "corral.sandbox._child"  # a key of the child's sys.modules
@@ -427,7 +427,7 @@ def run(params, context):
     case("property-descriptor", getter_walk("N = str").replace(
         "def run(params, context):\n",
         "class Holder:\n    value = property(lambda self: leak())\ndef run(params, context):\n"
-        "    return Holder().value\ndef leak():\n", 1), expect="code_error"),
+        "    return Holder().value\ndef leak():\n", 1)),
     case("type-three-arg-metaclass", """
 def leak(cls):
     base = getattr(getattr(cls, '__mr' + 'o__')[-1], '__subcl' + 'asses__')
@@ -441,7 +441,7 @@ def run(params, context):
     found = leak(Leaky)
     log(found)
     return found
-""", expect="code_error"),
+"""),
     case("metaclass-keyword", SUBCLASS_WALK + """
 class Meta(type):
     def __call__(cls):
@@ -700,6 +700,7 @@ def run(params, context):
             found = list(getattr(json, name).sys.modules)
             log(found)
             return found
+    raise LookupError('dir() shows only what the view offers')
 """, expect="code_error"),
     case("log-function-globals", """
 def run(params, context):
@@ -749,8 +750,10 @@ WRITES = [
         "json.loads('1') == 'TAMPERED'", JSON_INTACT,
     )),
     case("vars-item-assignment-on-module-view", **tamper(
-        "json", "vars(json)['loads'] = lambda s: 'TAMPERED'", "json.loads('1') == 'TAMPERED'",
-        JSON_INTACT, swallow=False,
+        "json",
+        "vars(json)['loads'] = lambda s: 'TAMPERED'\n"
+        "assert json.loads('1') == 'TAMPERED', 'vars() gave a copy'",
+        "json.loads('1') == 'TAMPERED'", JSON_INTACT, swallow=False,
     ), expect="code_error"),
     case("object-__setattr__-on-module-view", **tamper(
         "json", "object.__setattr__(json, 'loads', lambda s: 'TAMPERED')",
@@ -778,11 +781,6 @@ def run(params, context):
         "uuid", "setattr(uuid.UUID, 'hex', 'TAMPERED')", "uuid.NAMESPACE_DNS.hex == 'TAMPERED'",
         ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
     )),
-    case("decimal-context-precision", **tamper(
-        "decimal", "decimal.getcontext().prec = 3",
-        "str(decimal.Decimal(1) / decimal.Decimal(3)) == '0.333'",
-        ("str(decimal.Decimal(1) / decimal.Decimal(3))", "0." + "3" * 28),
-    )),
     # The check puts len back: the child itself needs it to answer.
     case("builtins-dict-mutation", **tamper(
         "json",
@@ -808,7 +806,7 @@ def run(params, context):
     case("abc-register-via-getattr", **tamper(
         "collections", "getattr(collections.ChainMap.mro()[2], 'reg' + 'ister')(str)",
         "isinstance('', collections.ChainMap.mro()[2])",
-        ("isinstance('', collections.ChainMap.mro()[2])", False),
+        ("dict(collections.Counter('aba'))", {"a": 2, "b": 1}),  # (no mro(): it may be refused)
     )),
     # CPython refuses both writes on its own (built-in types are immutable): what counts
     # here is that asking is a policy violation.
@@ -1074,7 +1072,7 @@ def run(params, context):
     found = list(help.__call__.__globals__['sys'].modules)
     log(found)
     return found
-"""),
+""", expect=("code_error", "policy_violation")),
     # breakpoint() would start pdb on the child's stdin: nothing to show for it here.
     case("breakpoint", """
 def run(params, context):
@@ -1134,11 +1132,517 @@ def run(params, context):
          expect="code_error", plain=False),
 ]
 
+# What the widened language layer (own classes' special methods, `super`, `vars`, namedtuple's
+# public `_` names) must not hand out. An own class inherits `object.__setattr__` and the
+# special methods of any foreign base, unbound: called on a shared object they write it with
+# no guard. A worker then carries the change (and code the connector defined) into the next
+# execution: the first case rewrites the next request's source through `json.loads`.
+WIDENING = [
+    case("own-class-object-__setattr__-hijacks-next-request", **tamper(
+        "json",
+        """
+        class Own:
+            pass
+        def hook(d):
+            if 'source' in d and 'entry_point' in d:
+                d['source'] = "def run(params, context):\\n    return 'TAMPERED'\\n"
+            return d
+        Own.__setattr__(json.loads, '__kwdefaults__', {
+            'cls': None, 'object_hook': hook, 'parse_float': None, 'parse_int': None,
+            'parse_constant': None, 'object_pairs_hook': None})
+        """,
+        "json.loads('{\"source\": 1, \"entry_point\": 2}')['source'] != 1",
+        JSON_INTACT,
+    )),
+    case("own-class-object-__setattr__-retypes-shared-uuid", **tamper(
+        "uuid",
+        """
+        class Evil(uuid.UUID):
+            __slots__ = ()
+            def __str__(self):
+                return 'TAMPERED'
+        class Own:
+            pass
+        Own.__setattr__(uuid.NAMESPACE_URL, '__class__', Evil)
+        """,
+        "str(uuid.NAMESPACE_URL) == 'TAMPERED'",
+        ("str(uuid.NAMESPACE_URL)", "6ba7b811-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("own-class-object-__delattr__-on-shared-uuid", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        Own.__delattr__(uuid.NAMESPACE_X500, 'int')
+        """,
+        "not hasattr(uuid.NAMESPACE_X500, 'int')",
+        ("str(uuid.NAMESPACE_X500)", "6ba7b814-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("super-of-own-class-object-__setattr__", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        super(Own, Own).__setattr__(uuid.NAMESPACE_OID, 'int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    # A guard that hands out a functools.partial of the raw method hands it out whole:
+    # partial's public `args` and `func` give it back.
+    case("guarded-inherited-__setattr__-unwrapped", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        setter = Own.__setattr__
+        for route in ('args', 'func'):
+            try:
+                setter = getattr(setter, route)
+            except AttributeError:
+                continue
+            setter = setter[0] if route == 'args' else setter
+            break
+        setter(uuid.NAMESPACE_OID, 'int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("own-subclass-of-super-bound-to-shared-object", **tamper(
+        "uuid",
+        """
+        class Proxy(super):
+            pass
+        Proxy(uuid.UUID, uuid.NAMESPACE_OID).__setattr__('int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    case("foreign-base-__init__-through-own-subclass", **tamper(
+        "uuid",
+        """
+        class Mine(uuid.UUID):
+            __slots__ = ()
+        Mine.__init__(uuid.NAMESPACE_DNS, int=0x7A3E)
+        """,
+        "uuid.NAMESPACE_DNS.int == 0x7A3E",
+        ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
+    )),
+    case("property-__init__-reinitialises-shared-property", **tamper(
+        "uuid",
+        """
+        class Prop(property):
+            pass
+        Prop.__init__(vars(uuid.UUID)['hex'], lambda self: 'TAMPERED')
+        """,
+        "uuid.NAMESPACE_DNS.hex == 'TAMPERED'",
+        ("uuid.NAMESPACE_DNS.hex", "6ba7b8109dad11d180b400c04fd430c8"),
+    )),
+    case("classmethod-__init__-reinitialises-shared-classmethod", **tamper(
+        "collections",
+        """
+        class Method(classmethod):
+            pass
+        Method.__init__(vars(collections.Counter)['fromkeys'], lambda cls, *args: 'TAMPERED')
+        """,
+        "collections.Counter.fromkeys('ab') == 'TAMPERED'",
+        ("collections.Counter.fromkeys.__name__", "fromkeys"),
+    )),
+    # A namedtuple class's _field_defaults is one dict for every execution (a copy would
+    # end the payload at its assert; connector code may not read it at all). The after-run
+    # cannot read it either: it checks that the next execution works.
+    case("namedtuple-_field_defaults-shared-dict", **tamper(
+        "urllib.parse",
+        """
+        urllib.parse.SplitResult._field_defaults['stash'] = 'TAMPERED'
+        assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    case("namedtuple-instance-_field_defaults-shared-dict", **tamper(
+        "decimal",
+        """
+        decimal.Decimal(1).as_tuple()._field_defaults['stash'] = 'TAMPERED'
+        assert decimal.Decimal(2).as_tuple()._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "decimal.Decimal(3).as_tuple()._field_defaults.get('stash') == 'TAMPERED'",
+        ("decimal.Decimal(1).as_tuple().digits", [1]), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    # ... also through a connector class that inherits it.
+    case("own-subclass-reaches-foreign-_field_defaults", **tamper(
+        "urllib.parse",
+        """
+        class Mine(urllib.parse.SplitResult):
+            __slots__ = ()
+        Mine._field_defaults['stash'] = 'TAMPERED'
+        assert urllib.parse.SplitResult._field_defaults['stash'] == 'TAMPERED', 'a copy'
+        """,
+        "urllib.parse.SplitResult._field_defaults.get('stash') == 'TAMPERED'",
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"), swallow=False,
+    ), expect=("policy_violation", "code_error")),
+    # A slot named __del__ is a finalizer: CPython calls whatever the instance holds there
+    # when it is collected (maybe in a later execution). The instance's own, bound
+    # __setattr__ fills it (it checks no name).
+    case("slot-named-__del__-is-a-finalizer", """
+class Zombie:
+    __slots__ = ('__del__',)
+def run(params, context):
+    zombie = Zombie()
+    zombie.__setattr__('__del__', lambda: log('TAMPERED'))
+    del zombie
+    return 'collected'
+""", evidence=TAMPER),
+    case("slot-named-__getattribute__-via-super", """
+class Spy:
+    __slots__ = ('__getattribute__',)
+def run(params, context):
+    spy = Spy()
+    super(Spy, spy).__setattr__('__getattribute__', lambda name: 'TAMPERED')
+    found = spy.anything
+    log(found)
+    return found
+""", evidence=TAMPER),
+    # The child's own frames to the host go through json.dumps: a connector class swapped
+    # in as its default encoder forges the answer (here its logs).
+    case("json-dumps-kwdefaults-forges-the-answer-logs", """
+import json
+class Own:
+    pass
+class Forger(json.JSONEncoder):
+    def encode(self, o):
+        if isinstance(o, dict) and 'logs' in o:
+            o['logs'] = [['info', 'TAMPERED']]
+        return json.JSONEncoder.encode(self, o)
+def run(params, context):
+    Own.__setattr__(json.dumps, '__kwdefaults__', {
+        'skipkeys': False, 'ensure_ascii': True, 'check_circular': True, 'allow_nan': True,
+        'cls': Forger, 'indent': None, 'separators': None, 'default': None,
+        'sort_keys': False})
+    return 'forged'
+""", evidence=TAMPER),
+    # ... or its error: a violation the code caught comes out as a mere code_error.
+    case("json-dumps-kwdefaults-hides-a-violation", """
+import json
+class Own:
+    pass
+class Forger(json.JSONEncoder):
+    def encode(self, o):
+        if isinstance(o, dict) and 'type' in o:
+            o['type'], o['message'] = 'code_error', 'TAMPERED'
+        return json.JSONEncoder.encode(self, o)
+def run(params, context):
+    Own.__setattr__(json.dumps, '__kwdefaults__', {
+        'skipkeys': False, 'ensure_ascii': True, 'check_circular': True, 'allow_nan': True,
+        'cls': Forger, 'indent': None, 'separators': None, 'default': None,
+        'sort_keys': False})
+    try:
+        import os
+    except Exception:
+        pass
+    raise ValueError('the answer says what Forger wants')
+""", evidence=TAMPER),
+    # mro() of an enum class reaches Enum itself, and Enum's functional API builds a class
+    # from a dict: any special method, __del__ too (the allocations trigger a collection).
+    case("enum-functional-api-defines-__del__", """
+import re
+def define():
+    Enum = type(re.A).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', {'A': 1, '__del__': finalizer})
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    case("enum-functional-api-from-uuid-safety", """
+import uuid
+def define():
+    Enum = type(uuid.uuid4().is_safe).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', [('A', 1), ('__del__', finalizer)])
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    # `object` is a builtin now: a class pattern reads attributes with no guard.
+    case("match-class-pattern-reads-attributes", """
+def run(params, context):
+    match log:
+        case object(__globals__=table):
+            found = list(table['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("own-class-inherited-__getattribute__", """
+class Own:
+    pass
+def run(params, context):
+    found = list(Own.__getattribute__(log, '__globals__')['sys'].modules)
+    log(found)
+    return found
+"""),
+    case("metaclass-through-own-instance-__class__", SUBCLASS_WALK + """
+class Own:
+    pass
+def run(params, context):
+    found = host_modules(Own().__class__.__class__.__base__)
+    log(found)
+    return found
+"""),
+    # namedtuple() names the caller's module: its classes count as the connector's own.
+    case("own-namedtuple-method-globals", """
+import collections
+def run(params, context):
+    Point = collections.namedtuple('Point', 'x y')
+    found = list(Point.__repr__.__globals__['_sys'].modules)
+    log(found)
+    return found
+"""),
+    # Under the language layer str.format is a partial of the guards' own formatter, and
+    # `print` goes through a printer object bound to the guards; the module view's
+    # __getattr__ holds the real module. None of them exists without the layer.
+    case("format-partial-func-reaches-the-guards", """
+def run(params, context):
+    guards = '{}'.format.func.__self__
+    found = list(guards._imports._modules['json'].codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+    case("printer-object-reaches-the-guards", """
+def run(params, context):
+    print('x')
+    guards = _print._getattr_.__self__
+    found = list(guards._imports._modules['json'].codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+    case("module-view-retyped-to-own-module-class", """
+import json
+class Own:
+    pass
+class Module(type(json)):
+    pass
+def run(params, context):
+    Own.__setattr__(json, '__class__', Module)
+    real = json.__dict__['__getattr__'].__closure__[0].cell_contents
+    found = list(real.codecs.sys.modules)
+    log(found)
+    return found
+""", plain=False),
+
+    # --- Second review. ---
+    # Corral's error path formats the code's exception only after it looked at the tripwire:
+    # a violation the exception's own __str__ commits (and catches) is never reported.
+    case("exception-__str__-violates-after-the-tripwire-was-read", """
+class Loud(Exception):
+    def __str__(self):
+        try:
+            import sys
+            found = ' '.join(sys.modules)
+            log(found)
+            return found
+        except Exception:
+            return 'nothing to see'
+def run(params, context):
+    raise Loud()
+"""),
+    # type() of `list[int]` is types.GenericAlias: calling an alias calls its origin, then
+    # sets `__orig_class__` on whatever that returned, with no guard: a shared class or
+    # function gains an attribute every later execution sees (and keeps this one's lambda,
+    # its globals and guards alive for good).
+    case("generic-alias-call-writes-__orig_class__-on-shared-objects", **tamper(
+        "json",
+        """
+        Alias = type(list[int])
+        Alias(lambda: json.dumps, ())()
+        Alias(lambda: json.JSONEncoder, ())()
+        """,
+        "'__orig_class__' in dir(json.dumps) or '__orig_class__' in dir(json.JSONEncoder)",
+        ("'__orig_class__' in dir(json.dumps) or '__orig_class__' in dir(json.JSONEncoder)",
+         False),
+    )),
+    # A GenericAlias forwards every attribute it does not know to its origin, past the
+    # checks that look at the object asked (`mro` of a class, `register` of an ABC):
+    # `ChainMap[int]` is one, and type(list[int]) makes one of any class.
+    case("generic-alias-forwards-register-to-a-shared-abc", **tamper(
+        "collections, re",
+        "collections.ChainMap[int].register(re.Match)",
+        "isinstance(re.match('x', 'x'), collections.ChainMap)",
+        ("isinstance(re.match('x', 'x'), collections.ChainMap)", False),
+    )),
+    # (The clean run after it asks Counter, which treats a Mapping apart: a fix may refuse
+    # mro(), so that run cannot name Mapping itself.)
+    case("generic-alias-forwards-mro-then-register-to-mapping", **{
+        **tamper(
+            "collections, re",
+            """
+            Mapping = collections.ChainMap[int].mro()[2]
+            type(list[int])(Mapping, ()).register(re.Pattern)
+            """,
+            "isinstance(re.compile('x'), collections.ChainMap[int].mro()[2])",
+            JSON_INTACT,
+        ),
+        "after": ("""
+import collections
+import re
+def run(params, context):
+    try:
+        collections.Counter(a=1).update(re.compile('x'))
+    except AttributeError:
+        return 'a mapping'
+    except TypeError:
+        return 'not a mapping'
+""", "not a mapping"),
+    }),
+    case("generic-alias-forwards-mro-to-enum-functional-api-__del__", """
+import re
+def define():
+    Enum = type(list[int])(type(re.A), ()).mro()[-2]
+    def finalizer(member):
+        log('TAMPERED')
+    Enum('Evil', {'A': 1, '__del__': finalizer})
+def run(params, context):
+    define()
+    for _ in range(100):
+        junk = [[] for _ in range(1000)]
+    return 'collected'
+""", evidence=TAMPER),
+    # With Enum back in hand, a connector enum class (its module is the caller's) shows
+    # its metaclass's methods: `_private` finds no definer in the class's MRO for them and
+    # treats them as the connector's own. EnumType._convert_ reads sys.modules[module].
+    case("generic-alias-enum-metaclass-_convert_-reads-sys-modules", """
+import re
+def run(params, context):
+    Enum = type(list[int])(type(re.A), ()).mro()[-2]
+    Base = Enum('Base', [])
+    Leak = Base._convert_('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    # staticmethod() copies the wrapped object's __annotations__ into its own __dict__, by
+    # reference, and a connector subclass's instance shows its __dict__: json.dumps's
+    # annotations dict is one for every execution.
+    case("staticmethod-subclass-__dict__-holds-a-shared-annotations-dict", **{
+        **tamper(
+            "json",
+            """
+            class Copy(staticmethod):
+                pass
+            Copy(json.dumps).__dict__['__annotations__']['stash'] = 'TAMPERED'
+            """,
+            "'stash' in Copy(json.dumps).__dict__['__annotations__']",
+            JSON_INTACT,
+        ),
+        # The instance's __dict__ comes as a copy without special names: the check fails
+        # on the missing key (and so could any after-run that tried to read it).
+        "expect": ("policy_violation", "code_error"),
+    }),
+    # A bound method forwards what its type lacks to its __func__, and types.MethodType is
+    # type() of any bound method: bound to anything, a class answers for it.
+    case("method-type-forwards-register-to-a-shared-abc", **tamper(
+        "collections, re",
+        """
+        class Own:
+            def method(self):
+                pass
+        type(Own().method)(collections.ChainMap, 0).register(re.Match)
+        """,
+        "isinstance(re.match('x', 'x'), collections.ChainMap)",
+        ("isinstance(re.match('x', 'x'), collections.ChainMap)", False),
+    )),
+    case("method-type-forwards-mro-to-enum-_convert_", """
+import re
+class Own:
+    def method(self):
+        pass
+def run(params, context):
+    Enum = type(Own().method)(type(re.A), 0).mro()[-2]
+    Base = Enum('Base', [])
+    Leak = Base._convert_('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    # A connector subclass of GenericAlias is the connector's own object, and its getattr
+    # is GenericAlias's, which asks the origin: a `_` name it finds nowhere in the subclass's
+    # MRO (no definer) passes `_private` as the connector's own, read on any object.
+    case("own-generic-alias-subclass-reads-_convert_-of-a-foreign-enum", """
+import uuid
+class Forward(type(list[int])):
+    pass
+def run(params, context):
+    convert = Forward(type(uuid.uuid4().is_safe), ())._convert_
+    Leak = convert('Leak', 'uuid', lambda name: name == 'sys')
+    found = list(Leak.sys.value.modules)
+    log(found)
+    return found
+"""),
+    case("own-generic-alias-subclass-reaches-a-shared-_field_defaults", **tamper(
+        "urllib.parse",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(urllib.parse.SplitResult, ())._field_defaults['stash'] = 'TAMPERED'
+        """,
+        "'stash' in Forward(urllib.parse.SplitResult, ())._field_defaults",
+        ("urllib.parse.urlsplit('http://a/b').path", "/b"),
+    )),
+    # ... and `__dict__`, which the connector's own objects show, is the origin's: any
+    # object's attributes, written past the write guard (a shared enum member's name).
+    case("own-generic-alias-subclass-__dict__-is-any-objects-dict", **tamper(
+        "re",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(re.I, ()).__dict__['_name_'] = 'TAMPERED'
+        """,
+        "repr(re.I) == 're.TAMPERED'",
+        ("repr(re.I)", "re.IGNORECASE"),
+    )),
+    # super.__init__, bound to the connector's own super subclass, binds it anew: to a
+    # shared object, after the guard saw it bound to the connector's own (refused today: the
+    # guard reads the binding again at every access; kept so that it stays so).
+    case("own-super-subclass-rebound-to-a-shared-object-by-its-own-__init__", **tamper(
+        "uuid",
+        """
+        class Own:
+            pass
+        class Proxy(super):
+            pass
+        proxy = Proxy(Own, Own())
+        super(Proxy, proxy).__init__(uuid.UUID, uuid.NAMESPACE_OID)
+        proxy.__setattr__('int', 0x7A3E)
+        """,
+        "uuid.NAMESPACE_OID.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_OID)", "6ba7b812-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+    # ... as are the special methods a class may define that GenericAlias itself lacks
+    # (`__get__`, `__set__`, ...): a slot's member descriptor, which vars() shows, sets it
+    # on a shared UUID past UUID's own __setattr__.
+    case("own-generic-alias-subclass-__set__-of-a-slot-descriptor", **tamper(
+        "uuid",
+        """
+        class Forward(type(list[int])):
+            pass
+        Forward(vars(uuid.UUID)['int'], ()).__set__(uuid.NAMESPACE_X500, 0x7A3E)
+        """,
+        "uuid.NAMESPACE_X500.int == 0x7A3E",
+        ("str(uuid.NAMESPACE_X500)", "6ba7b814-9dad-11d1-80b4-00c04fd430c8"),
+    )),
+]
+
 # fmt: on
 
 CORPUS = (
     FRAMES + SUBCLASSES + FORMATS + MODULE_WALKS + WRITES + GUARD_NAMES + IMPORTS + SOURCE_TRICKS
-)
+) + WIDENING
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1226,6 +1730,236 @@ def test_from_import_never_falls_back_on_sys_modules():
         leaked = namespace["run"]({}, {})
     assert leaked is None
     assert guards.violations
+
+
+# ---------------------------------------------------------------------------------------------
+# Later executions. What an execution leaves on a warm worker must neither run nor show in the
+# executions that follow it. The payload itself may well succeed (a fix may let it, and retire
+# the worker or drop what it left): the checks are that no evidence shows in its own answer,
+# and that clean executions after it, in the same sandbox, give their usual output.
+
+
+@dataclass(frozen=True)
+class Later:
+    """A payload, a clean execution run `runs` times after it, and what that one must give.
+
+    `plain`: without the language layer the payload does change what the clean runs give
+    (on a worker); False where the technique needs the language layer itself.
+    """
+
+    code: str
+    after: str
+    expected: Any
+    runs: int = 2
+    plain: bool = True
+
+
+def later(id: str, code: str, after: str, expected: Any, runs: int = 2, plain: bool = True) -> Any:
+    body = textwrap.dedent(code).lstrip("\n")
+    clean = textwrap.dedent(after).lstrip("\n")
+    return pytest.param(Later(body, clean, expected, runs, plain), id=id)
+
+
+#: A clean execution whose answer depends on the execution thread's decimal context.
+DECIMAL_THIRD = """
+import decimal
+def run(params, context):
+    return str(decimal.Decimal(1) / decimal.Decimal(3))
+"""
+THIRD = "0." + "3" * 28
+
+# fmt: off
+# Cases marked plain=False hold with the language layer off too: the worker collects what
+# the caches held before it resets the state, and retires when anything of the execution
+# (its globals, through any function, frame or generator) survives the clean-up.
+LATER = [
+    # The worker resets the decimal context, then empties re's cache. A connector str held
+    # only by that cache dies in the reset, and with it a generator suspended in `try`:
+    # its `finally` (the connector's code) runs after the context was reset.
+    later("finalizer-held-by-re-cache-runs-in-the-worker-reset", """
+import decimal
+import re
+class Key(str):
+    pass
+def linger():
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+def run(params, context):
+    key = Key('lingering-pattern')
+    key.gen = linger()
+    next(key.gen)
+    re.compile(key)
+    return 'planted'
+""", DECIMAL_THIRD, THIRD, plain=False),
+    # ... with no guard to pass at all when it runs: leaving `with localcontext()` puts back
+    # the context saved on entry (this execution's, at prec 3) as the thread's context.
+    later("localcontext-exit-held-by-urlsplit-cache-restores-a-stale-context", """
+import decimal
+import urllib.parse
+class Url(str):
+    pass
+def linger():
+    with decimal.localcontext(prec=3):
+        yield 1
+def run(params, context):
+    decimal.getcontext().prec = 3
+    url = Url('http://lingering/')
+    url.gen = linger()
+    next(url.gen)
+    urllib.parse.urlsplit(url)
+    decimal.getcontext().prec = 28
+    return 'planted'
+""", DECIMAL_THIRD, THIRD, plain=False),
+    # ... held by an enum's value map (a Flag pseudo-member keeps the connector's int).
+    later("finalizer-held-by-a-flag-pseudo-member-runs-in-the-worker-reset", """
+import decimal
+import re
+class Bits(int):
+    pass
+def linger():
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+def run(params, context):
+    bits = Bits(1 << 20)
+    bits.gen = linger()
+    next(bits.gen)
+    type(re.A)(bits)
+    return 'planted'
+""", DECIMAL_THIRD, THIRD, plain=False),
+    # ... or a cycle the cache kept through the collections after the execution: garbage
+    # once the reset empties the cache, collected whenever a later execution allocates.
+    later("cycle-held-by-re-cache-is-collected-in-a-later-execution", """
+import decimal
+import re
+class Key(str):
+    pass
+def linger(key):
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+def run(params, context):
+    key = Key('lingering-cycle')
+    key.gen = linger(key)
+    next(key.gen)
+    re.compile(key)
+    return 'planted'
+""", """
+import decimal
+def run(params, context):
+    rows = [[] for _ in range(300000)]
+    return str(decimal.Decimal(1) / decimal.Decimal(3))
+""", THIRD, runs=1, plain=False),
+    # print() hands the printer what __str__ returned, a connector str subclass included:
+    # its methods run in the printer, and put a connector dict into the pending logs, which
+    # the worker's control thread encodes (items() runs) after the answer, past the reset.
+    # There the dict sees that its execution's log is closed, and plants a finalizer that
+    # runs in the next execution's reset (so the one after that sees prec 3).
+    later("printed-str-subclass-runs-code-after-the-answer", """
+import decimal
+import re
+class Key(str):
+    pass
+def linger():
+    try:
+        yield 1
+    finally:
+        decimal.getcontext().prec = 3
+class Late(dict):
+    def items(self):
+        key = Key('planted-after-the-answer')
+        key.gen = linger()
+        next(key.gen)
+        re.compile(key)
+        try:
+            log('still open')
+        except RuntimeError:
+            return [('after-the-end', 'TAMPERED')]
+        return [('during', 'the execution')]
+class Line:
+    def split(self, sep):
+        return [Late(a=1), '']
+class Text(str):
+    def encode(self, *args):
+        return b''
+    def __contains__(self, part):
+        return True
+    def __radd__(self, other):
+        return Line()
+class Shown:
+    def __str__(self):
+        return Text('shown')
+def run(params, context):
+    print(Shown())
+    return 'printed'
+""", DECIMAL_THIRD, THIRD, plain=False),  # without the layer print() writes to /dev/null
+    # A class body holding a foreign property calls its __set_name__: the property the
+    # shared class holds takes the connector's name, in every later error message.
+    later("class-body-property-__set_name__-renames-a-shared-property", """
+import urllib.parse
+class Namer:
+    TAMPERED = urllib.parse.SplitResult.hostname
+def run(params, context):
+    return 'renamed'
+""", """
+import urllib.parse
+class Mine(urllib.parse.SplitResult):
+    pass
+def run(params, context):
+    try:
+        Mine('http', 'a', '/', '', '').hostname = 'b'
+    except AttributeError as exc:
+        return str(exc)
+""", "property 'hostname' of 'Mine' object has no setter", runs=1),
+]
+# fmt: on
+
+
+def _run_texts(sandbox: NodeSandbox, code: str) -> str:
+    try:
+        result = sandbox.execute_sync(code, params={"id": 1}, timeout_ms=TIMEOUT_MS, limits=LIMITS)
+    except corral.SandboxError as error:
+        return _texts(error)
+    return _texts(None, result)
+
+
+@pytest.mark.parametrize("case", LATER)
+def test_nothing_reaches_a_later_execution(sandbox, case):
+    """The payload shows no evidence, and clean executions after it give their usual output."""
+    text = _run_texts(sandbox, case.code)
+    for evidence in EVIDENCE:
+        assert evidence not in text, f"the payload produced {evidence!r}: {text[:2000]}"
+    for run in range(case.runs):
+        output = sandbox.execute_sync(case.after, timeout_ms=TIMEOUT_MS).output
+        assert output == case.expected, f"clean run {run + 1} after the payload: {output!r}"
+
+
+@pytest.fixture
+def plain_worker() -> Any:
+    """A worker with the language layer off: state carries from one execution to the next."""
+    with NodeSandbox(
+        executor="worker",
+        limits=Limits(max_memory_mb=64),
+        settings=load_settings(),
+        _unsafe_layers_off={"language"},
+    ) as box:
+        yield box
+
+
+@pytest.mark.parametrize("case", [p for p in LATER if p.values[0].plain])
+def test_later_payload_works_without_the_language_layer(plain_worker, case):
+    """Without the language layer the payload does change what a later execution gives:
+    the case above tests the worker's reset and the policy, not a broken payload."""
+    _run_texts(plain_worker, case.code)
+    outputs = [
+        plain_worker.execute_sync(case.after, timeout_ms=TIMEOUT_MS).output
+        for _ in range(case.runs)
+    ]
+    assert any(output != case.expected for output in outputs), outputs
 
 
 # ---------------------------------------------------------------------------------------------

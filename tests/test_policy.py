@@ -64,7 +64,7 @@ def test_views_show_exactly_their_allowlist():
 
 @pytest.mark.parametrize(
     "route",
-    ["functools.update_wrapper", "functools.wraps", "functools.singledispatch",
+    ["functools.update_wrapper", "functools.singledispatch",
      "collections.UserString", "time.clock_settime", "time.tzset", "base64.main",
      "uuid.uuid1", "string.Formatter", "json.load"],
 )  # fmt: skip
@@ -79,7 +79,7 @@ def test_known_dangerous_callables_are_not_shown(route):
     [
         ("def run(p, c):\n    return 1\n", None),
         ("def run(p, c)\n    return 1\n", "code_error"),
-        ("def run(p, c):\n    return p.__class__\n", "policy_violation"),
+        ("def run(p, c):\n    p.__class__ = 1\n", "policy_violation"),
         ("def run(p, c):\n    exec('1')\n", "policy_violation"),
         ("x = (" * 500 + ")" * 500, "code_error"),
     ],
@@ -131,9 +131,7 @@ def test_views_hold_no_mutable_containers():
 
 def test_several_refusals_read_as_one_sentence_each():
     """Compile refusals are joined with '; ' and no stray '.;' between them."""
-    _, error_type, message = compile_connector("_x = 1\n_y = 2\n")
+    _, error_type, message = compile_connector("_x_ = 1\n_y_ = 2\n")
     assert error_type == "policy_violation"
     assert ".;" not in message
-    assert (
-        message.startswith('Line 1: "_x" is an invalid variable name') and "; Line 2: " in message
-    )
+    assert message.startswith('Line 1: "_x_" is reserved') and "; Line 2: " in message

@@ -104,8 +104,8 @@ def test_missing_entry_point_is_invalid_input(sandbox):
     ("code", "needle"),
     [
         ("import os\ndef run(params, context):\n    return 1\n", "`os` is not importable"),
-        ("def run(params, context):\n    return ().__class__\n", '"__class__"'),
-        ("def run(params, context):\n    return '{0}'.format(1)\n", "format"),
+        ("def run(params, context):\n    return ().__class__\n", "`__class__` of a tuple"),
+        ("def run(params, context):\n    return '{0.__class__}'.format(1)\n", "`__class__` of a"),
         ("import json\ndef run(params, context):\n    json.dumps = None\n", "module json"),
         (
             "def run(params, context):\n    try:\n        import socket\n"
@@ -116,7 +116,8 @@ def test_missing_entry_point_is_invalid_input(sandbox):
     ids=["import-os", "dunder", "str-format", "module-write", "caught-import"],
 )
 def test_policy_violations(sandbox, code, needle):
-    """Forbidden imports, dunders, str.format and module writes end as policy_violation."""
+    """Forbidden imports, dunders (also through str.format) and module writes end as
+    policy_violation."""
     error = expect(sandbox, "policy_violation", code)
     assert needle in error.message
 

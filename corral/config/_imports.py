@@ -4,8 +4,9 @@ Standard library only: the sandbox's child side reads this table too.
 
 The table is an allowlist on purpose. A module's public surface holds more
 than pure functions: `functools.update_wrapper` copies attributes the
-caller names (`__globals__` included), `functools.singledispatch` evaluates
-string annotations with the plain compiler, `collections.UserString.format`
+caller names (`__globals__` included; the view's `wraps` is corral's own, which
+copies three names), `functools.singledispatch` evaluates string annotations
+with the plain compiler, `collections.UserString.format`
 walks attributes from a format string, `time.clock_settime` sets the host's
 clock. A name is listed here only when it cannot reach the host whatever it
 is called with, and no class listed holds a mutable container (one execution
@@ -35,7 +36,7 @@ SAFE_MODULES: Mapping[str, str] = {
     "Overflow Rounded Underflow FloatOperation localcontext getcontext ROUND_05UP "
     "ROUND_CEILING ROUND_DOWN ROUND_FLOOR ROUND_HALF_DOWN ROUND_HALF_EVEN ROUND_HALF_UP "
     "ROUND_UP",
-    "functools": "cache cmp_to_key lru_cache partial partialmethod reduce total_ordering",
+    "functools": "cache cmp_to_key lru_cache partial partialmethod reduce total_ordering wraps",
     "hashlib": "algorithms_available algorithms_guaranteed blake2b blake2s md5 new pbkdf2_hmac "
     "sha1 sha224 sha256 sha384 sha3_224 sha3_256 sha3_384 sha3_512 sha512 shake_128 "
     "shake_256",

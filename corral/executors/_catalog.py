@@ -190,7 +190,7 @@ def check_catalog(
 
 def _refused_imports(source: str, allowed: frozenset[str]) -> Iterator[tuple[int, str]]:
     """(line, name) of each import in `source` the sandbox would refuse: a module outside
-    `allowed`, or a name its view does not show (`from functools import wraps`). A package
+    `allowed`, or a name its view does not show (`from functools import update_wrapper`). A package
     that only holds allowed modules (`urllib` of `urllib.parse`) may be named on the way."""
 
     def importable(name: str) -> bool:

@@ -126,7 +126,9 @@ class _Logs:
 def _make_log(logs: _Logs) -> Any:
     def log(*parts: Any, level: str = "info") -> None:
         """Record a log line: the parts joined by spaces, as print() would."""
-        logs.add(str(level), " ".join(str(part) for part in parts))
+        # Plain str copies: a str subclass of the connector's would carry its methods into
+        # code that runs after the execution (the heartbeat, the answer, the next one).
+        logs.add(str.__str__(str(level)), " ".join([str(part) for part in parts]))
 
     return log
 
@@ -140,7 +142,8 @@ def _make_printer(logs: _Logs) -> type:
             self.txt: list[str] = []
 
         def write(self, text: str) -> None:
-            self.txt.append(text)
+            text = str.__str__(text)  # a plain copy: a str subclass would run its methods
+            self.txt.append(text)  # here and in what reads the logs after the execution
             logs.write(text)
 
         def __call__(self) -> str:
@@ -341,6 +344,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}{': ' if text else ''}{text}{_where(exc)}"
 
 
+def _attribute(exc: BaseException, name: str) -> Any:
+    """`exc.name`, or None when reading it fails (it may be the connector's property)."""
+    try:
+        return getattr(exc, name, None)
+    except BaseException:
+        return None
+
+
 class _Unserialisable(Exception):
     """The return value cannot be JSON."""
 
@@ -414,23 +425,25 @@ def _execute(
         if not guards.violations:
             return proto.ERROR, {"type": "memory_limit", "message": "the memory limit was reached"}
     except HTTPError as exc:  # raise_for_status() or a failed request, left uncaught
+        # First: all three may run connector code, which may trip the policy. The code may
+        # have raised one itself, with anything in it: plain values only.
+        message = _describe(exc)
+        status, retry_after = _attribute(exc, "status_code"), _attribute(exc, "retry_after")
         if not guards.violations:
-            # The code may have raised one itself, with anything in it: plain values only.
-            status = getattr(exc, "status_code", None)
-            retry_after = getattr(exc, "retry_after", None)
             return proto.ERROR, {
                 "type": "http_error",
                 "status": status if type(status) is int and 100 <= status < 600 else None,
                 "retry_after": retry_after if type(retry_after) is str else None,
-                "message": _describe(exc),
+                "message": message,
             }
     except _Unserialisable as exc:
         if not guards.violations:
             message = f"the return value is not JSON-serialisable: {_truncated(str(exc))}"
             return proto.ERROR, {"type": "code_error", "message": message}
     except BaseException as exc:  # the code's own failure, whatever it raised
+        message = _describe(exc)  # first: the message may be connector code that trips
         if not guards.violations:
-            return proto.ERROR, {"type": "code_error", "message": _describe(exc)}
+            return proto.ERROR, {"type": "code_error", "message": message}
     if guards.violations:
         return proto.ERROR, {
             "type": "policy_violation",

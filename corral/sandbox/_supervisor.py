@@ -440,8 +440,8 @@ class Supervisor:
     def conclude(self) -> ExecutionResult:
         """The result, or raise the SandboxError the execution ended with.
 
-        Everything that leaves is masked in one pass, the log lines then the output (or
-        the error message), so a secret split across them is caught too.
+        Everything that leaves is masked in one pass (each log line's level and message,
+        then the output or the error message), so a secret split across them is caught.
         """
         redact = Redactor(self.request.secrets)
         outcome = self.outcome
@@ -454,19 +454,16 @@ class Supervisor:
             error, message = self._death_cause()
         elif outcome[0] == proto.ERROR:
             error, message = _reported_error(outcome[1], self.child_errors)
-        messages = [message for _, message in self.logs]
         if error is None:
             assert outcome is not None
-            output = redact.value(
-                outcome[1].get("output"), may_hold_surrogates=self.may_hold_surrogates,
-                before=messages,
-            )  # fmt: skip
+            masked = redact.execution(
+                self.logs, outcome[1].get("output"), may_hold_surrogates=self.may_hold_surrogates
+            )
+            output = masked.output
         else:
-            *messages, message = redact.texts([*messages, message])
-        logs = [
-            LogEntry(redact.text(level), text)
-            for (level, _), text in zip(self.logs, messages, strict=True)
-        ]
+            masked = redact.execution(self.logs, error=message)
+            message = masked.error or ""
+        logs = [LogEntry(level, text) for level, text in masked.logs]
         usage = self._usage()
         if error is None:
             return ExecutionResult(

@@ -10,9 +10,11 @@ a loop in C that holds the GIL does not even let this thread run — the host
 ends by killing the worker.
 
 Nothing one execution leaves survives it: every execution gets fresh
-globals and fresh module views (which hold no mutable containers), and the
-execution thread's decimal context, the random module's state and the re
-module's caches are reset before it starts.
+globals and fresh module views (which hold no mutable containers); after it,
+the finalizers of what it left run, the execution thread's decimal context
+and the random module's state are reset, and so is every interpreter-wide
+structure allowed code can write (`_leftovers`: caches, enum maps, the codec
+and ABC caches, rebound globals). What cannot be put back retires the worker.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import queue
 import socket
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from corral.sandbox import _leftovers
 from corral.sandbox import _protocol as proto
 from corral.sandbox._child import (
     _PR_SET_PDEATHSIG,
@@ -52,6 +56,7 @@ from corral.sandbox._http import make_http
 from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
 GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
+SETTLE_S = 1.0  # how long the clean-up after a stopped execution may take
 _CPU_CHECK_FLOOR_S = 0.002
 # PyThreadState_SetAsyncExc(thread id, exception type), and with NULL to withdraw it.
 _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
@@ -98,19 +103,26 @@ def _reset_state() -> None:
 def _leave_nothing_behind() -> bool:
     """After an execution: clear the caches, run now the finalizers of what it left in
     cycles (a generator's `finally`, a context's exit), then reset the state they may
-    have touched. While this runs, the execution is still watched and stoppable.
+    have touched and every interpreter-wide structure of `_leftovers`. While this runs,
+    the execution is still watched and stoppable.
 
-    False when garbage was still being made after the last round (finalizers that leave
-    new cycles each time): some of the execution's code would run in a later one.
+    False when the worker must retire: garbage was still being made after the last
+    round (finalizers that leave new cycles each time: some of the execution's code
+    would run in a later one), or the execution changed what cannot be put back.
     """
-    _clear_caches()
+    # The caches first: what they held of the execution (a key of its own class) is
+    # collected below with the rest, so its finalizers run before the state is reset.
+    if _leftovers.WATCH is None:
+        _clear_caches()
+    else:
+        _leftovers.reset()
     settled = False
     for _ in range(_GC_ROUNDS):
         if not gc.collect():
             settled = True
             break
     _reset_state()
-    return settled
+    return _leftovers.reset() and settled
 
 
 def _ran() -> tuple[int, dict[str, Any]]:
@@ -121,10 +133,17 @@ class _Job:
     """One execution handed to the execution thread."""
 
     def __init__(
-        self, run: Callable[[], tuple[int, dict[str, Any]]], end: Callable[[], None]
+        self,
+        run: Callable[[], tuple[int, dict[str, Any]]],
+        end: Callable[[], None],
+        guards: Any,
     ) -> None:
         self._run = run
         self._end = end  # closes the execution's capabilities once it has its result
+        # Every function, class, frame and generator of the connector holds its globals,
+        # which hold the guards: alive after the clean-up, something of the execution is
+        # kept somewhere, and could run in a later one.
+        self._guards = weakref.ref(guards)
         self.result: tuple[int, dict[str, Any]] | None = None
         self.tainted = False  # its leftovers would outlive it: the worker must go
         self.done = _thread.allocate_lock()
@@ -137,15 +156,17 @@ class _Job:
     def __call__(self) -> None:
         try:
             SLEEP_CUT.clear()
-            if not _Job.clean_slate:
-                _leave_nothing_behind()
+            if not _Job.clean_slate and not _leave_nothing_behind():
+                self.tainted = True  # (serve() settles a stopped execution before this)
             _Job.clean_slate = False
             try:
                 self.result = self._run()
             finally:
                 self._end()
-                self._run = _ran  # the request, params and globals go with it
-            self.tainted = not _leave_nothing_behind()  # the next execution starts from here
+                self._run = self._end = _ran  # the request, params and globals go with them
+            # the next execution starts from here
+            clean = _leave_nothing_behind() and self._guards() is None
+            self.tainted = not clean or self.tainted
             _Job.clean_slate = True
         finally:
             self.done.release()
@@ -262,6 +283,21 @@ class _Verdict:
                 self.executor.stop()  # again: the code may have caught the first one
 
 
+def _nothing() -> tuple[int, dict[str, Any]]:
+    return proto.RESULT, {}
+
+
+def _settled(executor: _ExecutionThread) -> bool:
+    """After an execution a stop cut short (its clean-up did not run): run the clean-up
+    now, before the answer; False when the worker must retire (it found what cannot be
+    put back, or did not finish within SETTLE_S)."""
+    if _Job.clean_slate:
+        return True
+    cleanup = _Job(_nothing, lambda: None)
+    executor.submit(cleanup)
+    return cleanup.done.acquire(timeout=SETTLE_S) and not cleanup.tainted
+
+
 def serve(
     spec: dict[str, Any],
     cache: CompileCache,
@@ -280,6 +316,8 @@ def serve(
     executor = _ExecutionThread(start_thread)
     lock_down(spec)
     _reset_state()
+    if _leftovers.WATCH is not None:
+        _leftovers.WATCH.baseline()  # what every execution of this worker starts from
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:
         if frame[0] != proto.REQUEST:
@@ -298,6 +336,7 @@ def serve(
         job = _Job(
             partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http),
             end,
+            guards,
         )
         # Only the job holds the execution's objects now: when it drops them, whatever the
         # code hung on them (a generator in the params) is finalized within the execution.
@@ -310,7 +349,7 @@ def serve(
         else:
             assert job.result is not None
             kind, message = job.result
-        leaving = stuck or job.tainted
+        leaving = stuck or job.tainted or not _settled(executor)
         if leaving:
             message["leaving"] = True  # the host must not hand this worker another execution
         answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from corral.sandbox import _child, _worker  # noqa: F401 - _worker: spares may become workers
+from corral.sandbox import _child, _leftovers, _worker  # noqa: F401 - _worker: spares may become workers
 from corral.sandbox import _confine as confine
 from corral.sandbox import _protocol as proto
 from corral.sandbox._cgroups import Hierarchy
@@ -57,6 +57,7 @@ class Zygote:
             COMPILE_CACHE_SIZE, COMPILE_CACHE_BYTES, _child.FILENAME, plain=plain
         )
         self.cache.get(_child.WARM_SOURCE)  # warms the compiler; every spare runs it once
+        _leftovers.prepare()  # what a worker resets after each execution; lazy imports ahead
         self.pid = os.getpid()
         self.initial_spares = int(config["spares"])
 
