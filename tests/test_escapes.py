@@ -1677,6 +1677,28 @@ def run(params, context):
         ),
         "expect": ("policy_violation", "code_error"),
     }),
+    # A return value json cannot encode is described after the tripwire was read: the
+    # TypeError its own dict's items() raised says a str subclass, whose __str__ (the
+    # connector's) runs when the message is made, and its caught violation is never reported.
+    case("unserialisable-output-message-violates-after-the-tripwire-was-read", """
+class Message(str):
+    def __str__(self):
+        try:
+            import sys
+            found = ' '.join(sys.modules)
+            log(found)
+            return found
+        except Exception:
+            return 'nothing to see'
+class Unencodable(TypeError):
+    def __str__(self):
+        return Message('unencodable')
+class Output(dict):
+    def items(self):
+        raise Unencodable()
+def run(params, context):
+    return Output(a=1)
+"""),
 ]
 
 # fmt: on
