@@ -1636,6 +1636,69 @@ def run(params, context):
         "uuid.NAMESPACE_X500.int == 0x7A3E",
         ("str(uuid.NAMESPACE_X500)", "6ba7b814-9dad-11d1-80b4-00c04fd430c8"),
     )),
+
+    # --- Third review. ---
+    # An own class's __dict__ is its real mappingproxy: it holds the `__dict__` descriptor
+    # CPython made for the class's instances. Installed in a class that also derives from
+    # staticmethod, that descriptor reads the staticmethod's real dict, past the copy
+    # `_own_dict` makes: json.dumps's own (shared) __annotations__ dict is in it.
+    case("own-class-__dict__-descriptor-reads-a-staticmethods-real-dict", **{
+        **tamper(
+            "json",
+            """
+            class Own:
+                pass
+            class Peek(staticmethod, Own):
+                seen = Own.__dict__['__dict__']
+            Peek(json.dumps).seen['__annotations__']['stash'] = 'TAMPERED'
+            """,
+            "'stash' in Peek(json.dumps).seen['__annotations__']",
+            JSON_INTACT,
+        ),
+        # A fix that hands out a copy without the descriptor leaves Peek undefined.
+        "expect": ("policy_violation", "code_error"),
+    }),
+    # ... or from `super(Own, Own).__dict__`, which for a class deriving from staticmethod is
+    # staticmethod's own `__dict__` descriptor (it applies to any staticmethod), set on an
+    # own class after it was made (no class body sees it).
+    case("super-of-own-class-__dict__-is-staticmethods-__dict__-descriptor", **{
+        **tamper(
+            "json",
+            """
+            class Mine(staticmethod):
+                pass
+            class Peek(staticmethod):
+                pass
+            Peek.seen = super(Mine, Mine).__dict__
+            Peek(json.dumps).seen['__annotations__']['stash'] = 'TAMPERED'
+            """,
+            "'stash' in Peek(json.dumps).seen['__annotations__']",
+            JSON_INTACT,
+        ),
+        "expect": ("policy_violation", "code_error"),
+    }),
+    # A return value json cannot encode is described after the tripwire was read: the
+    # TypeError its own dict's items() raised says a str subclass, whose __str__ (the
+    # connector's) runs when the message is made, and its caught violation is never reported.
+    case("unserialisable-output-message-violates-after-the-tripwire-was-read", """
+class Message(str):
+    def __str__(self):
+        try:
+            import sys
+            found = ' '.join(sys.modules)
+            log(found)
+            return found
+        except Exception:
+            return 'nothing to see'
+class Unencodable(TypeError):
+    def __str__(self):
+        return Message('unencodable')
+class Output(dict):
+    def items(self):
+        raise Unencodable()
+def run(params, context):
+    return Output(a=1)
+"""),
 ]
 
 # fmt: on
