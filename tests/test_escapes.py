@@ -1698,7 +1698,8 @@ class Output(dict):
         raise Unencodable()
 def run(params, context):
     return Output(a=1)
-"""),
+""", expect=("policy_violation", "code_error"), plain=False),  # the message is made plain at
+    # once (str.__str__), which never calls Message.__str__: with or without the layer
 ]
 
 # fmt: on

@@ -360,9 +360,11 @@ def _own_dict(obj: Any) -> dict[str, Any]:
 
 
 def _own_getattr(owner: Any) -> bool:
-    """Whether the first `__getattr__` of `owner`'s class is the connector's own."""
-    cls = owner if isinstance(owner, type) else type(owner)
-    found = next((c for c in cls.__mro__ if "__getattr__" in vars(c)), None)
+    """Whether `owner` is an instance whose class's first `__getattr__` is the connector's
+    own (a class's `__getattr__` answers for its instances, not for the class)."""
+    if isinstance(owner, type):
+        return False
+    found = next((c for c in type(owner).__mro__ if "__getattr__" in vars(c)), None)
     return found is not None and own_object(found)
 
 
@@ -517,7 +519,9 @@ class Guards:
                 "the methods a class may define and __name__, __qualname__, __doc__, "
                 "__class__ (of an instance), __dict__, __module__"
             )
-        if name == "__dict__" and not isinstance(owner, type):
+        if name == "__dict__":  # copies without special names: a class's would hold the
+            if isinstance(owner, type):  # `__dict__` descriptor of its instances, usable on any
+                return {k: v for k, v in vars(owner).items() if not is_dunder(k)}
             return _own_dict(owner)
         value = getattr(obj, name, *default)
         if name in _OWN_SPECIAL:

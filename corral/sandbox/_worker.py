@@ -125,6 +125,11 @@ def _leave_nothing_behind() -> bool:
     return _leftovers.reset() and settled
 
 
+def _gone() -> None:
+    """A job with no execution's guards to watch (the settling after a stop)."""
+    return None
+
+
 def _ran() -> tuple[int, dict[str, Any]]:
     raise RuntimeError("this job has run")
 
@@ -136,14 +141,14 @@ class _Job:
         self,
         run: Callable[[], tuple[int, dict[str, Any]]],
         end: Callable[[], None],
-        guards: Any,
+        guards: Any = None,
     ) -> None:
         self._run = run
         self._end = end  # closes the execution's capabilities once it has its result
         # Every function, class, frame and generator of the connector holds its globals,
         # which hold the guards: alive after the clean-up, something of the execution is
         # kept somewhere, and could run in a later one.
-        self._guards = weakref.ref(guards)
+        self._guards = weakref.ref(guards) if guards is not None else _gone
         self.result: tuple[int, dict[str, Any]] | None = None
         self.tainted = False  # its leftovers would outlive it: the worker must go
         self.done = _thread.allocate_lock()
