@@ -196,3 +196,22 @@ def test_decimal_context_changes_stay_in_their_execution(sandbox):
         "    return str(decimal.Decimal(1) / decimal.Decimal(3))\n",
     )
     assert [changed, fresh] == ["trapped", "0." + "3" * 28]
+
+
+def test_a_private_attribute_not_set_yet_gives_the_default(sandbox):
+    """`getattr(self, "_cache", None)` and `hasattr(self, "_x")` on an own object whose
+    attribute is not set yet: the default and False, not a refusal."""
+    output = run(
+        sandbox,
+        """
+        class Client:
+            def token(self):
+                if getattr(self, '_token', None) is None:
+                    self._token = 'fresh'
+                return self._token
+        def run(params, context):
+            client = Client()
+            return [hasattr(client, '_token'), client.token(), hasattr(client, '_token')]
+        """,
+    )
+    assert output == [False, "fresh", True]

@@ -523,7 +523,12 @@ class Guards:
             if isinstance(owner, type):  # `__dict__` descriptor of its instances, usable on any
                 return {k: v for k, v in vars(owner).items() if not is_dunder(k)}
             return _own_dict(owner)
-        value = getattr(obj, name, *default)
+        try:
+            value = getattr(obj, name)
+        except AttributeError:
+            if default:  # `getattr(self, "_cache", None)`: lazily set, not there yet
+                return default[0]
+            raise
         if name in _OWN_SPECIAL:
             return value
         definer = _definer(obj, owner, name)
