@@ -578,11 +578,7 @@ class Guards:
             owner, name = value.__self__, value.__name__
             if isinstance(owner, str) and name in ("format", "format_map"):
                 return functools.partial(self._format, owner, map_only=name == "format_map")
-            if isinstance(owner, type) and (
-                name == "mro"
-                or (name == "__new__" and owner is type)
-                or (name == "register" and isinstance(owner, abc.ABCMeta))
-            ):
+            if isinstance(owner, type) and (name == "mro" or (name == "__new__" and owner is type)):
                 raise self.violation(f"`{name}` of {_described(owner)} is off limits: {_WHY[name]}")
         elif kind is types.MethodType:  # ABCMeta.register is a Python method
             if value.__name__ == "register" and isinstance(value.__self__, abc.ABCMeta):
