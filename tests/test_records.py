@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from corral.service.records import (
     Records,
@@ -345,5 +347,64 @@ async def test_a_write_that_finds_the_database_locked_waits_off_the_event_loop(t
             holder.close()
         assert await asyncio.wait_for(write, 10)
         assert (await records.get_run("during"))["status"] == "queued"
+    finally:
+        await records.close()
+
+
+WRITER = """
+import asyncio, sys
+from corral.service.records import RedisRecords, SqliteRecords, new_run
+
+async def main(kind, place, prefix):
+    records = SqliteRecords(place) if kind == "sqlite" else RedisRecords(place, prefix=prefix)
+    await records.create_run(new_run("r1", {"id": "w", "nodes": []}, {}, 1.0))
+    await records.append_events([("r1", {"event": "run.started"})])
+    await records.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_writes_by_another_process_wake_this_ones_subscribers(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+):
+    """A run created and an event appended in another process set the events subscribed
+    here to `runs` and `events` (SQLite: inotify on the state dir's topic files; Redis: a
+    published channel), and nothing set one subscribed to `cancels`."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    if kind == "sqlite":
+        place = str(tmp_path / "corral.db")
+        records: Records = SqliteRecords(place)
+    else:
+        place = request.getfixturevalue("redis_url")
+        records = RedisRecords(place, prefix=prefix)
+    try:
+        changes = records.changes()
+        assert changes.live
+        heard = {topic: asyncio.Event() for topic in ("runs", "events", "cancels")}
+        for topic, event in heard.items():
+            changes.subscribe(topic, event)
+        if kind == "redis":  # the subscription is made on the loop: wait until it is
+            client = redis.asyncio.Redis.from_url(place)
+            async with asyncio.timeout(10):
+                while not (await client.pubsub_numsub(f"{prefix}changes"))[0][1]:
+                    await asyncio.sleep(0.01)
+            await client.aclose()
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WRITER, kind, place, prefix
+        )
+        assert await asyncio.wait_for(writer.wait(), 30) == 0
+        async with asyncio.timeout(10):
+            await heard["runs"].wait()
+            await heard["events"].wait()
+        assert not heard["cancels"].is_set()
+        changes.unsubscribe("runs", heard["runs"])
+        heard["runs"].clear()
+        await changes.ring("runs")
+        await changes.ring("cancels")
+        async with asyncio.timeout(10):
+            await heard["cancels"].wait()
+        assert not heard["runs"].is_set()  # unsubscribed
     finally:
         await records.close()

@@ -58,7 +58,10 @@ async def cancel_run(
             }
         return {**record, "cancel_requested": True}  # its worker stops it
 
-    return await records.update_run(run_id, cancel)
+    record = await records.update_run(run_id, cancel)
+    if record is not None and record["status"] not in FINISHED:
+        await records.changes().ring("cancels")  # its worker hears it at once
+    return record
 
 
 async def retry_run(records: Records, queue: RunQueue, run_id: str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from corral.runtime.store import StoreError
 from corral.runtime.store._sqlite import connect, transaction
+from corral.service._changes import FileChanges
 
 _T = TypeVar("_T")
 
@@ -41,6 +42,7 @@ class SqliteThread:
         self._inline: sqlite3.Connection | None = None  # the loop's, opened on first use
         self._inline_thread: int | None = None
         self._quick_calls = 0
+        self.changes = FileChanges(path.parent / "changes")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-db")
         try:
             self.conn: sqlite3.Connection | None = self._thread.submit(
@@ -112,6 +114,7 @@ class SqliteThread:
 
     async def close(self) -> None:
         """Close the connections and stop the thread; idempotent."""
+        await self.changes.close()
         inline, self._inline = self._inline, None
         if inline is not None:
             with contextlib.suppress(sqlite3.ProgrammingError):  # closed from another thread

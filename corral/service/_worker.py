@@ -4,8 +4,9 @@ A run's life in a worker:
 
     claim a lease ──> record `running` ──> run_workflow(run_id) ──> record the outcome ──> complete
                         │ every lease_s/3: renew the lease (lost: stop, another worker has it)
-                        │ every CANCEL_POLL_S: a cancel requested? cancel the run's task, which
-                        │   kills its sandbox execution; record `cancelled`
+                        │ a cancel requested (heard as a `cancels` ring, else looked for every
+                        │   CANCEL_POLL_S)? cancel the run's task, which kills its sandbox
+                        │   execution; record `cancelled`
                         └ SIGTERM: no more claims; after the grace period, cancel what is left,
                           record it `queued` again and hand its lease back
 
@@ -384,25 +385,39 @@ class RunWorker:
             return _error("credentials_unavailable", str(exc))
 
     async def _keep(self, lease: Lease, task: asyncio.Task[Any]) -> None:
-        """Renew the lease and watch for a cancel while the run's task runs."""
+        """Renew the lease and watch for a cancel while the run's task runs. A cancel is
+        heard at once where the records ring `cancels`; else it is looked for every
+        CANCEL_POLL_S. The first look, after CANCEL_POLL_S, also finds a cancel made before
+        this listened."""
+        changes = self.records.changes()
+        cancels = asyncio.Event()
+        changes.subscribe("cancels", cancels)
         renew_every = self.queue.lease_s / 3
         renewed = time.monotonic()
-        while not task.done():
-            await asyncio.sleep(CANCEL_POLL_S)
-            record = await self.records.get_run(lease.run_id)
-            if record is not None and record["cancel_requested"]:
-                self._stop_reasons[lease.run_id] = "cancel"
-                task.cancel()
-                return
-            if time.monotonic() - renewed >= renew_every:
-                if not await self.queue.renew(lease):
-                    logger.warning(
-                        "worker %s: lost the lease of run %s; stopping it", self.id, lease.run_id
-                    )
-                    self._stop_reasons[lease.run_id] = "lease_lost"
+        wait_s = CANCEL_POLL_S
+        try:
+            while not task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cancels.wait(), wait_s)
+                cancels.clear()
+                wait_s = renew_every if changes.live else CANCEL_POLL_S
+                record = await self.records.get_run(lease.run_id)
+                if record is not None and record["cancel_requested"]:
+                    self._stop_reasons[lease.run_id] = "cancel"
                     task.cancel()
                     return
-                renewed = time.monotonic()
+                if time.monotonic() - renewed >= renew_every:
+                    if not await self.queue.renew(lease):
+                        logger.warning(
+                            "worker %s: lost the lease of run %s; stopping it",
+                            self.id, lease.run_id,
+                        )  # fmt: skip
+                        self._stop_reasons[lease.run_id] = "lease_lost"
+                        task.cancel()
+                        return
+                    renewed = time.monotonic()
+        finally:
+            changes.unsubscribe("cancels", cancels)
 
     async def _finish(
         self,

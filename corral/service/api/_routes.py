@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -39,9 +40,9 @@ CANCELLING: dict[int | str, dict[str, Any]] = {
     202: {"model": m.RunAccepted, "description": "its worker has not stopped it yet"}
 }
 
-EVENTS_POLL_S = 0.1  # how often a stream looks for new events of a running run
+EVENTS_POLL_S = 0.1  # how often a stream looks for new events without a ring (Changes)
 EVENTS_KEEPALIVE_S = 15.0
-CANCEL_WAIT_S = 5.0  # a cancel answers once the worker has stopped the run, or after this
+CANCEL_WAIT_S = 5.0  # a cancel answers once the worker has stopped the run, or 202 after this
 FRESH_HEARTBEATS = 3  # a worker is fresh while its last heartbeat is this many periods old
 SEEN_HEARTBEATS = 60  # workers silent longer drop off the list
 
@@ -317,26 +318,37 @@ async def run_events(
     await _run(state, run_id)
 
     async def stream() -> AsyncIterator[bytes]:
+        changes = state.records.changes()
+        grew = asyncio.Event()  # "clear, look, wait" (corral.service._changes)
+        changes.subscribe("events", grew)
+        changes.subscribe("runs", grew)  # the run's end
         after, quiet = last_event_id, 0.0
-        while True:
-            events = await state.records.run_events(run_id, after=after)
-            for seq, event in events:
-                after = seq
-                name = str(event.get("event", "message"))
-                yield f"id: {seq}\nevent: {name}\ndata: {json.dumps(event)}\n\n".encode()
-            if not events:
+        try:
+            while True:
+                grew.clear()
+                events = await state.records.run_events(run_id, after=after)
+                for seq, event in events:
+                    after = seq
+                    name = str(event.get("event", "message"))
+                    yield f"id: {seq}\nevent: {name}\ndata: {json.dumps(event)}\n\n".encode()
+                if events:
+                    quiet = 0.0
+                    continue
                 record = await state.records.get_run(run_id)
                 if record is None or record["status"] in FINISHED:
                     if not await state.records.run_events(run_id, after=after):
                         return
                     continue
-                await asyncio.sleep(EVENTS_POLL_S)
-                quiet += EVENTS_POLL_S
+                started = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(grew.wait(), EVENTS_POLL_S)
+                quiet += time.monotonic() - started
                 if quiet >= EVENTS_KEEPALIVE_S:  # proxies drop a silent connection
                     quiet = 0.0
                     yield b": keep-alive\n\n"
-            else:
-                quiet = 0.0
+        finally:
+            changes.unsubscribe("events", grew)
+            changes.unsubscribe("runs", grew)
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
@@ -359,13 +371,11 @@ async def cancel(request: Request, run_id: str, response: Response) -> dict[str,
         raise ApiError(409, "conflict", str(exc)) from None
     if record is None:
         raise _not_found(f"no run {run_id!r}")
-    deadline = time.monotonic() + CANCEL_WAIT_S
-    while record["status"] not in ("cancelled", "succeeded", "failed"):
-        if time.monotonic() > deadline:
-            response.status_code = 202
-            break
-        await asyncio.sleep(0.05)
+    if record["status"] not in FINISHED:
+        await state.waiter.wait(run_id, CANCEL_WAIT_S)
         record = await _run(state, run_id)
+        if record["status"] not in FINISHED:
+            response.status_code = 202
     return {"run_id": run_id, "status": record["status"]}
 
 

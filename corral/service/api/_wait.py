@@ -40,25 +40,31 @@ class RunWaiter:
                     del self._waits[run_id]
 
     async def _look(self) -> None:
+        changes = self.records.changes()
+        changes.subscribe("runs", self._wakeup)  # a finish rings it
         poll = POLL_S[0]
-        while self._waits:
-            self._wakeup.clear()
-            try:
-                statuses = await self.records.run_statuses(list(self._waits))
-            except RecordsError:
-                statuses = {}  # the waits end at their time-outs; the answer says the rest
-            finished = [
-                run_id
-                for run_id in self._waits
-                if run_id in statuses and (statuses[run_id] is None or statuses[run_id] in FINISHED)
-            ]
-            for run_id in finished:
-                for future in self._waits.pop(run_id, ()):
-                    if not future.done():
-                        future.set_result(None)
-            poll = POLL_S[0] if finished else min(poll * 2, POLL_S[1])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), poll)
+        try:
+            while self._waits:
+                self._wakeup.clear()
+                try:
+                    statuses = await self.records.run_statuses(list(self._waits))
+                except RecordsError:
+                    statuses = {}  # the waits end at their time-outs; the answer says the rest
+                finished = [
+                    run_id
+                    for run_id in self._waits
+                    if run_id in statuses
+                    and (statuses[run_id] is None or statuses[run_id] in FINISHED)
+                ]
+                for run_id in finished:
+                    for future in self._waits.pop(run_id, ()):
+                        if not future.done():
+                            future.set_result(None)
+                poll = POLL_S[0] if finished else min(poll * 2, POLL_S[1])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), POLL_S[1] if changes.live else poll)
+        finally:
+            changes.unsubscribe("runs", self._wakeup)
 
     async def close(self) -> None:
         """Stop looking (the API stops); waits end at their time-outs."""

@@ -28,8 +28,9 @@ from corral.service.queue._base import (
     parse_job_data,
 )
 
-# An idle claim looks again this often (another process may enqueue); an enqueue in this
-# process wakes it at once.
+# A claim that waits is woken by every process's enqueue (the `queue` topic, FileChanges)
+# and looks again at least every POLL_MAX_S; where rings cannot be heard, it polls from
+# POLL_MIN_S, doubling, and only an enqueue in this process wakes it at once.
 # A look is a read (WAL: it never waits for a writer nor holds one up); only a look that
 # sees a waiting run takes the write lock to lease it.
 POLL_MIN_S = 0.002
@@ -178,12 +179,15 @@ class SqliteQueue(RunQueue):
         encoded = json.dumps(data, separators=(",", ":"))
         added = await self._db.quick(_enqueue, run_id, encoded, self.clock())
         self._wakeup.set()
+        await self._db.changes.ring("queue")
         return bool(added)
 
     async def claim(self, *, wait_s: float = 0.0) -> Lease | None:
         """Lease the oldest waiting run, waiting up to `wait_s` seconds for one."""
         deadline = time.monotonic() + wait_s
-        poll = POLL_MIN_S
+        changes = self._db.changes
+        changes.subscribe("queue", self._wakeup)  # any process's enqueue rings it
+        poll = POLL_MAX_S if changes.live else POLL_MIN_S
         while True:
             self._wakeup.clear()
             lease = None
@@ -218,11 +222,15 @@ class SqliteQueue(RunQueue):
         """Hand the run back to wait for another worker; False when no longer ours."""
         released = bool(await self._db.quick(_release, lease.run_id, lease.token))
         self._wakeup.set()
+        await self._db.changes.ring("queue")
         return released
 
     async def reclaim(self) -> list[str]:
         """Take back lapsed leases so that the runs wait again; the run ids taken back."""
-        return list(await self._db.run(_reclaim, self.clock()))
+        taken = list(await self._db.run(_reclaim, self.clock()))
+        if taken:
+            await self._db.changes.ring("queue")
+        return taken
 
     async def remove(self, run_id: str) -> bool:
         """Remove a waiting run; False when it is not waiting."""

@@ -24,12 +24,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
+from corral.service._changes import Changes
+
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LIST_LIMIT = 500
 MAX_SINCE = 1e11  # seconds since the epoch: the year 5138; sort keys stay 15 digits wide
 PRUNE_BATCH = 500  # runs removed per call of prune_runs
 UPDATE_ATTEMPTS = 50  # optimistic writes retried; only a storm of writers to one run loses
+
+_NO_CHANGES = Changes()
 
 
 class RecordsError(Exception):
@@ -228,6 +232,12 @@ class Records(abc.ABC):
         """Workers whose last heartbeat is at or after `seen_since`, by id."""
 
     # -- lifetime ------------------------------------------------------------------------
+
+    def changes(self) -> Changes:
+        """Topics `runs` (a run record changed) and `events` (a run's stream grew), rung by
+        every process that writes them where the backend can (the API's waits for finished
+        runs and its event streams hear them); this default rings and hears nothing."""
+        return _NO_CHANGES
 
     @abc.abstractmethod
     async def ping(self) -> None:

@@ -22,6 +22,7 @@ from corral.runtime.store._redis import (
     REDIS_PREFIX,
     REDIS_TIMEOUT_S,
 )
+from corral.service._changes import Changes, RedisChanges
 from corral.service.records._base import (
     FINISHED,
     PRUNE_BATCH,
@@ -41,9 +42,11 @@ _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[4])
+redis.call('PUBLISH', KEYS[3], 'runs')
 return 1
 """
 
+# KEYS[3] (here and in _CREATE_LUA): the channel that tells other processes (RedisChanges).
 # ARGV[4]: the workflow; ARGV[5]: '1' when ARGV[3] is a finished status. The count is of
 # (workflow, status) pairs, joined by a newline (neither holds one: ids are checked).
 _WRITE_LUA = """
@@ -53,6 +56,7 @@ redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status'
 if ARGV[5] == '1' and r[2] ~= ARGV[3] then
   redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
 end
+redis.call('PUBLISH', KEYS[3], 'runs')
 return 1
 """
 
@@ -124,6 +128,7 @@ class RedisRecords(Records):
         self._write = self._redis.register_script(_WRITE_LUA)
         self._put_connection = self._redis.register_script(_PUT_CONNECTION_LUA)
         self._prune = self._redis.register_script(_PRUNE_LUA)
+        self._changes = RedisChanges(self._redis, f"{prefix}changes")
 
     def __repr__(self) -> str:
         closed = "" if self._redis else ", closed"
@@ -146,7 +151,7 @@ class RedisRecords(Records):
         """Store a new run record; False (nothing changes) when its id is taken."""
         with self._errors():
             created = await self._create(
-                keys=[self._run_key(run["id"]), self._index],
+                keys=[self._run_key(run["id"]), self._index, self._changes.channel],
                 args=[_dumps(run), run["status"], run["workflow"], sort_key(run)],
             )
         return bool(created)
@@ -160,7 +165,7 @@ class RedisRecords(Records):
         finished = "1" if run["status"] in FINISHED else "0"
         with self._errors():
             written = await self._write(
-                keys=[self._run_key(run["id"]), self._counts],
+                keys=[self._run_key(run["id"]), self._counts, self._changes.channel],
                 args=[version, _dumps(run), run["status"], run["workflow"], finished],
             )
         return bool(written)
@@ -171,7 +176,11 @@ class RedisRecords(Records):
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
         """Add an event to a run's stream; its sequence number."""
         with self._errors() as client:
-            return int(await client.rpush(self._events_key(run_id), _dumps(event)))
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.rpush(self._events_key(run_id), _dumps(event))
+                pipe.publish(self._changes.channel, "events")
+                seq, _ = await pipe.execute()
+        return int(seq)
 
     async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
         """The status of each of `run_ids` (None for a run that does not exist), one trip."""
@@ -188,6 +197,7 @@ class RedisRecords(Records):
             async with client.pipeline(transaction=False) as pipe:
                 for run_id, event in events:
                     pipe.rpush(self._events_key(run_id), _dumps(event))
+                pipe.publish(self._changes.channel, "events")
                 await pipe.execute()
 
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
@@ -346,6 +356,10 @@ class RedisRecords(Records):
         docs = [json.loads(entries[w]) for w in sorted(entries)]
         return [doc for doc in docs if doc["last_heartbeat"] >= seen_since]
 
+    def changes(self) -> Changes:
+        """`runs` and `events`, published by every process's writes (RedisChanges)."""
+        return self._changes
+
     async def ping(self) -> None:
         """Return when Redis takes a write; raise RecordsError otherwise."""
         with self._errors() as client:
@@ -355,4 +369,5 @@ class RedisRecords(Records):
         """Close the connections; idempotent."""
         client, self._redis = self._redis, None
         if client is not None:
+            await self._changes.close()
             await client.aclose()

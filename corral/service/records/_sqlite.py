@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.runtime.store._sqlite import transaction
+from corral.service._changes import Changes
 from corral.service._sqlite import SqliteThread
 from corral.service.records._base import (
     FINISHED,
@@ -301,17 +302,24 @@ class SqliteRecords(Records):
 
     async def create_run(self, run: dict[str, Any]) -> bool:
         """Store a new run record; False (nothing changes) when its id is taken."""
-        return bool(await self._db.quick(_create, run))
+        created = bool(await self._db.quick(_create, run))
+        await self._db.changes.ring("runs")
+        return created
 
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
         return await self._db.quick(_read, run_id)
 
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
-        return bool(await self._db.quick(_write, run, version))
+        written = bool(await self._db.quick(_write, run, version))
+        if written:
+            await self._db.changes.ring("runs")
+        return written
 
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
         """Add an event to a run's stream; its sequence number."""
-        return int(await self._db.run(_append_event, run_id, _dumps(event)))
+        seq = int(await self._db.run(_append_event, run_id, _dumps(event)))
+        await self._db.changes.ring("events")
+        return seq
 
     async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
         """The status of each of `run_ids` (None for a run that does not exist), one read."""
@@ -320,6 +328,7 @@ class SqliteRecords(Records):
     async def append_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Add `(run id, event)` pairs to their runs' streams, in one transaction."""
         await self._db.quick(_append_events, [(run_id, _dumps(e)) for run_id, e in events])
+        await self._db.changes.ring("events")
 
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """A run's events after sequence number `after`, in order."""
@@ -398,6 +407,10 @@ class SqliteRecords(Records):
     async def workers(self, *, seen_since: float) -> list[dict[str, Any]]:
         """Workers whose last heartbeat is at or after `seen_since`, by id."""
         return await self._db.run(_workers, seen_since)
+
+    def changes(self) -> Changes:
+        """`runs` and `events` rung by every process that writes them (FileChanges)."""
+        return self._db.changes
 
     async def ping(self) -> None:
         """Return when the records can be written; raise RecordsError otherwise."""

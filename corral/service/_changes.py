@@ -1,0 +1,185 @@
+"""Noticing what other processes write to the embedded state, so that whoever waits for it
+(a worker for a queued run, the API for a finished run or a run's next event) wakes at once
+instead of on its next poll.
+
+A writer rings a topic (`queue`, `runs`, `events`, `cancels`) after its commit; a waiter
+subscribes an asyncio.Event to the topic and follows "clear, look, wait": it clears the
+event, looks at the state, then waits for the event with a time-out. A ring after the clear
+(also one made while it looked) sets the event, so nothing is missed; the time-out is the
+safety net.
+
+`Changes` notices nothing (`live` is False): its waiters poll. `FileChanges` (the embedded
+state) rings a topic by touching a file of that name in a directory (the state dir's
+`changes/`), which every process watching it with inotify hears within microseconds.
+`RedisChanges` (the state on Redis) publishes topics on a channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import redis.asyncio
+
+logger = logging.getLogger("corral.service")
+
+TOPICS = ("queue", "runs", "events", "cancels")
+
+
+class Changes:
+    """Topics rung by writers: this base rings and hears nothing (`live` is False)."""
+
+    live = False
+
+    async def ring(self, topic: str) -> None:
+        """Tell every process that watches `topic` that something in it changed."""
+
+    def subscribe(self, topic: str, event: asyncio.Event) -> None:
+        """Set `event` at every ring of `topic` heard from now on."""
+
+    def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
+        """Stop setting `event`."""
+
+    async def close(self) -> None:
+        """Stop hearing rings; idempotent."""
+
+
+class FileChanges(Changes):
+    """Topics as files in `directory`: a ring touches the topic's file (one utime), which
+    inotify reports to every process that watches the directory. Hearing starts at the
+    first subscription, on that subscriber's event loop; where it cannot (no inotify
+    instance left, a file system without it), `live` turns False, said once, and the
+    subscribers poll."""
+
+    live = True
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for topic in TOPICS:  # made once (heard as a ring), never touched by an open
+            os.close(os.open(directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
+        self._inotify: object | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    async def ring(self, topic: str) -> None:
+        try:
+            os.utime(self.directory / topic)
+        except FileNotFoundError:  # removed: made again, which is heard too
+            with contextlib.suppress(OSError):  # the state dir itself is going away
+                os.close(os.open(self.directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def subscribe(self, topic: str, event: asyncio.Event) -> None:
+        if self._inotify is None and not self._closed and self.live:
+            try:
+                self._listen()
+            except OSError as exc:
+                self.live = False  # its waiters poll
+                logger.warning(
+                    "corral: cannot watch %s for changes (%s); polling instead (raise "
+                    "fs.inotify.max_user_instances if it is the limit)",
+                    self.directory, os.strerror(exc.errno) if exc.errno else exc,
+                )  # fmt: skip
+        self._subscribers[topic].add(event)
+
+    def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
+        self._subscribers[topic].discard(event)
+
+    def _listen(self) -> None:
+        from inotify_simple import INotify, flags
+
+        inotify = INotify(nonblocking=True)
+        try:
+            inotify.add_watch(self.directory, flags.ATTRIB | flags.CREATE)
+        except OSError:
+            inotify.close()
+            raise
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(inotify.fileno(), self._heard)
+        self._inotify = inotify
+
+    def _heard(self) -> None:
+        from inotify_simple import INotify
+
+        assert isinstance(self._inotify, INotify)
+        try:
+            names = {event.name for event in self._inotify.read(timeout=0)}
+        except BlockingIOError:
+            return
+        for name in names:
+            for event in self._subscribers.get(name, ()):
+                event.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        inotify, self._inotify = self._inotify, None
+        if inotify is None:
+            return
+        from inotify_simple import INotify
+
+        assert isinstance(inotify, INotify) and self._loop is not None
+        with contextlib.suppress(RuntimeError, ValueError):  # the loop is closed already
+            self._loop.remove_reader(inotify.fileno())
+        inotify.close()
+        for events in self._subscribers.values():  # nothing more will be heard: look again
+            for event in events:
+                event.set()
+            events.clear()
+
+
+class RedisChanges(Changes):
+    """Topics as messages on the Redis channel `channel`: the records' writes publish them
+    in the same script or pipeline as the write, other rings are one PUBLISH, and hearing
+    is one subscription, made at the first subscriber, on its event loop. While
+    the connection is down, every subscriber is woken once and then polls (`live` stays
+    True: their time-out is the poll)."""
+
+    live = True
+
+    def __init__(self, client: redis.asyncio.Redis, channel: str) -> None:
+        self._client = client
+        self.channel = channel
+        self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
+        self._task: asyncio.Task[None] | None = None
+
+    async def ring(self, topic: str) -> None:
+        await self._client.publish(self.channel, topic)
+
+    def subscribe(self, topic: str, event: asyncio.Event) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._hear())
+        self._subscribers[topic].add(event)
+
+    def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
+        self._subscribers[topic].discard(event)
+
+    def _wake(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            for event in self._subscribers.get(topic, ()):
+                event.set()
+
+    async def _hear(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    failures = 0
+                    async for message in pubsub.listen():
+                        self._wake([message["data"]])
+            except redis.RedisError:
+                self._wake(TOPICS)  # rings may have been missed: look again
+                failures += 1
+                await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._wake(TOPICS)
