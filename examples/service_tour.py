@@ -126,8 +126,9 @@ def tour(url: str, apis: str) -> bool:
                 f"executor {meta.get('executor')}, {meta.get('execution_ms')} ms")  # fmt: skip
         metrics = client.get("/metrics").text
         say("in /metrics:")
+        shown = ("corral_runs_total{", "corral_sandbox_executions_total{", "corral_node_attempts")
         for line in metrics.splitlines():
-            if line.startswith(("corral_runs_total{", "corral_sandbox_executions_total{")):
+            if line.startswith(shown):
                 say(f"  {line}")
         return bool(run["status"] == "succeeded")
 
@@ -141,6 +142,7 @@ def main() -> int:
         state_dir = os.environ.get("CORRAL_STATE_DIR") or resources.enter_context(
             tempfile.TemporaryDirectory(prefix="corral-tour-")
         )
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
         log = Path(state_dir) / "stack.log"
         say(f"starting corral stack (state in {state_dir}, its log in {log}) …")
         apis = resources.enter_context(stand_in())

@@ -528,9 +528,12 @@ def test_workers_readiness_registry_and_metrics(api: Api, service):
     assert 'corral_run_duration_seconds_bucket{le="0.05"}' in text
     assert 'corral_runs_total{status="succeeded",workflow="metered"} 1.0' in text
     assert (
-        'corral_node_duration_seconds_bucket{connector="svc",executor="bespoke",le="1800.0"' in text
+        'corral_node_duration_seconds_bucket{connector="svc",executor="bespoke",function="call",'
+        'le="1800.0"' in text
     )
     assert "metered-run-7" not in text
+    assert 'node="' not in text  # labelled by connector and function, never a node's id
+    assert 'corral_node_attempts_total{connector="svc",function="call",outcome="ok"}' in text
 
 
 def test_readiness_names_the_failing_checks(catalog, tmp_path):

@@ -93,6 +93,16 @@ def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(
             )  # fmt: skip
             assert client.post("/api/workflows/wf/runs", json={"run_id": "r2"}).status_code == 202
             _wait(lambda: client.get("/api/runs/r2").json()["status"] == "succeeded", "run r2")
+            # The worker's counters are in the API's /metrics (one multiprocess directory),
+            # the killed worker's too.
+            metrics = client.get("/metrics").text
+            executed = re.findall(
+                r'^corral_sandbox_executions_total\{executor="\w+",outcome="ok"\} (\S+)$',
+                metrics, re.M,
+            )  # fmt: skip
+            assert sum(float(value) for value in executed) == 2.0, metrics
+            attempts = 'corral_node_attempts_total{connector="svc",function="call",outcome="ok"}'
+            assert f"{attempts} 2.0" in metrics
         descendants |= {p.pid for p in psutil.Process(stack.pid).children(recursive=True)}
         started = time.monotonic()
         stack.send_signal(signal.SIGTERM)
@@ -134,3 +144,45 @@ def _wait(check, what: str, timeout: float = 30) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.mark.timeout(180)
+def test_the_readmes_tour_starts_the_stack_and_runs_a_workflow_through_it(tmp_path: Path):
+    """The README's first command, `python3 examples/service_tour.py`, as a person runs it
+    (here with --exit, on a free port): it starts `corral stack` on the embedded default,
+    stores the connections and the workflow, follows the run live (its retry too), finds it
+    in /metrics, then stops the stack and leaves nothing behind."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("SANDBOX_", "CORRAL_", "ENABLE_INLINE"))}  # fmt: skip
+    env["CORRAL_STATE_DIR"] = str(tmp_path / "state")
+    tour = Path(__file__).resolve().parents[1] / "examples" / "service_tour.py"
+    process = subprocess.Popen(
+        [sys.executable, str(tour), "--exit", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=150)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == 0, output
+    assert re.search(r"node\.retry +\{\"node\": \"notify\"", output), output
+    assert re.search(r"run \w+: succeeded", output), output
+    assert 'corral_runs_total{status="succeeded",workflow="triage"} 1.0' in output, output
+    assert (
+        'corral_node_attempts_total{connector="slack",function="post_message",outcome="ok"}'
+        in output
+    )
+    assert "ghp_example_1234" not in output
+    assert not _processes_with(env["CORRAL_STATE_DIR"]), "the stack left processes behind"
+
+
+def _processes_with(state_dir: str) -> list[int]:
+    """Processes whose environment names `state_dir` (a stack's children, their sandboxes)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("CORRAL_STATE_DIR") == state_dir:
+                found.append(process.pid)
+    return found

@@ -24,30 +24,30 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 ATTEMPTS = Counter(
     "corral_node_attempts_total",
     "Node executions attempted, by outcome (ok or the error type).",
-    ["connector", "node", "outcome"],
+    ["connector", "function", "outcome"],
 )
 RETRIES = Counter(
-    "corral_node_retries_total", "Attempts that were retried.", ["connector", "node", "error"]
+    "corral_node_retries_total", "Attempts that were retried.", ["connector", "function", "error"]
 )
 FALLBACKS = Counter(
     "corral_node_fallbacks_total",
     "Calls that fell back to the generic executor.",
-    ["connector", "node"],
+    ["connector", "function"],
 )
 REPLAYS = Counter(
     "corral_node_replays_total",
     "Node results replayed from the idempotency store.",
-    ["connector", "node"],
+    ["connector", "function"],
 )
 BREAKER_TRANSITIONS = Counter(
     "corral_breaker_transitions_total",
     "Circuit breaker state changes.",
-    ["connector", "node", "from_state", "to_state"],
+    ["connector", "function", "from_state", "to_state"],
 )
 DURATION = Histogram(
     "corral_node_duration_seconds",
     "Wall time of node executions (each attempt), by executor.",
-    ["connector", "node", "executor"],
+    ["connector", "function", "executor"],
     buckets=DURATION_BUCKETS,
 )
 

@@ -194,14 +194,18 @@ class RetryManager:
         breaker: CircuitBreakerPolicy,
         context: dict[str, Any] | None = None,
         destination: str = "",
+        function: str = "",
     ) -> RetryOutcome:
         """Run `call` (which returns the record to store) at most once per `key`.
 
         The breaker is the connector/node pair's, for `destination` (where the calls go:
         callers of another deployment of the API do not share it). `context` adds fields
-        (run id, ...) to every event.
+        (run id, ...) to every event. Metrics are labelled by connector and `function` (the
+        connector's action; `node` when not given), never by a workflow's node id.
         """
-        about = {"connector": connector, "node": node, **(context or {})}
+        about = {"connector": connector, "node": node, "function": function or node,
+                 **(context or {})}  # fmt: skip
+        labels = (connector, about["function"])
         name = f"{connector}/{node}" + (f"@{destination}" if destination else "")
         try:
             replayed, token = await self._claim(key, fingerprint, about)
@@ -230,7 +234,7 @@ class RetryManager:
                         f"{after.failures} consecutive failures; it lets a probe through in "
                         f"{max(0.0, retry_at - time.time()):.1f} s"
                     )
-                    events.ATTEMPTS.labels(connector, node, error.type).inc()
+                    events.ATTEMPTS.labels(*labels, error.type).inc()
                     events.emit("node.circuit_open", **about, attempt=attempt, error=error.message)
                     await self.store.release(key, token=token)
                     return RetryOutcome(None, error, attempt, False, state)
@@ -240,7 +244,7 @@ class RetryManager:
                 except SandboxError as error:
                     state = await self._failed(name, about, error, breaker)
                     delay = self._next_delay(policy, attempt, error)
-                    events.ATTEMPTS.labels(connector, node, error.type).inc()
+                    events.ATTEMPTS.labels(*labels, error.type).inc()
                     events.emit(
                         "node.attempt_failed", **about, attempt=attempt, error_type=error.type,
                         error=error.message[:500], status=getattr(error, "status", None),
@@ -249,7 +253,7 @@ class RetryManager:
                     if delay is None:
                         await self.store.release(key, token=token)
                         return RetryOutcome(None, error, attempt, False, state)
-                    events.RETRIES.labels(connector, node, error.type).inc()
+                    events.RETRIES.labels(*labels, error.type).inc()
                     events.emit("node.retry", **about, attempt=attempt + 1, delay_s=round(delay, 3))
                     await self._sleep(delay)
                     continue
@@ -259,7 +263,7 @@ class RetryManager:
                     name, success=True, threshold=breaker.failure_threshold
                 )
                 self._transition(about, before, after)
-                events.ATTEMPTS.labels(connector, node, "ok").inc()
+                events.ATTEMPTS.labels(*labels, "ok").inc()
                 await self.store.finish(key, fingerprint, record, ttl_s=self.idempotency_ttl_s)
                 return RetryOutcome(record, None, attempt, False, after.state)
         except BaseException:
@@ -286,7 +290,7 @@ class RetryManager:
                 return None, claim.token
             if claim.state == "replay":
                 assert claim.result is not None
-                events.REPLAYS.labels(about["connector"], about["node"]).inc()
+                events.REPLAYS.labels(about["connector"], about["function"]).inc()
                 events.emit("node.replay", **about, key=key)
                 return claim.result, None
             if claim.state == "conflict":
@@ -329,7 +333,7 @@ class RetryManager:
     def _transition(about: dict[str, Any], before: BreakerState, after: BreakerState) -> None:
         if before.state != after.state:
             events.BREAKER_TRANSITIONS.labels(
-                about["connector"], about["node"], before.state, after.state
+                about["connector"], about["function"], before.state, after.state
             ).inc()
             events.emit(
                 "breaker.transition", **about, from_state=before.state, to_state=after.state,

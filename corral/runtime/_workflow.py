@@ -281,9 +281,9 @@ class WorkflowRuntime:
                 app, node.function, params, connection, timeout_ms=node.timeout_ms
             )
             elapsed = time.monotonic() - attempt_started
-            events.DURATION.labels(app, node.id, done.executor).observe(elapsed)
+            events.DURATION.labels(app, node.function, done.executor).observe(elapsed)
             if done.executor == "generic":
-                events.FALLBACKS.labels(app, node.id).inc()
+                events.FALLBACKS.labels(app, node.function).inc()
                 events.emit(
                     "node.fallback", run=run.id, connector=app, node=node.id,
                     reason=done.fallback_reason,
@@ -298,7 +298,8 @@ class WorkflowRuntime:
             }
 
         outcome = await retries.execute_with_retry(
-            call, connector=app, node=node.id, key=key, fingerprint=fingerprint,
+            call, connector=app, node=node.id, function=node.function, key=key,
+            fingerprint=fingerprint,
             policy=node.retry, breaker=node.breaker, context={"run": run.id},
             destination=canonical_digest(where_to)[:12] if where_to else "",
         )  # fmt: skip

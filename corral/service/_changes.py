@@ -1,4 +1,4 @@
-"""Noticing what other processes write to the embedded state, so that whoever waits for it
+"""Noticing what other processes write to the shared state, so that whoever waits for it
 (a worker for a queued run, the API for a finished run or a run's next event) wakes at once
 instead of on its next poll.
 
@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import redis.asyncio
+from inotify_simple import INotify, flags
 
 logger = logging.getLogger("corral.service")
 
@@ -59,11 +60,14 @@ class FileChanges(Changes):
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(mode=0o700, exist_ok=True)
-        for topic in TOPICS:  # made once (heard as a ring), never touched by an open
-            os.close(os.open(directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
+        # Made once (heard as a ring), never touched by an open. Where they cannot be made
+        # (a full disk), rings make them later, and hearing says why it cannot start.
+        with contextlib.suppress(OSError):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            for topic in TOPICS:
+                os.close(os.open(directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
         self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
-        self._inotify: object | None = None
+        self._inotify: INotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -91,8 +95,6 @@ class FileChanges(Changes):
         self._subscribers[topic].discard(event)
 
     def _listen(self) -> None:
-        from inotify_simple import INotify, flags
-
         inotify = INotify(nonblocking=True)
         try:
             inotify.add_watch(self.directory, flags.ATTRIB | flags.CREATE)
@@ -104,9 +106,7 @@ class FileChanges(Changes):
         self._inotify = inotify
 
     def _heard(self) -> None:
-        from inotify_simple import INotify
-
-        assert isinstance(self._inotify, INotify)
+        assert self._inotify is not None
         try:
             names = {event.name for event in self._inotify.read(timeout=0)}
         except BlockingIOError:
@@ -120,9 +120,7 @@ class FileChanges(Changes):
         inotify, self._inotify = self._inotify, None
         if inotify is None:
             return
-        from inotify_simple import INotify
-
-        assert isinstance(inotify, INotify) and self._loop is not None
+        assert self._loop is not None
         with contextlib.suppress(RuntimeError, ValueError):  # the loop is closed already
             self._loop.remove_reader(inotify.fileno())
         inotify.close()

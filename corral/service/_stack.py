@@ -10,6 +10,8 @@ crashes    a child that exits is restarted after a backoff (0.5 s doubling to 30
 rotation   with CORRAL_KEY_ROTATION_INTERVAL_S, `corral rotate-keys` runs that often
 stopping   SIGTERM or Ctrl-C: SIGTERM to every child's group, CORRAL_WORKER_GRACE_S + 10 s
            to exit, then SIGKILL; nothing is left behind
+metrics    the children write their counters to one directory of the stack's (Prometheus'
+           multiprocess mode), so the API's /metrics holds the worker's and scheduler's too
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from corral.service._deployment import describe
+from corral.service._metrics import MULTIPROC_ENV
 from corral.service.records import RecordsError, open_records
 
 if TYPE_CHECKING:
@@ -62,14 +66,15 @@ class Child:
 class Stack:
     """Supervises CHILDREN until stopped."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics_dir: str) -> None:
         self.settings = settings
+        self.metrics_dir = metrics_dir
         self.children = {name: Child(name) for name in CHILDREN}
         self.stopping = False
         self.ready = asyncio.Event()
 
     def _env(self, name: str) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, MULTIPROC_ENV: self.metrics_dir}
         if name == "api":  # the stack runs a worker of its own
             env.setdefault("ENABLE_INLINE_WORKER", "false")
         return env
@@ -229,4 +234,5 @@ def _signal_group(child: Child, signum: signal.Signals) -> None:
 
 async def run_stack(settings: Settings, stop: asyncio.Event) -> None:
     """`corral stack` until `stop` is set."""
-    await Stack(settings).serve(stop)
+    with tempfile.TemporaryDirectory(prefix="corral-stack-metrics-") as metrics_dir:
+        await Stack(settings, metrics_dir).serve(stop)

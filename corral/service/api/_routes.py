@@ -487,13 +487,13 @@ async def metrics_text(request: Request) -> PlainTextResponse:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     state = _state(request)
-    for name, count in (await state.queue.counts()).items():
-        metrics.QUEUE_JOBS.labels(name).set(count)
-    metrics.WORKERS.set(sum(1 for w in await _workers(state) if w["fresh"]))
-    metrics.BREAKER_STATE.clear()
-    for name, breaker in (await state.store.breakers()).items():
-        metrics.BREAKER_STATE.labels(name).set(metrics.BREAKER_LEVELS[breaker.state])
-    runs = metrics.runs_total(await state.records.finished_counts())
+    shared = metrics.state_registry(
+        runs=await state.records.finished_counts(),
+        queue=await state.queue.counts(),
+        fresh_workers=sum(1 for w in await _workers(state) if w["fresh"]),
+        breakers={name: b.state for name, b in (await state.store.breakers()).items()},
+    )
     return PlainTextResponse(
-        generate_latest() + generate_latest(runs), media_type=CONTENT_TYPE_LATEST
+        generate_latest(metrics.process_registry()) + generate_latest(shared),
+        media_type=CONTENT_TYPE_LATEST,
     )
