@@ -42,6 +42,8 @@ CONNECTOR = {
         {"id": "call", "name": "Call a path", "method": "GET", "endpoint": "/{path}",
          "fallback": None, "params": {"type": "object", "required": ["path"],
                                       "properties": {"path": {"type": "string"}}}},
+        {"id": "hog", "name": "Hoard memory", "method": "GET", "endpoint": "/hog",
+         "fallback": None, "params": {"type": "object"}},
         {"id": "listing", "name": "List things (no handler)", "method": "GET",
          "endpoint": "/things", "params": {"type": "object"}},
     ],
@@ -56,6 +58,11 @@ def call(params, context):
                         timeout=60)
     response.raise_for_status()
     return response.json()
+
+def hog(params, context):
+    hoard = []
+    while True:
+        hoard.append("x" * 100_000)
 """
 
 HOG = """def run(params, context):
@@ -360,13 +367,18 @@ def test_health_shows_queue_workers_events_and_resets_an_open_breaker(page, api:
 
 def test_no_page_has_a_serious_accessibility_violation(browser, api: Api, tmp_path):
     """axe-core on every page (sign-in, runs, a run, capabilities, health, playground with a
-    result): no serious or critical violation."""
+    result): no serious or critical violation. The run's node killed for memory is explained
+    with the variable to raise."""
     assert AXE_JS.is_file(), (
         f"axe-core is missing at {AXE_JS}: .ci/run fetches it from the npm registry "
         "(or set CORRAL_AXE_JS to an axe.min.js)"
     )
     source = AXE_JS.read_text()
-    assert api.client.put("/api/workflows/axe", json=_workflow("axe", "ok/x", "down/x"))
+    definition = _workflow("axe", "ok/x")
+    definition["nodes"].append(
+        {"id": "hog", "app": "svc", "function": "hog", "params": {}, "dependsOn": ["n0"]}
+    )
+    assert api.client.put("/api/workflows/axe", json=definition)
     api.client.post("/api/workflows/axe/runs", json={"run_id": "axe-1"})
     _finished(api, "axe-1")
     # The page's own CSP allows only its own script: axe is injected past it, in this context.
@@ -395,6 +407,8 @@ def test_no_page_has_a_serious_accessibility_violation(browser, api: Api, tmp_pa
         check("runs")
         tab.goto(f"{api.url}/#/run/axe-1")
         tab.locator("#run-live").get_by_text("Finished").wait_for()
+        explained = _node(tab, "hog").locator(".explain").inner_text()
+        assert "memory_limit" in explained and "SANDBOX_MAX_MEMORY_MB" in explained
         check("run")
         tab.goto(f"{api.url}/#/capabilities")
         tab.locator(".coverage-warning").first.wait_for()

@@ -373,23 +373,24 @@ function renderNode(id, dependsOn, node, live) {
     node && node.error ? errorBlock(node.error, "run") : null,
     el("details", { "data-key": `${id}:logs` },
       el("summary", { text: `Logs (${logs.length} line${logs.length === 1 ? "" : "s"}, redacted)` }),
-      el("pre", { class: "logs", text: logs.map((line) => `[${line.level}] ${line.message}`).join("\n") || "(no logs)" })),
+      el("pre", { class: "logs", tabindex: "0", text: logs.map((line) => `[${line.level}] ${line.message}`).join("\n") || "(no logs)" })),
     node && node.output !== undefined && node.output !== null
-      ? el("details", { "data-key": `${id}:output` }, el("summary", { text: "Output" }), el("pre", { class: "output", text: pretty(node.output) }))
+      ? el("details", { "data-key": `${id}:output` }, el("summary", { text: "Output" }), el("pre", { class: "output", tabindex: "0", text: pretty(node.output) }))
       : null);
 }
 
 function describeEvent(event) {
-  const parts = [event.event];
+  const parts = event.event ? [event.event] : [];
   if (event.node) parts.push(`node ${event.node}`);
-  if (event.status) parts.push(`status ${event.status}`);
+  if (typeof event.status === "number") parts.push(`HTTP ${event.status}`);
+  else if (event.status) parts.push(`status ${event.status}`);
   if (event.attempt) parts.push(`attempt ${event.attempt}`);
   if (event.error_type) parts.push(`error ${event.error_type}`);
   if (event.error) parts.push(String(event.error));
   if (event.reason) parts.push(`reason: ${event.reason}`);
   if (event.from_state) parts.push(`${event.from_state} → ${event.to_state}`);
   if (event.delay_s !== undefined) parts.push(`in ${event.delay_s} s`);
-  return parts.join(" · ");
+  return parts.join(" · ") || "—";
 }
 
 /** Read /api/runs/ID/events with fetch (EventSource cannot send the token) and parse SSE. */
@@ -557,10 +558,15 @@ async function showCapabilities() {
     uncovered.length
       ? el("span", { class: "warning", text: `Warning: ${uncovered.length} operation(s) have no runtime coverage.` })
       : "Every operation of the catalog has runtime coverage.");
-  clear(where).append(...body.apps.map((app) => el("section", { class: "card", "aria-labelledby": `app-${app.id}` },
+  const only = $("caps-uncovered").checked;
+  const apps = body.apps
+    .map((app) => ({ ...app, operations: app.operations.filter((op) => !only || op.executor === "none") }))
+    .filter((app) => app.operations.length);
+  clear(where).append(...apps.map((app) => el("section", { class: "card", "aria-labelledby": `app-${app.id}` },
     el("h2", { id: `app-${app.id}` }, app.name, " ", el("span", { class: "note mono", text: `(${app.id})` })),
-    el("table", {},
+    el("table", { class: "caps" },
       el("caption", { class: "visually-hidden", text: `Operations of ${app.name}` }),
+      el("colgroup", {}, ...["kind", "op", "runs", "fallback", "coverage"].map((name) => el("col", { class: name }))),
       el("thead", {}, el("tr", {}, ...["Kind", "Operation", "Runs with", "Fallback", "Coverage"].map((h) => el("th", { scope: "col", text: h })))),
       el("tbody", {}, ...app.operations.map((op) => el("tr", { "data-operation": `${app.id}.${op.id}` },
         el("td", { text: op.kind }),
@@ -568,19 +574,21 @@ async function showCapabilities() {
         el("td", {}, badge(op.executor, EXECUTOR_WORDS[op.executor] || op.executor)),
         el("td", { text: op.fallback || "—" }),
         el("td", {}, op.executor === "none"
-          ? el("span", { class: "warning coverage-warning", text: `Warning: no runtime coverage — ${op.reason}` })
+          ? el("span", { class: "warning coverage-warning" }, "Warning: no runtime coverage",
+            el("span", { class: "why", text: op.reason }))
           : "covered")))))))
   );
 }
 
 // -- health ---------------------------------------------------------------------------------
 
-function table(caption, heads, rows, empty) {
+function table(caption, heads, rows, empty, nowrap = []) {
   if (!rows.length) return el("p", { class: "note", text: empty });
+  const wrap = (index) => (nowrap.includes(index) ? "nowrap" : null);
   return el("table", {},
     el("caption", { class: "visually-hidden", text: caption }),
-    el("thead", {}, el("tr", {}, ...heads.map((h) => el("th", { scope: "col", text: h })))),
-    el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map((cell) => el("td", {}, cell))))));
+    el("thead", {}, el("tr", {}, ...heads.map((h, i) => el("th", { scope: "col", class: wrap(i), text: h })))),
+    el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map((cell, i) => el("td", { class: wrap(i) }, cell))))));
 }
 
 function queueDepth(metrics) {
@@ -636,8 +644,8 @@ async function showHealth() {
         body.events.map((e) => [when(e.ts), EVENT_WORDS[e.event] || e.event,
           el("a", { class: "mono", href: `#/run/${encodeURIComponent(e.run)}`, text: e.run }),
           el("span", { class: "mono", text: e.fields.node || "—" }),
-          describeEvent({ event: e.event, ...e.fields, node: undefined })]),
-        "No failed attempts, fallbacks or breaker transitions in the newest runs.")];
+          describeEvent({ ...e.fields, node: undefined })]),
+        "No failed attempts, fallbacks or breaker transitions in the newest runs.", [0, 2])];
     },
   };
   await Promise.all(Object.entries(parts).map(async ([name, load]) => {
@@ -699,9 +707,9 @@ async function runPlayground(event) {
       el("dl", { class: "facts" }, facts([
         ["Wall time", ms(usage.wall_ms)], ["CPU", ms(usage.cpu_ms)], ["Peak memory", megabytes(usage.peak_memory_bytes)],
       ])),
-      el("h3", { text: "Output" }), el("pre", { class: "output", id: "play-output", text: pretty(result.output) }),
+      el("h3", { text: "Output" }), el("pre", { class: "output", tabindex: "0", id: "play-output", text: pretty(result.output) }),
       el("h3", { text: `Logs (${result.logs.length})` }),
-      el("pre", { class: "logs", id: "play-logs", text: result.logs.map((l) => `[${l.level}] ${l.message}`).join("\n") || "(no logs)" }));
+      el("pre", { class: "logs", tabindex: "0", id: "play-logs", text: result.logs.map((l) => `[${l.level}] ${l.message}`).join("\n") || "(no logs)" }));
     announce(result.ok ? "The execution succeeded" : `The execution failed: ${result.error && result.error.type}`);
   } catch (error) {
     if (!(error instanceof Unauthorized)) out.append(el("p", { class: "error-text", role: "alert", text: error.message }));
@@ -746,6 +754,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("run-retry").addEventListener("click", () => runAction("retry"));
   $("run-cancel").addEventListener("click", () => runAction("cancel"));
   $("health-refresh").addEventListener("click", () => showHealth());
+  $("caps-uncovered").addEventListener("change", () => showCapabilities());
   $("play-form").addEventListener("submit", runPlayground);
   window.addEventListener("hashchange", route);
   $("forget").hidden = !sessionStorage.getItem(TOKEN_KEY);
