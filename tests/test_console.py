@@ -326,6 +326,48 @@ def test_a_failed_run_retried_from_the_list_replays_its_finished_node(page, api:
     _shot(page, tmp_path, "run-retried")
 
 
+def test_runs_page_with_the_cursor_and_cancel_in_bulk(page, api: Api, service, tmp_path):
+    """Six runs at five a page: the newest five, then the oldest one, then back. Two runs
+    held by the service (or still queued) are ticked and cancelled with "Cancel selected"."""
+    assert api.client.put("/api/workflows/paged", json=_workflow("paged", "ok/p"))
+    ids = [f"paged-{n}" for n in range(6)]
+    for run_id in ids:
+        api.client.post("/api/workflows/paged/runs", json={"run_id": run_id})
+    for run_id in ids:
+        _finished(api, run_id)
+    _sign_in(page, api)
+    page.get_by_label("Workflow", exact=True).fill("paged")
+    page.get_by_label("Per page").select_option("5")
+    page.get_by_role("button", name="Apply filters").click()
+    links = page.locator("#runs-table tbody a")
+    page.get_by_role("link", name="paged-5").wait_for()
+    assert links.all_inner_texts() == list(reversed(ids))[:5]
+    assert page.get_by_role("button", name="Newer runs").is_disabled()
+    page.get_by_role("button", name="Older runs").click()
+    page.get_by_role("link", name="paged-0").wait_for()
+    assert links.all_inner_texts() == ["paged-0"]
+    assert page.locator("#page-number").inner_text() == "Page 2"
+    assert page.get_by_role("button", name="Older runs").is_disabled()
+    page.get_by_role("button", name="Newer runs").click()
+    page.get_by_role("link", name="paged-5").wait_for()
+
+    assert api.client.put("/api/workflows/held", json=_workflow("held", "block/held"))
+    for n in range(2):
+        api.client.post("/api/workflows/held/runs", json={"run_id": f"held-{n}"})
+    page.get_by_label("Workflow", exact=True).fill("held")
+    page.get_by_role("button", name="Apply filters").click()
+    for n in range(2):
+        page.get_by_role("link", name=f"held-{n}").wait_for()
+        page.get_by_label(f"Select run held-{n}").check()
+    page.get_by_role("button", name="Cancel selected").click()
+    result = page.locator("#bulk-result")
+    result.get_by_text("held-0: cancelled").wait_for()
+    assert "held-1: cancelled" in result.inner_text()
+    cancelled = page.locator("#runs-table tbody").get_by_text("cancelled", exact=True)
+    cancelled.nth(1).wait_for()  # the list, reloaded, shows both cancelled
+    assert [_finished(api, f"held-{n}")["status"] for n in range(2)] == ["cancelled"] * 2
+
+
 def test_the_playground_explains_a_memory_limit_kill(page, api: Api, tmp_path):
     """Code that hoards memory over a 32 MB limit ends as memory_limit, explained in words
     with the limit and the variable to raise."""
@@ -347,17 +389,21 @@ def test_the_playground_explains_a_memory_limit_kill(page, api: Api, tmp_path):
 def test_health_shows_queue_workers_events_and_resets_an_open_breaker(page, api: Api, tmp_path):
     """Two failing runs open their node's breaker: Health lists it open (in words), with the
     failed attempts among the recent events; Reset closes it. The inline worker is fresh."""
-    assert api.client.put("/api/workflows/down", json=_workflow("down", "down/h"))
+    definition = _workflow("down", "down/h")
+    definition["nodes"][0]["id"] = "failing"  # its own breaker: no other test's node shares it
+    assert api.client.put("/api/workflows/down", json=definition)
     for n in range(2):
         api.client.post("/api/workflows/down/runs", json={"run_id": f"down-{n}"})
         assert _finished(api, f"down-{n}")["status"] == "failed"
     _sign_in(page, api, "#/health")
+    page.locator("#health-updated").get_by_text("Updated").wait_for()  # every part shown
     breakers = page.locator("#health-breakers")
     breakers.get_by_text("open", exact=True).wait_for()
     assert "fresh" in page.locator("#health-workers").inner_text()
     assert "waiting" in page.locator("#health-queue").inner_text()
     events = page.locator("#health-events")
     assert "attempt failed" in events.inner_text() and "down-1" in events.inner_text()
+    assert "failing" in breakers.inner_text()
     assert "ready" in page.locator("#health-ready").inner_text()
     _shot(page, tmp_path, "health")
     breakers.get_by_role("button", name="Reset breaker").first.click()

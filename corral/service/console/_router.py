@@ -8,7 +8,7 @@ import functools
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from corral.config import FLAGS
@@ -55,7 +55,7 @@ async def page() -> Response:
 async def asset(name: str) -> Response:
     """The console's script and style sheet."""
     if name not in ASSETS:
-        return Response(status_code=404)
+        raise HTTPException(404, f"the console has no asset {name!r}")
     return Response(_asset(name), media_type=ASSETS[name], headers=HEADERS)
 
 

@@ -90,10 +90,11 @@ function headers(extra) {
 
 /** fetch() an endpoint with the token; the parsed JSON, or an Error with the API's message. */
 async function api(path, options = {}) {
-  const init = { ...options, headers: headers(options.headers) };
-  if (options.json !== undefined) {
+  const { answers503, json, ...rest } = options;
+  const init = { ...rest, headers: headers(options.headers) };
+  if (json !== undefined) {
     init.method = init.method || "POST";
-    init.body = JSON.stringify(options.json);
+    init.body = JSON.stringify(json);
     init.headers["content-type"] = "application/json";
   }
   const response = await fetch(path, init);
@@ -103,7 +104,7 @@ async function api(path, options = {}) {
   }
   const type = response.headers.get("content-type") || "";
   const body = type.includes("json") ? await response.json() : await response.text();
-  if (!response.ok && response.status !== 503) {
+  if (!response.ok && !(response.status === 503 && answers503)) {
     const detail = body && body.error ? `${body.error.type}: ${body.error.message}` : `HTTP ${response.status}`;
     const error = new Error(detail);
     error.status = response.status;
@@ -613,7 +614,7 @@ const EVENT_WORDS = {
 async function showHealth() {
   const parts = {
     ready: async () => {
-      const body = await api("/readyz");
+      const body = await api("/readyz", { answers503: true }); // not ready: 503 with the checks
       return [el("p", {}, badge(body.ready ? "ok" : "bad", body.ready ? "ready" : "not ready"), " ",
         el("span", { class: "note mono", text: body.deployment })),
       table("Readiness checks", ["Check", "Outcome"], Object.entries(body.checks).map(([name, outcome]) =>
