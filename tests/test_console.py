@@ -383,6 +383,7 @@ def test_the_playground_explains_a_memory_limit_kill(page, api: Api, tmp_path):
     assert "memory_limit" in text and "memory limit" in text
     assert "SANDBOX_MAX_MEMORY_MB" in text and "Memory (MB)" in text
     assert "failed" in outcome.inner_text() and "Peak memory" in outcome.inner_text()
+    assert "null" not in outcome.inner_text()
     _shot(page, tmp_path, "playground")
 
 

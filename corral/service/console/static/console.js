@@ -701,16 +701,17 @@ async function runPlayground(event) {
   try {
     const result = await api("/api/sandbox/execute", { json: request });
     const usage = result.usage || {};
-    out.append(
+    out.append(...[
       el("p", {}, badge(result.ok ? "ok" : "bad", result.ok ? "succeeded" : "failed"), " ",
         el("span", { class: "note", text: `executor: ${result.executor ?? "—"}` })),
       errorBlock(result.error, "playground"),
       el("dl", { class: "facts" }, facts([
         ["Wall time", ms(usage.wall_ms)], ["CPU", ms(usage.cpu_ms)], ["Peak memory", megabytes(usage.peak_memory_bytes)],
       ])),
-      el("h3", { text: "Output" }), el("pre", { class: "output", tabindex: "0", id: "play-output", text: pretty(result.output) }),
+      el("h3", { text: "Output" }), el("pre", { class: "output", tabindex: "0", id: "play-output", text: result.ok ? pretty(result.output) : "(none: the execution failed)" }),
       el("h3", { text: `Logs (${result.logs.length})` }),
-      el("pre", { class: "logs", tabindex: "0", id: "play-logs", text: result.logs.map((l) => `[${l.level}] ${l.message}`).join("\n") || "(no logs)" }));
+      el("pre", { class: "logs", tabindex: "0", id: "play-logs", text: result.logs.map((l) => `[${l.level}] ${l.message}`).join("\n") || "(no logs)" }),
+    ].filter(Boolean));
     announce(result.ok ? "The execution succeeded" : `The execution failed: ${result.error && result.error.type}`);
   } catch (error) {
     if (!(error instanceof Unauthorized)) out.append(el("p", { class: "error-text", role: "alert", text: error.message }));
