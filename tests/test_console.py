@@ -19,9 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import send_json, serving
+from playwright import sync_api as playwright_sync  # the `test` extra installs it
 from test_api import TOKEN, Api, _env, running_api
-
-playwright_sync = pytest.importorskip("playwright.sync_api")  # the `test` extra installs it
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; never a browser Playwright downloads
 CHROMIUM_ARGS = [

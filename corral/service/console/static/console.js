@@ -456,11 +456,17 @@ async function showRun(runId) {
     ]));
     clear($("run-error")).append(...[run.error ? errorBlock(run.error, "run") : null].filter(Boolean));
     const open = new Set([...$("run-nodes").querySelectorAll("details[open]")].map((d) => d.dataset.key));
+    const focused = $("run-nodes").contains(document.activeElement) ? document.activeElement.closest("details") : null;
+    const focusKey = focused ? focused.dataset.key : null; // keep a keyboard user's place
     const nodes = run.nodes || {};
     const going = !FINISHED.has(run.status);
     clear($("run-nodes")).append(...ordered(state.definition, nodes).map(([id, deps]) =>
       renderNode(id, deps, nodes[id], going ? state.live[id] : undefined)));
     for (const details of $("run-nodes").querySelectorAll("details")) details.open = open.has(details.dataset.key);
+    if (focusKey) {
+      const again = $("run-nodes").querySelector(`details[data-key="${CSS.escape(focusKey)}"] summary`);
+      if (again) again.focus({ preventScroll: true });
+    }
     $("run-retry").disabled = !(run.status === "failed" || run.status === "cancelled");
     $("run-cancel").disabled = !(run.status === "queued" || run.status === "running");
   };
