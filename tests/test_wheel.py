@@ -91,3 +91,28 @@ def test_the_wheel_runs_the_readme_examples(installed: Path, tmp_path: Path):
                     env={"TMPDIR": str(scratch)})  # fmt: skip
     assert json.loads(workflow.stdout)["status"] == "succeeded", workflow.stdout
     assert list(scratch.iterdir()) == [] and list(work.iterdir()) == []
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S * 2)
+def test_the_wheel_ships_the_web_console(installed: Path, tmp_path: Path):
+    """The console's page, script and style sheet are package data of the installed wheel,
+    and the app built from it serves them at / without a token."""
+    probe = (
+        "import json, sys\n"
+        "from corral.service.console._router import STATIC\n"
+        "from fastapi.testclient import TestClient\n"
+        "from corral.config import load_settings\n"
+        "from corral.service.api import create_app\n"
+        "app = create_app(load_settings())\n"
+        "client = TestClient(app)\n"  # no lifespan: the page needs none
+        "answers = [client.get(p) for p in ('/', '/console/console.js', '/console/console.css')]\n"
+        "files = sorted(p.name for p in STATIC.iterdir())\n"
+        "print(json.dumps({'static': str(STATIC), 'files': files, 'page': answers[0].text,\n"
+        "                  'codes': [a.status_code for a in answers]}))\n"
+    )
+    env = {"CORRAL_API_TOKEN": "wheel-token-0123456789", "CORRAL_STATE_DIR": str(tmp_path / "s")}
+    shown = json.loads(_run(installed / "python", "-c", probe, cwd=tmp_path, env=env).stdout)
+    assert shown["static"].startswith(str(installed.parent)), shown["static"]
+    assert shown["files"] == ["console.css", "console.js", "index.html"]
+    assert shown["codes"] == [200, 200, 200]
+    assert '<script src="/console/console.js" defer></script>' in shown["page"]

@@ -24,6 +24,7 @@ from corral.config import Settings
 from corral.runtime import WorkflowRuntime, open_store
 from corral.runtime.store import Store, StoreError
 from corral.sandbox import NodeSandbox
+from corral.service import console
 from corral.service._keys import KeyRing, ensure_canary, load_key_ring
 from corral.service._sandbox import CountingSandbox
 from corral.service._worker import RunWorker
@@ -33,7 +34,7 @@ from corral.service.records import Records, RecordsError, open_records
 
 logger = logging.getLogger("corral.api")
 
-OPEN_PATHS = frozenset({"/healthz"})  # answered without the bearer token
+OPEN_PATHS = frozenset({"/healthz", *console.OPEN_PATHS})  # answered without the bearer token
 
 
 class ApiError(Exception):
@@ -225,6 +226,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(_routes.router)
+    app.include_router(console.router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
