@@ -388,7 +388,9 @@ async def test_writes_by_another_process_wake_this_ones_subscribers(
         if kind == "redis":  # the subscription is made on the loop: wait until it is
             client = redis.asyncio.Redis.from_url(place)
             async with asyncio.timeout(10):
-                while not (await client.pubsub_numsub(f"{prefix}changes"))[0][1]:
+                while not all(n for _, n in await client.pubsub_numsub(
+                    *(f"{prefix}changes:{topic}" for topic in heard)
+                )):  # fmt: skip
                     await asyncio.sleep(0.01)
             await client.aclose()
         writer = await asyncio.create_subprocess_exec(

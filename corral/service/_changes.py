@@ -131,27 +131,35 @@ class FileChanges(Changes):
 
 
 class RedisChanges(Changes):
-    """Topics as messages on the Redis channel `channel`: the records' writes publish them
-    in the same script or pipeline as the write, other rings are one PUBLISH, and hearing
-    is one subscription, made at the first subscriber, on its event loop. While
-    the connection is down, every subscriber is woken once and then polls (`live` stays
-    True: their time-out is the poll)."""
+    """Topics as Redis channels, `<prefix><topic>`: the records' writes publish them in the
+    same script or pipeline as the write, other rings are one PUBLISH, and hearing is one
+    subscription to the topics subscribed here, on the first subscriber's event loop (a new
+    topic renews it). While the connection is down, every subscriber is woken once and then
+    polls (`live` stays True: their time-out is the poll)."""
 
     live = True
 
-    def __init__(self, client: redis.asyncio.Redis, channel: str) -> None:
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
         self._client = client
-        self.channel = channel
+        self.prefix = prefix
         self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
+        self._heard: frozenset[str] = frozenset()  # the topics the task listens to
         self._task: asyncio.Task[None] | None = None
 
+    def channel(self, topic: str) -> str:
+        """The Redis channel of `topic`."""
+        return self.prefix + topic
+
     async def ring(self, topic: str) -> None:
-        await self._client.publish(self.channel, topic)
+        await self._client.publish(self.channel(topic), "1")
 
     def subscribe(self, topic: str, event: asyncio.Event) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._hear())
         self._subscribers[topic].add(event)
+        if topic not in self._heard:  # listen to it too, from now on
+            if self._task is not None:
+                self._task.cancel()
+            self._heard |= {topic}
+            self._task = asyncio.get_running_loop().create_task(self._hear(self._heard))
 
     def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
         self._subscribers[topic].discard(event)
@@ -161,17 +169,18 @@ class RedisChanges(Changes):
             for event in self._subscribers.get(topic, ()):
                 event.set()
 
-    async def _hear(self) -> None:
+    async def _hear(self, topics: frozenset[str]) -> None:
+        by_channel = {self.channel(topic): topic for topic in topics}
         failures = 0
         while True:
             try:
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    await pubsub.subscribe(*by_channel)
                     failures = 0
                     async for message in pubsub.listen():
-                        self._wake([message["data"]])
+                        self._wake([by_channel.get(message["channel"], "")])
             except redis.RedisError:
-                self._wake(TOPICS)  # rings may have been missed: look again
+                self._wake(topics)  # rings may have been missed: look again
                 failures += 1
                 await asyncio.sleep(min(5.0, 0.05 * 2**failures))
 

@@ -42,11 +42,12 @@ _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[4])
-redis.call('PUBLISH', KEYS[3], 'runs')
+redis.call('PUBLISH', KEYS[3], '1')
 return 1
 """
 
-# KEYS[3] (here and in _CREATE_LUA): the channel that tells other processes (RedisChanges).
+# KEYS[3] (here and in _CREATE_LUA): the `runs` channel, which tells other processes
+# (RedisChanges).
 # ARGV[4]: the workflow; ARGV[5]: '1' when ARGV[3] is a finished status. The count is of
 # (workflow, status) pairs, joined by a newline (neither holds one: ids are checked).
 _WRITE_LUA = """
@@ -56,7 +57,7 @@ redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status'
 if ARGV[5] == '1' and r[2] ~= ARGV[3] then
   redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
 end
-redis.call('PUBLISH', KEYS[3], 'runs')
+redis.call('PUBLISH', KEYS[3], '1')
 return 1
 """
 
@@ -128,7 +129,7 @@ class RedisRecords(Records):
         self._write = self._redis.register_script(_WRITE_LUA)
         self._put_connection = self._redis.register_script(_PUT_CONNECTION_LUA)
         self._prune = self._redis.register_script(_PRUNE_LUA)
-        self._changes = RedisChanges(self._redis, f"{prefix}changes")
+        self._changes = RedisChanges(self._redis, f"{prefix}changes:")
 
     def __repr__(self) -> str:
         closed = "" if self._redis else ", closed"
@@ -151,7 +152,7 @@ class RedisRecords(Records):
         """Store a new run record; False (nothing changes) when its id is taken."""
         with self._errors():
             created = await self._create(
-                keys=[self._run_key(run["id"]), self._index, self._changes.channel],
+                keys=[self._run_key(run["id"]), self._index, self._changes.channel("runs")],
                 args=[_dumps(run), run["status"], run["workflow"], sort_key(run)],
             )
         return bool(created)
@@ -165,7 +166,7 @@ class RedisRecords(Records):
         finished = "1" if run["status"] in FINISHED else "0"
         with self._errors():
             written = await self._write(
-                keys=[self._run_key(run["id"]), self._counts, self._changes.channel],
+                keys=[self._run_key(run["id"]), self._counts, self._changes.channel("runs")],
                 args=[version, _dumps(run), run["status"], run["workflow"], finished],
             )
         return bool(written)
@@ -178,7 +179,7 @@ class RedisRecords(Records):
         with self._errors() as client:
             async with client.pipeline(transaction=False) as pipe:
                 pipe.rpush(self._events_key(run_id), _dumps(event))
-                pipe.publish(self._changes.channel, "events")
+                pipe.publish(self._changes.channel("events"), "1")
                 seq, _ = await pipe.execute()
         return int(seq)
 
@@ -197,7 +198,7 @@ class RedisRecords(Records):
             async with client.pipeline(transaction=False) as pipe:
                 for run_id, event in events:
                     pipe.rpush(self._events_key(run_id), _dumps(event))
-                pipe.publish(self._changes.channel, "events")
+                pipe.publish(self._changes.channel("events"), "1")
                 await pipe.execute()
 
     async def run_events(self, run_id: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
