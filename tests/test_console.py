@@ -20,7 +20,7 @@ import httpx
 import pytest
 from conftest import send_json, serving
 from playwright import sync_api as playwright_sync  # the `test` extra installs it
-from test_api import TOKEN, Api, _env, running_api
+from test_api import TOKEN, Api, _env, _workflow, running_api
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; never a browser Playwright downloads
 CHROMIUM_ARGS = [
@@ -180,18 +180,6 @@ def _sign_in(page: Any, api: Api, where: str = "#/runs") -> None:
     page.get_by_label("API token").fill(TOKEN)
     page.get_by_role("button", name="Sign in").click()
     page.locator("#view-login").wait_for(state="hidden")
-
-
-def _workflow(workflow_id: str, *paths: str) -> dict[str, Any]:
-    """Nodes n0, n1, … in a chain, each calling svc at one of `paths`."""
-    nodes: list[dict[str, Any]] = []
-    for index, path in enumerate(paths):
-        node: dict[str, Any] = {"id": f"n{index}", "app": "svc", "function": "call",
-                                "params": {"path": path}}  # fmt: skip
-        if nodes:
-            node["dependsOn"] = [nodes[-1]["id"]]
-        nodes.append(node)
-    return {"id": workflow_id, "nodes": nodes}
 
 
 def _finished(api: Api, run_id: str) -> dict[str, Any]:
