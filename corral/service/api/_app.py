@@ -137,14 +137,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(
-            413,
-            "payload_too_large",
-            f"the request body is over {self.limit} bytes (CORRAL_API_MAX_BODY_BYTES)",
-        )
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await too_large(scope, receive, send)
+                await self._too_large()(scope, receive, send)
                 return
         received = 0
         started = False
@@ -167,7 +162,14 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await too_large(scope, receive, send)
+                await self._too_large()(scope, receive, send)
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(
+            413,
+            "payload_too_large",
+            f"the request body is over {self.limit} bytes (CORRAL_API_MAX_BODY_BYTES)",
+        )
 
 
 class _TooLarge(Exception):
