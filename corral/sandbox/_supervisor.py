@@ -404,7 +404,10 @@ class Supervisor:
         """What the execution used, from its cgroup (or, degraded, from polling and the child)."""
         if self.cgroup is not None:
             try:
-                self.cgroup_counters = (self.cgroup.cpu_ns(), self.cgroup.oom_kills())
+                # An OOM kill matters only to a child that died without an answer (one that
+                # answered and died after is retired): the others keep their baseline.
+                oom_kills = self.cgroup.oom_kills() if self.outcome is None else self.oom_base
+                self.cgroup_counters = (self.cgroup.cpu_ns(), oom_kills)
                 self.cpu_ms = (self.cgroup_counters[0] - self.cpu_base_ns) / 1e6
                 self.peak = max(0, self.cgroup.peak_memory_bytes() - self.memory_base)
                 self.oom = self.cgroup_counters[1] > self.oom_base
@@ -551,10 +554,14 @@ def _pidfd_targets(fd: int) -> list[int]:
     """The pids of the process a pidfd refers to, from this host's PID namespace down to
     its own ([-1] once it has exited); [] if `fd` is no pidfd."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as info:
-            for line in info:
-                if line.startswith("NSpid:"):
-                    return [int(pid) for pid in line.split()[1:]]
+        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(info, 4096)
+        finally:
+            os.close(info)
+        for line in text.splitlines():
+            if line.startswith(b"NSpid:"):
+                return [int(pid) for pid in line.split()[1:]]
     except (OSError, ValueError):
         pass
     return []

@@ -216,21 +216,27 @@ class _ExecutionThread:
         _clear_async_exc(self.ident, None)
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
 def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return int(os.read(fd, 256).split()[1]) * _PAGE_SIZE
+    finally:
+        os.close(fd)
 
 
 class _Verdict:
     """The control thread's side of one execution: heartbeats and cooperative limits."""
 
-    def __init__(self, limits: dict[str, Any], executor: _ExecutionThread) -> None:
+    def __init__(self, limits: dict[str, Any], executor: _ExecutionThread, rss_start: int) -> None:
         self.limits = limits
         self.executor = executor
         self.started = time.monotonic()
         self.deadline = self.started + limits["timeout_ms"] / 1000
         self.cpu_start = executor.cpu_ns()
-        self.rss_start = _rss()
+        self.rss_start = rss_start  # taken while the worker waited for the request
         self.error: dict[str, str] | None = None
 
     def cpu_ms(self) -> float:
@@ -324,6 +330,7 @@ def serve(
     if _leftovers.WATCH is not None:
         _leftovers.WATCH.baseline()  # what every execution of this worker starts from
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
+    rss = _rss()  # the memory limit counts from here: the request is the execution's
     while (frame := proto.read_frame(sock, MAX_REQUEST_BYTES)) is not None:
         if frame[0] != proto.REQUEST:
             continue  # an HTTP reply to an execution that was stopped while it waited
@@ -346,7 +353,7 @@ def serve(
         # Only the job holds the execution's objects now: when it drops them, whatever the
         # code hung on them (a generator in the params) is finalized within the execution.
         del request, compiled, guards, http, close_http, end, frame
-        verdict = _Verdict(limits, executor)
+        verdict = _Verdict(limits, executor, rss)
         executor.submit(job)
         stuck = verdict.watch(job, channel, logs)
         if verdict.error is not None:
@@ -360,3 +367,4 @@ def serve(
         answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
         if leaving:  # the host sees the answer, then the worker gone, and replaces it
             os._exit(0)
+        rss = _rss()  # the next execution's baseline, read off its path
