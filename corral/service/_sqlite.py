@@ -2,6 +2,9 @@
 own: what the embedded queue and records share. A database locked by another process is
 waited for on that thread, never on the event loop.
 
+`changes` rings and hears the topics of the state (corral.service._changes), so that the
+other processes on this state dir wake at once instead of polling it.
+
 Point reads and short writes (`quick`) skip the hop to that thread: they run on the event
 loop on a second connection that never waits (busy_timeout 0) and never checkpoints, in
 microseconds (WAL: a reader never waits for a writer; a commit does not fsync); one that

@@ -178,8 +178,9 @@ class SqliteQueue(RunQueue):
         """Queue a run; False (and nothing changes) when it is already waiting or leased."""
         encoded = json.dumps(data, separators=(",", ":"))
         added = await self._db.quick(_enqueue, run_id, encoded, self.clock())
-        self._wakeup.set()
-        await self._db.changes.ring("queue")
+        if added:
+            self._wakeup.set()
+            await self._db.changes.ring("queue")
         return bool(added)
 
     async def claim(self, *, wait_s: float = 0.0) -> Lease | None:
