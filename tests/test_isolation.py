@@ -155,14 +155,23 @@ def test_dead_zygote_is_restarted(sandbox):
 
 
 def _settled_fd_count(sandbox: NodeSandbox) -> int:
-    """The host's open descriptors once the reaper is idle and every spare is back."""
+    """The host's open descriptors once the reaper is idle, every spare is back (a socket
+    each, and the held files of its cgroup, made as it is prepared) and the count has held
+    still for 50 ms."""
     backend = sandbox._backend
-    backend.reaper.drain()
     deadline = time.monotonic() + 10
-    while backend.zygote._spares.qsize() < backend.zygote.spares:  # a socket each, here
-        assert time.monotonic() < deadline, "the zygote stopped forking spares"
-        time.sleep(0.01)
-    return len(os.listdir("/proc/self/fd"))
+    last = -1
+    while True:
+        backend.reaper.drain()
+        while backend.zygote._spares.qsize() < backend.zygote.spares:
+            assert time.monotonic() < deadline, "the zygote stopped forking spares"
+            time.sleep(0.01)
+        count = len(os.listdir("/proc/self/fd"))
+        if count == last:
+            return count
+        assert time.monotonic() < deadline, "the host's descriptors never settled"
+        last = count
+        time.sleep(0.05)
 
 
 def test_no_descriptor_leaks(sandbox):
