@@ -395,7 +395,7 @@ class ExecutionCgroup:
         if self._peak_fd is not None:
             return max(int(os.pread(self._peak_fd, 64, 0)), self._peak_seen)
         try:
-            lifetime = int(self._read(self.dirs["unified"] / "memory.peak"))
+            lifetime = int(read(self.dirs["unified"] / "memory.peak"))
         except FileNotFoundError:  # memory.peak needs Linux 5.19
             lifetime = 0
         if lifetime > self._lifetime_base:  # this execution set the cgroup's high: exact
@@ -435,12 +435,10 @@ class ExecutionCgroup:
                 self._peak_resettable = True
                 return
             except OSError:  # read-only before Linux 6.12
-                if self._peak_fd is not None:
-                    os.close(self._peak_fd)
-                    self._peak_fd = None
+                self.close()
                 self._peak_resettable = False
         try:
-            self._lifetime_base = int(self._read(peak_file))
+            self._lifetime_base = int(read(peak_file))
         except FileNotFoundError:
             self._lifetime_base = 0
         self._hiwater = None
