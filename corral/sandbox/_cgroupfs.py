@@ -69,12 +69,7 @@ def read(path: Path) -> str:
 
 
 def keyed(path: Path, key: str) -> int:
-    return keyed_in(read(path), key)
-
-
-def keyed_in(text: str, key: str) -> int:
-    """The value of `key` in a flat-keyed cgroup file's text (0 when absent)."""
-    for line in text.splitlines():
+    for line in read(path).splitlines():
         name, _, value = line.partition(" ")
         if name == key:
             return int(value)

@@ -31,7 +31,7 @@ from corral.sandbox import _delegation as delegation
 from corral.sandbox._cgroupfs import (
     CgroupUnavailable,
     Mount,
-    keyed_in,
+    keyed,
     mounts,
     own_cgroups,
     read,
@@ -82,6 +82,22 @@ def _unified(found: list[Mount]) -> Mount | None:
     if unified is None or not (unified.mountpoint / "cgroup.controllers").exists():
         return None
     return unified
+
+
+def _set_v1_memory(memory: Path, value: str) -> None:
+    """Set the v1 memory limit, and the memory+swap limit to the same (swap must not extend
+    it); memsw may never be below the plain limit, so the order depends on the direction."""
+    limit, swap = memory / "memory.limit_in_bytes", memory / "memory.memsw.limit_in_bytes"
+    if not swap.exists():  # no swap accounting on this kernel
+        write(limit, value)
+        return
+    try:
+        write(limit, value)
+    except OSError:  # raising the limit past the current memsw: memsw first
+        write(swap, value)
+        write(limit, value)
+    else:
+        write(swap, value)
 
 
 @dataclass(frozen=True)
@@ -248,10 +264,6 @@ class ExecutionCgroup:
         self._lifetime_base = 0
         self._hiwater: tuple[int, int, int] | None = None  # pid, usage and RSS at the reset
         self._applied: tuple[int | None, int | None] = (-1, -1)  # memory, quota last written
-        # The files read and written for each execution, held open: opening a cgroup file
-        # costs several times what reading it does (and more after an idle spell).
-        self._held: dict[tuple[Path, int], int] = {}
-        self._has_file: dict[Path, bool] = {}
 
     def __repr__(self) -> str:
         return f"ExecutionCgroup(v{self.version}, {next(iter(self.dirs.values()))})"
@@ -273,66 +285,11 @@ class ExecutionCgroup:
     def _dir(self, controller: str) -> Path:
         return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
 
-    def _fd(self, path: Path, flags: int) -> int:
-        """A descriptor on `path` held open until `close()`."""
-        fd = self._held.get((path, flags))
-        if fd is None:
-            fd = self._held[path, flags] = os.open(path, flags | os.O_CLOEXEC)
-        return fd
-
-    def _read(self, path: Path) -> str:
-        return os.pread(self._fd(path, os.O_RDONLY), 1 << 12, 0).decode()
-
-    def _write(self, path: Path, value: str) -> None:
-        os.pwrite(self._fd(path, os.O_WRONLY), value.encode(), 0)
-
-    def _exists(self, path: Path) -> bool:
-        known = self._has_file.get(path)
-        if known is None:
-            known = self._has_file[path] = path.exists()
-        return known
-
     def make(self) -> None:
-        """Create the directories, limited only in processes (pids.max), and open the files
-        every execution reads and writes."""
+        """Create the directories, limited only in processes (pids.max)."""
         for path in dict.fromkeys(self.dirs.values()):
             path.mkdir()
         write(self._dir("pids") / "pids.max", str(PIDS_MAX))
-        memory = self._dir("memory")
-        if self.version == 1:
-            for path in (
-                memory / "memory.usage_in_bytes",
-                memory / "memory.max_usage_in_bytes",
-                memory / "memory.oom_control",
-                self.dirs["cpuacct"] / "cpuacct.usage",
-            ):
-                self._fd(path, os.O_RDONLY)  # fmt: skip
-            self._fd(memory / "memory.limit_in_bytes", os.O_WRONLY)
-            self._fd(memory / "memory.max_usage_in_bytes", os.O_WRONLY)
-            swap = memory / "memory.memsw.limit_in_bytes"
-            if self._exists(swap):
-                self._fd(swap, os.O_WRONLY)
-        else:
-            for name in ("memory.current", "memory.events", "cpu.stat"):
-                self._fd(memory / name, os.O_RDONLY)
-            self._fd(memory / "memory.max", os.O_WRONLY)
-
-    def _set_v1_memory(self, value: str) -> None:
-        """Set the v1 memory limit, and the memory+swap limit to the same (swap must not
-        extend it); memsw may never be below the plain limit, so the order depends on the
-        direction."""
-        memory = self.dirs["memory"]
-        limit, swap = memory / "memory.limit_in_bytes", memory / "memory.memsw.limit_in_bytes"
-        if not self._exists(swap):  # no swap accounting on this kernel
-            self._write(limit, value)
-            return
-        try:
-            self._write(limit, value)
-        except OSError:  # raising the limit past the current memsw: memsw first
-            self._write(swap, value)
-            self._write(limit, value)
-        else:
-            self._write(swap, value)
 
     def apply(self, limits: CgroupLimits, *, reused: bool = False) -> None:
         """Write the memory limit and the CPU quota into the controllers.
@@ -357,31 +314,30 @@ class ExecutionCgroup:
                 return
         if self.version == 1:
             if memory_bytes is not None or reused:
-                self._set_v1_memory("-1" if memory_bytes is None else str(memory_bytes))
+                _set_v1_memory(memory, "-1" if memory_bytes is None else str(memory_bytes))
             if limits.cpu_quota_us is not None or reused:
-                self._write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
                 quota = "-1" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
-                self._write(cpu / "cpu.cfs_quota_us", quota)
+                write(cpu / "cpu.cfs_quota_us", quota)
         else:
             if memory_bytes is not None or reused:
-                value = "max" if memory_bytes is None else str(memory_bytes)
-                self._write(memory / "memory.max", value)
-                if self._exists(memory / "memory.swap.max"):
-                    self._write(memory / "memory.swap.max", "0")
+                write(memory / "memory.max", "max" if memory_bytes is None else str(memory_bytes))
+                if (memory / "memory.swap.max").exists():
+                    write(memory / "memory.swap.max", "0")
             if limits.cpu_quota_us is not None or reused:
                 quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
-                self._write(cpu / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+                write(cpu / "cpu.max", f"{quota} {CFS_PERIOD_US}")
 
     def cpu_ns(self) -> int:
         """CPU time (user + sys) used by everything that ran in the cgroup."""
         if self.version == 1:
-            return int(self._read(self.dirs["cpuacct"] / "cpuacct.usage"))
-        return keyed_in(self._read(self.dirs["unified"] / "cpu.stat"), "usage_usec") * 1000
+            return int(read(self.dirs["cpuacct"] / "cpuacct.usage"))
+        return keyed(self.dirs["unified"] / "cpu.stat", "usage_usec") * 1000
 
     def memory_bytes(self) -> int:
         """Memory charged to the cgroup now."""
         name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
-        current = int(self._read(self._dir("memory") / name))
+        current = int(read(self._dir("memory") / name))
         self._peak_seen = max(self._peak_seen, current)
         return current
 
@@ -389,8 +345,7 @@ class ExecutionCgroup:
         """The most memory the cgroup held at once since the last `reset_peak`."""
         if self.version == 1:
             return max(
-                int(self._read(self.dirs["memory"] / "memory.max_usage_in_bytes")),
-                self._peak_seen,
+                int(read(self.dirs["memory"] / "memory.max_usage_in_bytes")), self._peak_seen
             )
         if self._peak_fd is not None:
             return max(int(os.pread(self._peak_fd, 64, 0)), self._peak_seen)
@@ -410,8 +365,8 @@ class ExecutionCgroup:
     def oom_kills(self) -> int:
         """How many tasks of this cgroup the kernel's OOM killer has killed."""
         if self.version == 1:
-            return keyed_in(self._read(self.dirs["memory"] / "memory.oom_control"), "oom_kill")
-        return keyed_in(self._read(self.dirs["unified"] / "memory.events"), "oom_kill")
+            return keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill")
+        return keyed(self.dirs["unified"] / "memory.events", "oom_kill")
 
     def reset_peak(self, pid: int | None = None) -> None:
         """Start the peak over, for the next execution (in a reused cgroup, that of `pid`).
@@ -424,7 +379,7 @@ class ExecutionCgroup:
         """
         self._peak_seen = 0
         if self.version == 1:
-            self._write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
             return
         peak_file = self.dirs["unified"] / "memory.peak"
         if self._peak_resettable is not False:
@@ -448,14 +403,10 @@ class ExecutionCgroup:
                 self._hiwater = (pid, self.memory_bytes(), _status_kib(pid, "VmRSS") * 1024)
 
     def close(self) -> None:
-        """Close the descriptors held open on the cgroup's files (they are opened again as
-        needed)."""
+        """Close the descriptors held open on the cgroup's files."""
         if self._peak_fd is not None:
             os.close(self._peak_fd)
             self._peak_fd = None
-        held, self._held = self._held, {}
-        for fd in held.values():
-            os.close(fd)
 
     def pids(self) -> list[int]:
         """The processes in the cgroup now (every v1 controller holds the same ones)."""
