@@ -44,8 +44,17 @@ class ProcessBackend(Backend):
         super().__init__(settings, spares=SPARES, unsafe_layers_off=unsafe_layers_off)
         if self.hierarchy is not None:
             self.zygote.join_ahead(
-                self.hierarchy.take_ready, self._discard_cgroup, self._cgroups_for_new_zygote
+                self._take_ready, self._discard_cgroup, self._cgroups_for_new_zygote
             )
+
+    def _take_ready(self) -> ExecutionCgroup | None:
+        """A blank cgroup for a new spare to join while it waits; the reaper makes its
+        replacement, so that as many stay ready as after any execution."""
+        assert self.hierarchy is not None
+        cgroup = self.hierarchy.take_ready()
+        if cgroup is not None and not self.closed:
+            self.reaper.submit(None, None, None)  # nothing to reap: only its replenish runs
+        return cgroup
 
     def _cgroups_for_new_zygote(self) -> None:
         """Blank cgroups for a new zygote's first spares; those made for a previous one are
