@@ -469,6 +469,30 @@ def test_get_run_with_wait_s_answers_once_the_run_finishes(api: Api, service):
     assert api.client.get("/api/runs/nope", params={"wait_s": 1}).status_code == 404
 
 
+def test_start_run_with_wait_s_answers_the_finished_run(api: Api, service):
+    """POST /api/workflows/ID/runs?wait_s=N queues the run and answers once it finished:
+    200 with the run as GET gives it; a run still going after N seconds answers 202 with the
+    run as it is; without wait_s the answer is the plain 202 {run_id, status}."""
+    _connect(api, service)
+    api.client.put("/api/workflows/quick", json=_workflow("quick", "ok/q"))
+    done = api.client.post("/api/workflows/quick/runs", params={"wait_s": 20}, json={})
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert body["status"] == "succeeded" and body["run"]["status"] == "succeeded"
+    assert body["run"] == api.client.get(f"/api/runs/{body['run_id']}").json()
+    plain = api.client.post("/api/workflows/quick/runs", json={})
+    assert plain.status_code == 202 and set(plain.json()) == {"run_id", "status"}
+    api.client.put("/api/workflows/held", json=_workflow("held", "block/held"))
+    started = time.monotonic()
+    held = api.client.post("/api/workflows/held/runs", params={"wait_s": 0.5}, json={})
+    assert time.monotonic() - started >= 0.5
+    assert held.status_code == 202 and held.json()["run"]["status"] in ("queued", "running")
+    service.release.set()
+    assert _finished(api, held.json()["run_id"])["status"] == "succeeded"
+    answer = api.client.post("/api/workflows/quick/runs", params={"wait_s": "31"}, json={})
+    assert answer.status_code == 422 and answer.json()["error"]["type"] == "invalid_input"
+
+
 def test_breakers_are_listed_and_reset_by_hand(api: Api, service):
     """Failing calls open the node's breaker (threshold 2): it is listed open and in the
     metrics; a reset closes it."""

@@ -410,3 +410,30 @@ async def test_writes_by_another_process_wake_this_ones_subscribers(
         assert not heard["runs"].is_set()  # unsubscribed
     finally:
         await records.close()
+
+
+async def test_a_topic_file_removed_and_made_again_is_still_heard(tmp_path: Path):
+    """Each topic's file is watched on its own; when one is removed (a clean-up of the state
+    dir), the ring that makes it again is heard, and so are the rings after it."""
+    records = SqliteRecords(str(tmp_path / "corral.db"))
+    writer = SqliteRecords(str(tmp_path / "corral.db"))  # as another process would
+    try:
+        changes, other = records.changes(), writer.changes()
+        runs, queue = asyncio.Event(), asyncio.Event()
+        changes.subscribe("runs", runs)
+        changes.subscribe("queue", queue)
+        (tmp_path / "changes" / "runs").unlink()
+        await other.ring("runs")
+        async with asyncio.timeout(10):
+            await runs.wait()
+        runs.clear()
+        await asyncio.sleep(0.05)  # the removal's own notices are read, and nothing more
+        assert not runs.is_set() and not queue.is_set()
+        await other.ring("runs")
+        async with asyncio.timeout(10):
+            await runs.wait()
+        assert not queue.is_set()
+        assert changes.live
+    finally:
+        await records.close()
+        await writer.close()

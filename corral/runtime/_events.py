@@ -52,8 +52,16 @@ DURATION = Histogram(
 )
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def emit(event: str, **fields: Any) -> None:
-    """Log one event as a JSON line: `{"event": "corral.node.retry", "ts": ..., ...}`."""
+    """Log one event as a JSON line: `{"event": "corral.node.retry", "ts": ..., ...}`. The
+    log record carries the event as a dict too, as its `event` attribute (for handlers that
+    keep events, such as the service worker's, without parsing the line again)."""
     if logger.isEnabledFor(logging.INFO):
         record = {"event": f"corral.{event}", "ts": round(time.time(), 3), **fields}
-        logger.info(json.dumps(record, default=str, separators=(",", ":")))
+        line = json.dumps(record, default=str, separators=(",", ":"))
+        if not all(isinstance(value, _PLAIN) for value in fields.values()):
+            record = json.loads(line)  # as the line has it: every value JSON
+        logger.info(line, extra={"event": record})

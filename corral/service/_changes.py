@@ -51,7 +51,8 @@ class Changes:
 
 class FileChanges(Changes):
     """Topics as files in `directory`: a ring touches the topic's file (one utime), which
-    inotify reports to every process that watches the directory. Hearing starts at the
+    inotify reports to every process that watches that file; a process watches the files
+    of the topics it subscribes to, and is not woken by the others. Hearing starts at the
     first subscription, on that subscriber's event loop; where it cannot (no inotify
     instance left, a file system without it), `live` turns False, said once, and the
     subscribers poll."""
@@ -68,6 +69,8 @@ class FileChanges(Changes):
                 os.close(os.open(directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
         self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
         self._inotify: INotify | None = None
+        self._directory_watch = -1
+        self._watches: dict[int, str] = {}  # watch descriptor -> topic
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -79,17 +82,20 @@ class FileChanges(Changes):
                 os.close(os.open(self.directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
 
     def subscribe(self, topic: str, event: asyncio.Event) -> None:
-        if self._inotify is None and not self._closed and self.live:
-            try:
-                self._listen()
-            except OSError as exc:
-                self.live = False  # its waiters poll
-                logger.warning(
-                    "corral: cannot watch %s for changes (%s); polling instead (raise "
-                    "fs.inotify.max_user_instances if it is the limit)",
-                    self.directory, os.strerror(exc.errno) if exc.errno else exc,
-                )  # fmt: skip
         self._subscribers[topic].add(event)
+        if self._closed or not self.live or topic in self._watches.values():
+            return
+        try:
+            if self._inotify is None:
+                self._listen()
+            self._watch(topic)
+        except OSError as exc:
+            self.live = False  # the waiters poll
+            logger.warning(
+                "corral: cannot watch %s for changes (%s); polling instead (raise "
+                "fs.inotify.max_user_instances or max_user_watches if it is the limit)",
+                self.directory, os.strerror(exc.errno) if exc.errno else exc,
+            )  # fmt: skip
 
     def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
         self._subscribers[topic].discard(event)
@@ -97,7 +103,8 @@ class FileChanges(Changes):
     def _listen(self) -> None:
         inotify = INotify(nonblocking=True)
         try:
-            inotify.add_watch(self.directory, flags.ATTRIB | flags.CREATE)
+            # The directory: a topic file made again (heard as a ring, and watched anew).
+            self._directory_watch = inotify.add_watch(self.directory, flags.CREATE)
         except OSError:
             inotify.close()
             raise
@@ -105,15 +112,35 @@ class FileChanges(Changes):
         self._loop.add_reader(inotify.fileno(), self._heard)
         self._inotify = inotify
 
+    def _watch(self, topic: str) -> None:
+        """Hear the rings of `topic` (only those: a process is not woken by the topics it
+        does not wait on); a file not there yet is watched once a ring makes it."""
+        assert self._inotify is not None
+        with contextlib.suppress(FileNotFoundError):
+            self._watches[self._inotify.add_watch(self.directory / topic, flags.ATTRIB)] = topic
+
     def _heard(self) -> None:
         assert self._inotify is not None
         try:
-            names = {event.name for event in self._inotify.read(timeout=0)}
+            heard = self._inotify.read(timeout=0)
         except BlockingIOError:
             return
-        for name in names:
-            for event in self._subscribers.get(name, ()):
-                event.set()
+        topics = set()
+        for event in heard:
+            if event.mask & flags.IGNORED:  # its file was removed
+                self._watches.pop(event.wd, None)
+            elif event.wd == self._directory_watch:
+                if self._subscribers.get(event.name):
+                    try:
+                        self._watch(event.name)
+                    except OSError:  # not heard from now on: its waiters poll
+                        self.live = False
+                    topics.add(event.name)
+            elif topic := self._watches.get(event.wd):
+                topics.add(topic)
+        for topic in topics:
+            for subscriber in self._subscribers[topic]:
+                subscriber.set()
 
     async def close(self) -> None:
         self._closed = True

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
@@ -73,13 +72,12 @@ class _EventSink(logging.Handler):
         self.source.addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            event = json.loads(record.getMessage())
-        except ValueError:
+        fields = getattr(record, "event", None)  # set by corral.runtime's emit
+        if not isinstance(fields, dict):
             return
-        run_id = event.get("run")
+        run_id = fields.get("run")
         if isinstance(run_id, str) and run_id in self.worker._running.values():
-            event["event"] = str(event.get("event", "")).removeprefix("corral.")
+            event = {**fields, "event": str(fields.get("event", "")).removeprefix("corral.")}
             if threading.get_ident() == self.thread:  # the runtime's own: no wake-up needed
                 self.pending.put_nowait((run_id, event))
             else:

@@ -22,6 +22,17 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+#: The error answers any endpoint may give, for the OpenAPI document: every router passes
+#: them to its routes (APIRouter(responses=ERROR_RESPONSES)).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "malformed JSON"},
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    413: {"model": ErrorBody, "description": "body over CORRAL_API_MAX_BODY_BYTES"},
+    503: {"model": ErrorBody, "description": "the records or the queue are down"},
+    422: {"model": ErrorBody, "description": "invalid input"},
+}
+
+
 # -- sandbox -------------------------------------------------------------------------------
 
 
@@ -121,11 +132,6 @@ class StartRunRequest(_Strict):
     run_id: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
 
 
-class RunAccepted(BaseModel):
-    run_id: str
-    status: str
-
-
 class RunList(BaseModel):
     runs: list[RunSummary]
     next_cursor: str | None
@@ -154,6 +160,14 @@ class RunView(BaseModel):
     finished_at: float | None
     attempts: int
     cancel_requested: bool
+
+
+class RunAccepted(BaseModel):
+    """A run queued; with `wait_s`, also the run as it is once it finished or the wait ended."""
+
+    run_id: str
+    status: str
+    run: RunView | None = Field(None, description="only with wait_s: the run, as GET gives it")
 
 
 # -- operations ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from corral.service.queue import QueueError
 from corral.service.records import FINISHED, RecordsError
 from corral.service.records._base import MAX_SINCE
 
-router = APIRouter()
+router = APIRouter(responses=m.ERROR_RESPONSES)
 
 _ERROR = {"model": m.ErrorBody}
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {**_ERROR, "description": "no such item"}}
@@ -218,15 +218,36 @@ async def list_workflows(request: Request) -> dict[str, Any]:
     return {"workflows": listed}
 
 
+def _wait_query(what: str) -> Any:
+    return Query(
+        0, ge=0, le=MAX_WAIT_S,
+        description=f"wait up to this long for the run to finish, then answer {what} (0: "
+        "answer at once)",
+    )  # fmt: skip
+
+
 @router.post(
     "/api/workflows/{workflow_id}/runs",
     status_code=202,
     response_model=m.RunAccepted,
+    response_model_exclude_unset=True,
     tags=["runs"],
-    responses={**NOT_FOUND, **CONFLICT},
-)
-async def start_run(request: Request, workflow_id: str, body: m.StartRunRequest) -> dict[str, Any]:
-    """Queue a run of a stored workflow; `202 {"run_id"}`."""
+    responses={
+        **NOT_FOUND, **CONFLICT,
+        200: {"description": "with wait_s: the run finished within it", "model": m.RunAccepted},
+    },
+)  # fmt: skip
+async def start_run(
+    request: Request,
+    workflow_id: str,
+    body: m.StartRunRequest,
+    response: Response,
+    wait_s: float = _wait_query("with the run as it is then, in `run`"),
+) -> dict[str, Any]:
+    """Queue a run of a stored workflow; `202 {"run_id", "status"}`. With `wait_s`, the
+    answer also holds the run (as GET /api/runs/ID gives it) once it has finished, with
+    status 200, or as it is when the wait ends, with 202: one request runs a workflow and
+    gets its result."""
     state = _state(request)
     definition = await state.records.get_workflow(workflow_id)
     if definition is None:
@@ -241,7 +262,13 @@ async def start_run(request: Request, workflow_id: str, body: m.StartRunRequest)
         )
     except RunConflict as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    return {"run_id": run_id, "status": "queued"}
+    if not wait_s:
+        return {"run_id": run_id, "status": "queued"}
+    await state.waiter.wait(run_id, wait_s)
+    record = await _run(state, run_id)
+    if record["status"] in FINISHED:
+        response.status_code = 200
+    return {"run_id": run_id, "status": record["status"], "run": record}
 
 
 # -- runs ----------------------------------------------------------------------------------
@@ -279,13 +306,7 @@ async def _run(state: ApiState, run_id: str) -> dict[str, Any]:
 async def get_run(
     request: Request,
     run_id: str,
-    wait_s: float = Query(
-        0,
-        ge=0,
-        le=MAX_WAIT_S,
-        description="wait up to this long for a queued or running run to finish, then "
-        "answer it as it is then (0: answer at once)",
-    ),
+    wait_s: float = _wait_query("it as it is then"),
 ) -> dict[str, Any]:
     """A run: the `corral workflow run --json` object, with per-node logs and usage."""
     state = _state(request)
