@@ -16,10 +16,12 @@ in flight at a time:
   and then asks for it with GET /api/runs/ID?wait_s=30, two requests per run.
 
 The paths take turns, `--rounds` (3) times. Prints, for each, the median round's runs per
-second and p50/p95 from start (POST, or the call) to finished, and the targets: the
-service's per-run cost (1 / runs per second) at most 2x the in-process one (the median of
-each round's ratio), and more than n8n's published 220 executions per second for one
-instance. Exit status 1 when a service path misses a target.
+second and p50/p95 from start (POST, or the call) to finished; its per-run cost (1 / runs
+per second) against the in-process one ("cost x", the median of each round's ratio); and
+its overhead, what the service adds to that cost, against the in-process cost
+("overhead x" = cost x - 1). The targets (the issue's words): "service overhead at most 2x
+the in-process runtime path's per-run cost", and more than n8n's published 220 executions
+per second for one instance. Exit status 1 when a service path misses a target.
 """
 
 from __future__ import annotations
@@ -240,28 +242,31 @@ def main() -> int:
     for name in paths:  # each round's ratio, against the in-process figure of the same round
         rounds = zip(samples["in-process"], samples[name], strict=True)
         ratios = [inproc["runs_per_s"] / row["runs_per_s"] for inproc, row in rounds]
-        results[name]["overhead_x"] = round(statistics.median(ratios), 2)
+        results[name]["cost_x"] = round(statistics.median(ratios), 2)
+        results[name]["overhead_x"] = round(statistics.median(ratios) - 1, 2)
     if args.json:
         print(json.dumps({"concurrency": args.concurrency, "runs": args.runs,
                           "rounds": args.rounds, **results}))  # fmt: skip
         return 0
     print(f"{args.runs} one-node runs per path and round, {args.concurrency} in flight, "
           f"{args.executor} executor; medians of {args.rounds} interleaved rounds")  # fmt: skip
-    print(f"{'path':<22}{'runs/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'cost x':>10}  verdict")
+    print(f"{'path':<22}{'runs/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'cost x':>10}"
+          f"{'overhead x':>12}  verdict")  # fmt: skip
     met = True
     for name, row in results.items():
-        cost = row.get("overhead_x", 1.0)
+        cost = row.get("cost_x", 1.0)
+        overhead = row.get("overhead_x", 0.0)
         verdict = ""
         if name == TWO_REQUESTS:
             verdict = "info"
         elif name != "in-process":
-            passed = cost <= TARGET_OVERHEAD and row["runs_per_s"] > N8N_RUNS_PER_S
+            passed = overhead <= TARGET_OVERHEAD and row["runs_per_s"] > N8N_RUNS_PER_S
             met = met and passed
             verdict = "PASS" if passed else "FAIL"
         print(f"{name:<22}{row['runs_per_s']:>10}{row['p50_ms']:>10}{row['p95_ms']:>10}"
-              f"{cost:>10.2f}  {verdict}")  # fmt: skip
-    print(f"targets: service cost at most {TARGET_OVERHEAD}x in-process; more than "
-          f"{N8N_RUNS_PER_S:.0f} runs/s (n8n, one instance)")  # fmt: skip
+              f"{cost:>10.2f}{overhead:>12.2f}  {verdict}")  # fmt: skip
+    print(f"targets: overhead (cost x - 1) at most {TARGET_OVERHEAD}x the in-process cost; "
+          f"more than {N8N_RUNS_PER_S:.0f} runs/s (n8n, one instance)")  # fmt: skip
     return 0 if met else 1
 
 

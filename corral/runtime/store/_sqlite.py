@@ -239,21 +239,29 @@ class _Db:
     def breaker_admit(
         self, name: str, now: float, reset_s: float
     ) -> tuple[bool, BreakerState, BreakerState]:
-        with self.transaction() as conn:
-            before = self._breaker(conn, name)
-            allowed, after = _admit(before, now, reset_s)
-            if after != before:
-                self._save_breaker(conn, name, after)
+        # A read first: the common case (closed) changes nothing and takes no write lock,
+        # which every other process on this database would wait for.
+        before = self._breaker(self.conn, name)
+        allowed, after = _admit(before, now, reset_s)
+        if after != before:
+            with self.transaction() as conn:  # decided again on what is there now
+                before = self._breaker(conn, name)
+                allowed, after = _admit(before, now, reset_s)
+                if after != before:
+                    self._save_breaker(conn, name, after)
         return allowed, before.public, after.public
 
     def breaker_record(
         self, name: str, now: float, success: bool, threshold: int
     ) -> tuple[BreakerState, BreakerState]:
-        with self.transaction() as conn:
-            before = self._breaker(conn, name)
-            after = _record(before, now, success, threshold)
-            if after != before:
-                self._save_breaker(conn, name, after)
+        before = self._breaker(self.conn, name)  # as breaker_admit: a success changes nothing
+        after = _record(before, now, success, threshold)
+        if after != before:
+            with self.transaction() as conn:
+                before = self._breaker(conn, name)
+                after = _record(before, now, success, threshold)
+                if after != before:
+                    self._save_breaker(conn, name, after)
         return before.public, after.public
 
     def breaker_state(self, name: str) -> BreakerState:
