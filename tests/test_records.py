@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +351,18 @@ async def test_a_write_that_finds_the_database_locked_waits_off_the_event_loop(t
         await records.close()
 
 
+async def _subscribed(url: str, prefix: str, topics: Iterable[str]) -> None:
+    """Return once Redis has a subscriber on each topic's channel (a subscription is made on
+    the loop, after `subscribe` returns)."""
+    client = redis.asyncio.Redis.from_url(url)
+    async with asyncio.timeout(10):
+        while not all(n for _, n in await client.pubsub_numsub(
+            *(f"{prefix}changes:{topic}" for topic in topics)
+        )):  # fmt: skip
+            await asyncio.sleep(0.01)
+    await client.aclose()
+
+
 WRITER = """
 import asyncio, sys
 from corral.service.records import RedisRecords, SqliteRecords, new_run
@@ -359,6 +371,7 @@ async def main(kind, place, prefix):
     records = SqliteRecords(place) if kind == "sqlite" else RedisRecords(place, prefix=prefix)
     await records.create_run(new_run("r1", {"id": "w", "nodes": []}, {}, 1.0))
     await records.append_events([("r1", {"event": "run.started"})])
+    await records.update_run("r1", lambda run: {**run, "status": "succeeded"})
     await records.close()
 
 asyncio.run(main(*sys.argv[1:]))
@@ -369,7 +382,7 @@ asyncio.run(main(*sys.argv[1:]))
 async def test_writes_by_another_process_wake_this_ones_subscribers(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ):
-    """A run created and an event appended in another process set the events subscribed
+    """A run finished and an event appended in another process set the events subscribed
     here to `runs` and `events` (SQLite: inotify on the state dir's topic files; Redis: a
     published channel), and nothing set one subscribed to `cancels`."""
     prefix = f"test:{uuid.uuid4().hex}:"
@@ -385,14 +398,8 @@ async def test_writes_by_another_process_wake_this_ones_subscribers(
         heard = {topic: asyncio.Event() for topic in ("runs", "events", "cancels")}
         for topic, event in heard.items():
             changes.subscribe(topic, event)
-        if kind == "redis":  # the subscription is made on the loop: wait until it is
-            client = redis.asyncio.Redis.from_url(place)
-            async with asyncio.timeout(10):
-                while not all(n for _, n in await client.pubsub_numsub(
-                    *(f"{prefix}changes:{topic}" for topic in heard)
-                )):  # fmt: skip
-                    await asyncio.sleep(0.01)
-            await client.aclose()
+        if kind == "redis":
+            await _subscribed(place, prefix, heard)
         writer = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WRITER, kind, place, prefix
         )
@@ -437,3 +444,31 @@ async def test_a_topic_file_removed_and_made_again_is_still_heard(tmp_path: Path
     finally:
         await records.close()
         await writer.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_only_a_finished_run_rings_runs(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+):
+    """`runs` tells waiters that a run finished: creating a queued run and moving it to
+    running ring nothing; the write that finishes it rings."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    if kind == "sqlite":
+        records: Records = SqliteRecords(str(tmp_path / "corral.db"))
+    else:
+        url = request.getfixturevalue("redis_url")
+        records = RedisRecords(url, prefix=prefix)
+    try:
+        changes, finished = records.changes(), asyncio.Event()
+        changes.subscribe("runs", finished)
+        if kind == "redis":
+            await _subscribed(url, prefix, ["runs"])
+        await records.create_run(new_run("r1", {"id": "w", "nodes": []}, {}, 1.0))
+        await records.update_run("r1", lambda run: {**run, "status": "running"})
+        await asyncio.sleep(0.2)  # a ring would be heard well within this
+        assert not finished.is_set()
+        await records.update_run("r1", lambda run: {**run, "status": "failed"})
+        async with asyncio.timeout(10):
+            await finished.wait()
+    finally:
+        await records.close()

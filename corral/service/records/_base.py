@@ -234,7 +234,7 @@ class Records(abc.ABC):
     # -- lifetime ------------------------------------------------------------------------
 
     def changes(self) -> Changes:
-        """Topics `runs` (a run record changed) and `events` (a run's stream grew), rung by
+        """Topics `runs` (a run finished) and `events` (a run's stream grew), rung by
         every process that writes them where the backend can (the API's waits for finished
         runs and its event streams hear them); this default rings and hears nothing."""
         return _NO_CHANGES

@@ -42,12 +42,12 @@ _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[4])
-redis.call('PUBLISH', KEYS[3], '1')
+if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[3], '1') end
 return 1
 """
 
-# KEYS[3] (here and in _CREATE_LUA): the `runs` channel, which tells other processes
-# (RedisChanges).
+# KEYS[3] (here and in _CREATE_LUA): the `runs` channel, which tells other processes that a
+# run finished (RedisChanges); published only then (ARGV[5] == '1').
 # ARGV[4]: the workflow; ARGV[5]: '1' when ARGV[3] is a finished status. The count is of
 # (workflow, status) pairs, joined by a newline (neither holds one: ids are checked).
 _WRITE_LUA = """
@@ -57,7 +57,7 @@ redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status'
 if ARGV[5] == '1' and r[2] ~= ARGV[3] then
   redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
 end
-redis.call('PUBLISH', KEYS[3], '1')
+if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[3], '1') end
 return 1
 """
 
@@ -150,10 +150,11 @@ class RedisRecords(Records):
 
     async def create_run(self, run: dict[str, Any]) -> bool:
         """Store a new run record; False (nothing changes) when its id is taken."""
+        finished = "1" if run["status"] in FINISHED else "0"
         with self._errors():
             created = await self._create(
                 keys=[self._run_key(run["id"]), self._index, self._changes.channel("runs")],
-                args=[_dumps(run), run["status"], run["workflow"], sort_key(run)],
+                args=[_dumps(run), run["status"], run["workflow"], sort_key(run), finished],
             )
         return bool(created)
 

@@ -303,7 +303,8 @@ class SqliteRecords(Records):
     async def create_run(self, run: dict[str, Any]) -> bool:
         """Store a new run record; False (nothing changes) when its id is taken."""
         created = bool(await self._db.quick(_create, run))
-        await self._db.changes.ring("runs")
+        if created and run["status"] in FINISHED:
+            await self._db.changes.ring("runs")
         return created
 
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
@@ -311,7 +312,7 @@ class SqliteRecords(Records):
 
     async def _write_run(self, run: dict[str, Any], version: int) -> bool:
         written = bool(await self._db.quick(_write, run, version))
-        if written:
+        if written and run["status"] in FINISHED:
             await self._db.changes.ring("runs")
         return written
 
