@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from corral.config import FLAGS
 from corral.executors import ConnectorFramework, Operation
 from corral.runtime import capabilities
-from corral.service.api._models import ERROR_RESPONSES
+from corral.service._error_body import ERROR_RESPONSES
 
 STATIC = Path(__file__).with_name("static")
 ASSETS = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
