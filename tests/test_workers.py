@@ -124,6 +124,32 @@ def test_worker_recycled_after_max_executions(clean_env):
         assert worker_pids().isdisjoint(first)
 
 
+def _cgroup_descriptors() -> int:
+    """This host's open descriptors on cgroup files."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/sys/fs/cgroup/")
+    return count
+
+
+def test_recycled_workers_leave_no_cgroup_file_open(clean_env):
+    """A worker's cgroup files are held open for its executions and closed when it retires:
+    workers replaced again and again hold no more of them than the first did."""
+    code = "def run(params, context):\n    return 1\n"
+    with one_worker(clean_env, CORRAL_WORKER_MAX_EXECUTIONS="2") as sandbox:
+        sandbox.execute_sync(code)
+        backend = sandbox._backend
+        backend.reaper.drain()
+        held = _cgroup_descriptors()
+        assert held >= 2  # its memory and CPU accounting files at least
+        for _ in range(8):  # four workers retire
+            sandbox.execute_sync(code)
+        backend.reaper.drain()
+        assert _cgroup_descriptors() == held
+    assert _cgroup_descriptors() == 0
+
+
 @pytest.mark.limits
 def test_worker_recycled_when_its_memory_grows(clean_env):
     """A worker whose peak memory grew past CORRAL_WORKER_MAX_MEMORY_MB is replaced."""
