@@ -66,6 +66,26 @@ def test_executions_reuse_one_worker(workers):
     assert worker_pids() == first and len(first) == 1
 
 
+def test_answers_racing_heartbeats_keep_the_worker(workers):
+    """An execution that ends as its heartbeat falls due is answered once, with nothing after
+    the answer (a frame after it would retire the worker): the same worker serves them all."""
+    code = (
+        "import time\n"
+        "def run(params, context):\n"
+        "    time.sleep(params['s'])\n"
+        "    log('done')\n"
+        "    return params['n']\n"
+    )
+    limits = Limits(heartbeat_interval_ms=25, heartbeat_timeout_ms=2000)
+    workers.execute_sync(code, params={"n": 0, "s": 0}, limits=limits)
+    first = worker_pids()
+    for n in range(80):  # ends before, at and after a beat
+        params = {"n": n, "s": 0.004 * (n % 10)}
+        result = workers.execute_sync(code, params=params, limits=limits)
+        assert result.output == n and [entry.message for entry in result.logs] == ["done"]
+    assert worker_pids() == first and len(first) == 1
+
+
 @pytest.mark.limits
 def test_worker_stops_a_spin_itself_and_survives(workers):
     """A CPU limit in pure Python is stopped by the worker's control thread; the worker lives."""
