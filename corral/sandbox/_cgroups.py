@@ -417,7 +417,9 @@ class ExecutionCgroup:
                 self._peak_resettable = True
                 return
             except OSError:  # read-only before Linux 6.12
-                self.close()
+                if self._peak_fd is not None:  # (the other held files stay open)
+                    os.close(self._peak_fd)
+                    self._peak_fd = None
                 self._peak_resettable = False
         try:
             self._lifetime_base = int(read(peak_file))
