@@ -181,7 +181,6 @@ class _Job:
             if not self.tainted and self._answer is not None and self.result is not None:
                 self.claimed = self._answer(self.result)
         finally:
-            self._answer = None
             self.done.release()
 
 
