@@ -67,8 +67,8 @@ def test_executions_reuse_one_worker(workers):
 
 
 def test_answers_racing_heartbeats_keep_the_worker(workers):
-    """An execution that ends as its heartbeat falls due is answered once, with nothing after
-    the answer (a frame after it would retire the worker): the same worker serves them all."""
+    """Executions that end before, around and after a heartbeat falls due are each answered
+    once, with their logs, and keep the worker (a frame after an answer would retire it)."""
     code = (
         "import time\n"
         "def run(params, context):\n"
