@@ -66,6 +66,26 @@ def test_executions_reuse_one_worker(workers):
     assert worker_pids() == first and len(first) == 1
 
 
+def test_answers_racing_heartbeats_keep_the_worker(workers):
+    """Executions that end before, around and after a heartbeat falls due are each answered
+    once, with their logs, and keep the worker (a frame after an answer would retire it)."""
+    code = (
+        "import time\n"
+        "def run(params, context):\n"
+        "    time.sleep(params['s'])\n"
+        "    log('done')\n"
+        "    return params['n']\n"
+    )
+    limits = Limits(heartbeat_interval_ms=25, heartbeat_timeout_ms=2000)
+    workers.execute_sync(code, params={"n": 0, "s": 0}, limits=limits)
+    first = worker_pids()
+    for n in range(80):  # ends before, at and after a beat
+        params = {"n": n, "s": 0.004 * (n % 10)}
+        result = workers.execute_sync(code, params=params, limits=limits)
+        assert result.output == n and [entry.message for entry in result.logs] == ["done"]
+    assert worker_pids() == first and len(first) == 1
+
+
 @pytest.mark.limits
 def test_worker_stops_a_spin_itself_and_survives(workers):
     """A CPU limit in pure Python is stopped by the worker's control thread; the worker lives."""
@@ -122,6 +142,32 @@ def test_worker_recycled_after_max_executions(clean_env):
         sandbox.execute_sync(code)  # the third: the worker retires after it
         sandbox.execute_sync(code)
         assert worker_pids().isdisjoint(first)
+
+
+def _cgroup_descriptors() -> int:
+    """This host's open descriptors on cgroup files."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/sys/fs/cgroup/")
+    return count
+
+
+def test_recycled_workers_leave_no_cgroup_file_open(clean_env):
+    """A worker's cgroup files are held open for its executions and closed when it retires:
+    workers replaced again and again hold no more of them than the first did."""
+    code = "def run(params, context):\n    return 1\n"
+    with one_worker(clean_env, CORRAL_WORKER_MAX_EXECUTIONS="2") as sandbox:
+        sandbox.execute_sync(code)
+        backend = sandbox._backend
+        backend.reaper.drain()
+        held = _cgroup_descriptors()
+        assert held >= 2  # its memory and CPU accounting files at least
+        for _ in range(8):  # four workers retire
+            sandbox.execute_sync(code)
+        backend.reaper.drain()
+        assert _cgroup_descriptors() == held
+    assert _cgroup_descriptors() == 0
 
 
 @pytest.mark.limits

@@ -69,7 +69,12 @@ def read(path: Path) -> str:
 
 
 def keyed(path: Path, key: str) -> int:
-    for line in read(path).splitlines():
+    return keyed_in(read(path), key)
+
+
+def keyed_in(text: str, key: str) -> int:
+    """The value of `key` in a file of "key value" lines (0 when absent)."""
+    for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name == key:
             return int(value)

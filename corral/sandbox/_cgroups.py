@@ -32,6 +32,7 @@ from corral.sandbox._cgroupfs import (
     CgroupUnavailable,
     Mount,
     keyed,
+    keyed_in,
     mounts,
     own_cgroups,
     read,
@@ -264,6 +265,7 @@ class ExecutionCgroup:
         self._lifetime_base = 0
         self._hiwater: tuple[int, int, int] | None = None  # pid, usage and RSS at the reset
         self._applied: tuple[int | None, int | None] = (-1, -1)  # memory, quota last written
+        self._held: dict[str, int] = {}  # file name -> descriptor, once hold() was called
 
     def __repr__(self) -> str:
         return f"ExecutionCgroup(v{self.version}, {next(iter(self.dirs.values()))})"
@@ -284,6 +286,29 @@ class ExecutionCgroup:
 
     def _dir(self, controller: str) -> Path:
         return self.dirs["unified"] if self.version == 2 else self.dirs[controller]
+
+    def hold(self) -> None:
+        """Keep open the files every execution reads and writes, for a cgroup that serves
+        many (a worker's): opening a cgroup file costs several times reading it, and more
+        after an idle spell. `close()` closes them; a file that cannot be held is opened
+        on each access as before."""
+        if self.version == 1:
+            files = (("memory", "memory.usage_in_bytes", os.O_RDONLY),
+                     ("memory", "memory.max_usage_in_bytes", os.O_RDWR),
+                     ("cpuacct", "cpuacct.usage", os.O_RDONLY))  # fmt: skip
+        else:
+            files = (("memory", "memory.current", os.O_RDONLY),
+                     ("cpu", "cpu.stat", os.O_RDONLY))  # fmt: skip
+        for controller, name, flags in files:
+            if name not in self._held:
+                with contextlib.suppress(OSError):  # then it is opened on each access
+                    self._held[name] = os.open(self._dir(controller) / name, flags | os.O_CLOEXEC)
+
+    def _read(self, controller: str, name: str) -> str:
+        fd = self._held.get(name)
+        if fd is None:
+            return read(self._dir(controller) / name)
+        return os.pread(fd, 1 << 12, 0).decode()
 
     def make(self) -> None:
         """Create the directories, limited only in processes (pids.max)."""
@@ -331,22 +356,20 @@ class ExecutionCgroup:
     def cpu_ns(self) -> int:
         """CPU time (user + sys) used by everything that ran in the cgroup."""
         if self.version == 1:
-            return int(read(self.dirs["cpuacct"] / "cpuacct.usage"))
-        return keyed(self.dirs["unified"] / "cpu.stat", "usage_usec") * 1000
+            return int(self._read("cpuacct", "cpuacct.usage"))
+        return keyed_in(self._read("cpu", "cpu.stat"), "usage_usec") * 1000
 
     def memory_bytes(self) -> int:
         """Memory charged to the cgroup now."""
         name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
-        current = int(read(self._dir("memory") / name))
+        current = int(self._read("memory", name))
         self._peak_seen = max(self._peak_seen, current)
         return current
 
     def peak_memory_bytes(self) -> int:
         """The most memory the cgroup held at once since the last `reset_peak`."""
         if self.version == 1:
-            return max(
-                int(read(self.dirs["memory"] / "memory.max_usage_in_bytes")), self._peak_seen
-            )
+            return max(int(self._read("memory", "memory.max_usage_in_bytes")), self._peak_seen)
         if self._peak_fd is not None:
             return max(int(os.pread(self._peak_fd, 64, 0)), self._peak_seen)
         try:
@@ -379,7 +402,11 @@ class ExecutionCgroup:
         """
         self._peak_seen = 0
         if self.version == 1:
-            write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            fd = self._held.get("memory.max_usage_in_bytes")
+            if fd is None:
+                write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            else:
+                os.pwrite(fd, b"0", 0)
             return
         peak_file = self.dirs["unified"] / "memory.peak"
         if self._peak_resettable is not False:
@@ -390,7 +417,9 @@ class ExecutionCgroup:
                 self._peak_resettable = True
                 return
             except OSError:  # read-only before Linux 6.12
-                self.close()
+                if self._peak_fd is not None:  # (the other held files stay open)
+                    os.close(self._peak_fd)
+                    self._peak_fd = None
                 self._peak_resettable = False
         try:
             self._lifetime_base = int(read(peak_file))
@@ -407,6 +436,9 @@ class ExecutionCgroup:
         if self._peak_fd is not None:
             os.close(self._peak_fd)
             self._peak_fd = None
+        held, self._held = self._held, {}
+        for fd in held.values():
+            os.close(fd)
 
     def pids(self) -> list[int]:
         """The processes in the cgroup now (every v1 controller holds the same ones)."""

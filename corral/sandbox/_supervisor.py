@@ -155,6 +155,7 @@ class Supervisor:
         self.outcome: tuple[int, dict[str, Any]] | None = None
         self.failure: Failure | None = None
         self.started = self.last_beat = self.next_cpu_check = self.deadline = 0.0
+        self.next_memory_poll = 0.0
         self.finished_at: float | None = None
         self.cpu_ms, self.peak, self.oom = 0.0, None, False
         self.cgroup_counters = (0, 0)  # CPU ns and OOM kills of the cgroup when it ended
@@ -204,7 +205,9 @@ class Supervisor:
         """Frames from the child until its answer; None when it died without one."""
         loop = asyncio.get_running_loop()
         if self.expected_pid is not None and self.pidfd is None:
-            received = await receive_pidfd(sock, self.expected_pid)
+            while not await _readable(loop, sock, self._next_wake()):
+                self._check()
+            received = pidfd_from(sock, self.expected_pid)
             if received is None:
                 return None
             self.pidfd, self.pid = received
@@ -214,7 +217,7 @@ class Supervisor:
         cap = self._frame_cap()
         while True:
             try:
-                chunk = await loop.sock_recv(sock, 1 << 18)
+                chunk = await self._recv(loop, sock)
             except ConnectionResetError:
                 return None
             if not chunk:
@@ -307,12 +310,25 @@ class Supervisor:
             self.polled_peak = max(self.polled_peak, rss)
 
     def _next_wake(self) -> float:
+        """Seconds until the next check is due (0: due now)."""
         wakes = [self.deadline, self.last_beat + self.heartbeat_timeout_s]
         if self.limits.max_cpu_ms is not None:
             wakes.append(self.next_cpu_check)
         if self.cgroup is None and self.limits.max_memory_mb is not None:
-            wakes.append(time.monotonic() + self.heartbeat_interval_s)
+            wakes.append(self.next_memory_poll)
         return max(0.0, min(wakes) - time.monotonic())
+
+    async def _recv(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+        """The next bytes from the child (b"" at EOF), checking the limits whenever a check
+        is due, also while the child keeps sending."""
+        while True:
+            if self._next_wake() == 0.0:
+                self._check()
+            try:
+                return sock.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                pass
+            await _readable(loop, sock, self._next_wake())
 
     def _check(self) -> None:
         """Raise Failure when a limit is broken (a worker gets `grace_s` to stop it first)."""
@@ -341,6 +357,8 @@ class Supervisor:
                 )
             # The child runs on one thread: it cannot burn CPU faster than the wall clock.
             self.next_cpu_check = now + max(_CPU_CHECK_FLOOR_S, (kill_at - used) / 1000)
+        if self.cgroup is None:
+            self.next_memory_poll = now + self.heartbeat_interval_s
         self._poll_memory()
         limit = self.limits.max_memory_bytes
         if self.cgroup is None and limit is not None and self.polled_peak > limit:
@@ -362,6 +380,7 @@ class Supervisor:
         self.heartbeat_interval_s = limits.heartbeat_interval_ms / 1000
         self.heartbeat_timeout_s = limits.heartbeat_timeout_ms / 1000
         self.started = self.last_beat = time.monotonic()
+        self.next_memory_poll = self.started + self.heartbeat_interval_s
         self.deadline = self.started + self.request.timeout_ms / 1000 + self.grace_s
         if limits.max_cpu_ms is not None:
             self.next_cpu_check = self.started + limits.max_cpu_ms / 1000
@@ -376,21 +395,15 @@ class Supervisor:
         sender = None
         if sent < len(request_frame):
             sender = asyncio.ensure_future(loop.sock_sendall(sock, request_frame[sent:]))
-        reader = asyncio.ensure_future(self._read(sock))
-        try:
-            while True:
-                await asyncio.wait({reader}, timeout=self._next_wake())
-                if reader.done():
-                    self.outcome = reader.result()
-                    return
-                self._check()
+        try:  # read here, not in a task of its own: every hop through the loop costs
+            self.outcome = await self._read(sock)
         except Failure as exc:
             self.failure = exc
         finally:
             self.finished_at = time.monotonic()
             if self._http is not None and not self._http.done():
                 self.trailing = True  # a reply may be cut short: nothing may use the channel
-            await _settle(task for task in (sender, reader, self._http) if task is not None)
+            await _settle(task for task in (sender, self._http) if task is not None)
             if self.broker is not None:
                 await self.broker.aclose()
 
@@ -537,6 +550,11 @@ async def receive_pidfd(sock: socket.socket, expected_pid: int) -> tuple[int, in
     accepted; anything else is a Failure.
     """
     await _readable(asyncio.get_running_loop(), sock)
+    return pidfd_from(sock, expected_pid)
+
+
+def pidfd_from(sock: socket.socket, expected_pid: int) -> tuple[int, int | None] | None:
+    """`receive_pidfd` once the socket is readable."""
     try:
         data, fd = proto.recv_fd(sock, proto.PID.size)
     except ConnectionResetError:  # died with our request unread
@@ -588,11 +606,23 @@ async def _settle(tasks: Iterable[asyncio.Future[Any]]) -> None:
             task.exception()  # e.g. a child that died early broke the pipe: seen, not raised
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait until `sock` has data (or EOF) without reading it."""
-    ready = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+async def _readable(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float | None = None
+) -> bool:
+    """Wait until `sock` has data (or EOF) without reading it, at most `timeout` seconds;
+    whether it has."""
+    ready: asyncio.Future[bool] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _settle_ready, ready, True)
+    timer = None if timeout is None else loop.call_later(timeout, _settle_ready, ready, False)
     try:
-        await ready
+        return await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)
+        if timer is not None:
+            timer.cancel()
+
+
+def _settle_ready(ready: asyncio.Future[bool], value: bool) -> None:
+    if not ready.done():
+        ready.set_result(value)

@@ -142,6 +142,7 @@ class _Job:
         run: Callable[[], tuple[int, dict[str, Any]]],
         end: Callable[[], None],
         guards: Any = None,
+        answer: Callable[[tuple[int, dict[str, Any]]], bool] | None = None,
     ) -> None:
         self._run = run
         self._end = end  # closes the execution's capabilities once it has its result
@@ -151,6 +152,10 @@ class _Job:
         self._guards = weakref.ref(guards) if guards is not None else _gone
         self.result: tuple[int, dict[str, Any]] | None = None
         self.tainted = False  # its leftovers would outlive it: the worker must go
+        # Called once the execution ended clean (nothing left behind): whether this thread
+        # answered it itself, sparing the hop back to the control thread.
+        self._answer = answer
+        self.claimed = False
         self.done = _thread.allocate_lock()
         self.done.acquire()
 
@@ -173,6 +178,8 @@ class _Job:
             clean = _leave_nothing_behind() and self._guards() is None
             self.tainted = not clean or self.tainted
             _Job.clean_slate = True
+            if not self.tainted and self._answer is not None and self.result is not None:
+                self.claimed = self._answer(self.result)
         finally:
             self.done.release()
 
@@ -238,6 +245,17 @@ class _Verdict:
         self.cpu_start = executor.cpu_ns()
         self.rss_start = rss_start  # taken while the worker waited for the request
         self.error: dict[str, str] | None = None
+        # Who answers: the execution thread claims a clean execution unless a limit was
+        # found broken first; the control thread beats and stops only what is unclaimed.
+        self.lock = _thread.allocate_lock()
+        self.claimed = False
+
+    def claim(self) -> bool:
+        """(Execution thread, its execution over and clean.) Take the answer over, unless
+        the control thread found a limit broken (then it answers, with that verdict)."""
+        with self.lock:
+            self.claimed = self.error is None
+            return self.claimed
 
     def cpu_ms(self) -> float:
         return (self.executor.cpu_ns() - self.cpu_start) / 1e6
@@ -279,19 +297,24 @@ class _Verdict:
                 if self.error is not None:
                     self.executor.unstop()
                 return False
-            now = time.monotonic()
-            if now >= next_beat:
-                channel.send(proto.json_frame(proto.HEARTBEAT, beat(logs, self.cpu_ms())))
-                next_beat = now + interval
-            if self.error is None:
-                self.error = self._broken(now)
-                if self.error is not None:
-                    self.executor.stop()
-                    give_up = now + GRACE_S
-            elif now >= give_up:
-                return True
-            else:
-                self.executor.stop()  # again: the code may have caught the first one
+            with self.lock:
+                if not self.claimed:  # (claimed: being answered, nothing may follow)
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        channel.send(proto.json_frame(proto.HEARTBEAT, beat(logs, self.cpu_ms())))
+                        next_beat = now + interval
+                    if self.error is None:
+                        self.error = self._broken(now)
+                        if self.error is not None:
+                            self.executor.stop()
+                            give_up = now + GRACE_S
+                    elif now >= give_up:
+                        return True
+                    else:
+                        self.executor.stop()  # again: the code may have caught the first one
+            if self.claimed:
+                job.done.acquire()
+                return False
 
 
 def _nothing() -> tuple[int, dict[str, Any]]:
@@ -307,6 +330,18 @@ def _settled(executor: _ExecutionThread) -> bool:
     cleanup = _Job(_nothing, lambda: None)
     executor.submit(cleanup)
     return cleanup.done.acquire(timeout=SETTLE_S) and not cleanup.tainted
+
+
+def _answer_clean(
+    channel: _Channel, logs: _Logs, verdict: _Verdict, result: tuple[int, dict[str, Any]]
+) -> bool:
+    """(Execution thread.) Answer an execution that ended clean, unless the control thread
+    found a limit broken first; whether it was answered."""
+    if not verdict.claim():
+        return False
+    kind, message = result
+    answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
+    return True
 
 
 def serve(
@@ -345,17 +380,21 @@ def serve(
             logs.ended = True
             close_http()
 
+        verdict = _Verdict(limits, executor, rss)
         job = _Job(
             partial(_execute, compiled, request, guards, logs, limits["max_output_bytes"], http),
             end,
             guards,
+            partial(_answer_clean, channel, logs, verdict),
         )
         # Only the job holds the execution's objects now: when it drops them, whatever the
         # code hung on them (a generator in the params) is finalized within the execution.
         del request, compiled, guards, http, close_http, end, frame
-        verdict = _Verdict(limits, executor, rss)
         executor.submit(job)
         stuck = verdict.watch(job, channel, logs)
+        if job.claimed:  # answered on the execution thread
+            rss = _rss()  # the next execution's baseline, read off its path
+            continue
         if verdict.error is not None:
             kind, message = proto.ERROR, dict(verdict.error)
         else:

@@ -196,6 +196,7 @@ class WorkerBackend(Backend):
                     cgroup = self.hierarchy.create(CgroupLimits(None, None))
                 except CgroupUnavailable as exc:
                     raise SandboxCrash(f"a worker's cgroup could not be made: {exc}") from exc
+                cgroup.hold()  # it serves many executions: its files are read for each
             spec = {
                 "worker": True,
                 "rlimit_cpu_s": None,  # a worker lives for many executions
