@@ -216,6 +216,25 @@ async def test_events_appended_in_batches_keep_their_order_and_numbers(open_r: O
     assert [n for n, _ in await records.run_events("a", after=2)] == [3, 4]
 
 
+async def test_an_update_appends_its_events_in_the_same_write_only_if_made(
+    open_r: OpenRecords,
+):
+    """update_run(..., events=) numbers the events on from the run's last one when the
+    write is made, and appends nothing when the change declines."""
+    records = open_r()
+    assert await records.create_run(run("r1", 1.0))
+    await records.append_event("r1", {"event": "run.started"})
+    finished = [{"event": "node.finished"}, {"event": "run.finished"}]
+    written = await records.update_run(
+        "r1", lambda r: {**r, "status": "succeeded"}, events=finished
+    )
+    assert written is not None and written["status"] == "succeeded"
+    assert await records.update_run("r1", lambda r: None, events=[{"event": "lost"}]) is None
+    assert [(n, e["event"]) for n, e in await records.run_events("r1")] == [
+        (1, "run.started"), (2, "node.finished"), (3, "run.finished"),
+    ]  # fmt: skip
+
+
 async def finished_run(records: Records, run_id: str, created: float, status: str) -> None:
     """A run created at `created` that finished (with `status`) a minute later, with an
     event; or, for `queued` and `running`, one that never finished."""

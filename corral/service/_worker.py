@@ -17,6 +17,7 @@ the run starts again under the same run id, so its finished nodes replay from th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -47,6 +48,7 @@ logger = logging.getLogger("corral.worker")
 CLAIM_WAIT_S = 1.0  # a claim blocks this long at most, so a stop is noticed within it
 CANCEL_POLL_S = 0.25  # how soon a requested cancel reaches a running run
 BACKOFF_MAX_S = 5.0  # a queue or records outage is retried up to this far apart
+EVENTS_LINGER_S = 0.02  # events wait this long to share a write (the stream's delay)
 
 Connections = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -58,18 +60,30 @@ async def no_connections(definition: dict[str, Any]) -> dict[str, Any]:
 
 class _EventSink(logging.Handler):
     """The runtime's events (`corral.events` log lines) of the runs this worker holds,
-    appended to each run's event stream in the records (GET /api/runs/ID/events)."""
+    appended to each run's event stream in the records (GET /api/runs/ID/events).
+
+    Events wait up to EVENTS_LINGER_S, so that those of every run in flight go in one
+    write; the write that finishes a run takes that run's pending events with it (`take`).
+    One write of events at a time (`writing`), so each run's stream keeps their order.
+    """
 
     def __init__(self, worker: RunWorker) -> None:
         super().__init__(logging.INFO)
         self.worker = worker
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()  # the loop's
-        self.pending: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self.pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self.arrived = asyncio.Event()
+        self.writing = asyncio.Lock()
+        self.closed = False
         self.source = logging.getLogger("corral.events")
         if not self.source.isEnabledFor(logging.INFO):
             self.source.setLevel(logging.INFO)  # the service keeps every run's events
         self.source.addHandler(self)
+
+    def _put(self, item: tuple[str, dict[str, Any]]) -> None:
+        self.pending.append(item)
+        self.arrived.set()
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "event", None)  # set by corral.runtime's emit
@@ -79,37 +93,51 @@ class _EventSink(logging.Handler):
         if isinstance(run_id, str) and run_id in self.worker._running.values():
             event = {**fields, "event": str(fields.get("event", "")).removeprefix("corral.")}
             if threading.get_ident() == self.thread:  # the runtime's own: no wake-up needed
-                self.pending.put_nowait((run_id, event))
+                self._put((run_id, event))
             else:
-                self.loop.call_soon_threadsafe(self.pending.put_nowait, (run_id, event))
+                self.loop.call_soon_threadsafe(self._put, (run_id, event))
 
     def add(self, run_id: str, event: str, **fields: Any) -> None:
         """An event of the worker's own (run started, handed back, …)."""
-        entry = {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}
-        self.pending.put_nowait((run_id, entry))
+        self._put((run_id, {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}))
+
+    def take(self, run_id: str) -> list[dict[str, Any]]:
+        """Remove `run_id`'s pending events, to be written with its record (hold `writing`
+        until they are, or `give_back` them)."""
+        mine = [event for owner, event in self.pending if owner == run_id]
+        if mine:
+            self.pending = collections.deque(item for item in self.pending if item[0] != run_id)
+        return mine
+
+    def give_back(self, run_id: str, events: list[dict[str, Any]]) -> None:
+        """Events `take` gave that were not written: first in line again."""
+        self.pending.extendleft((run_id, event) for event in reversed(events))
+        if events:
+            self.arrived.set()
 
     async def forward(self) -> None:
-        """Append the events to the records as they come: every one pending in one write."""
-        done = False
-        while not done:
-            batch = [await self.pending.get()]
-            while not self.pending.empty():
-                batch.append(self.pending.get_nowait())
-            done = None in batch
-            events = [item for item in batch if item is not None]
-            if not events:
-                continue
-            try:
-                await self.worker.records.append_events(events)
-            except RecordsError as exc:  # an event lost is not worth stopping runs for
-                logger.warning("worker %s: %d event(s) not kept: %s",
-                               self.worker.id, len(events), exc)  # fmt: skip
-            except Exception:
-                logger.exception("worker %s: %d event(s) not kept", self.worker.id, len(events))
+        """Append the pending events to the records, in one write each time, until closed."""
+        while not (self.closed and not self.pending):
+            await self.arrived.wait()
+            self.arrived.clear()
+            if not self.closed:
+                await asyncio.sleep(EVENTS_LINGER_S)  # let the other runs' events come too
+            async with self.writing:
+                events, self.pending = list(self.pending), collections.deque()
+                if not events:
+                    continue
+                try:
+                    await self.worker.records.append_events(events)
+                except RecordsError as exc:  # an event lost is not worth stopping runs for
+                    logger.warning("worker %s: %d event(s) not kept: %s",
+                                   self.worker.id, len(events), exc)  # fmt: skip
+                except Exception:
+                    logger.exception("worker %s: %d event(s) not kept", self.worker.id, len(events))
 
     def close(self) -> None:
         self.source.removeHandler(self)
-        self.pending.put_nowait(None)
+        self.closed = True
+        self.arrived.set()
         super().close()
 
 
@@ -438,7 +466,17 @@ class RunWorker:
                 "nodes": current["nodes"] if nodes is None else nodes,
             }
 
-        await self.records.update_run(record["id"], finish)
+        sink = self._sink
+        if sink is None:
+            await self.records.update_run(record["id"], finish)
+            return
+        async with sink.writing:  # the run's events so far go in the same write
+            events, written = sink.take(record["id"]), None
+            try:
+                written = await self.records.update_run(record["id"], finish, events=events)
+            finally:
+                if written is None:
+                    sink.give_back(record["id"], events)
 
     async def _hand_back(self, lease: Lease) -> None:
         def requeue(current: dict[str, Any]) -> dict[str, Any] | None:

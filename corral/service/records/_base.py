@@ -104,11 +104,16 @@ class Records(abc.ABC):
         return None if found is None else found[0]
 
     async def update_run(
-        self, run_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+        self,
+        run_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+        *,
+        events: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
         """Apply `change` to the current record and store what it returns, atomically with
         respect to every other update; `change` returns None to leave the record as it is
-        (and then None is returned). None also when there is no such run."""
+        (and then None is returned). None also when there is no such run. `events` are
+        appended to the run's stream in the same write, and only if it is made."""
         for _ in range(UPDATE_ATTEMPTS):
             found = await self._read_run(run_id)
             if found is None:
@@ -117,7 +122,7 @@ class Records(abc.ABC):
             changed = change(run)
             if changed is None:
                 return None
-            if await self._write_run(changed, version):
+            if await self._write_run(changed, version, events or []):
                 return changed
         raise RecordsError(f"run {run_id!r}: {UPDATE_ATTEMPTS} concurrent updates in a row")
 
@@ -154,8 +159,11 @@ class Records(abc.ABC):
         """The record and its version."""
 
     @abc.abstractmethod
-    async def _write_run(self, run: dict[str, Any], version: int) -> bool:
-        """Store the record if its version is still `version`."""
+    async def _write_run(
+        self, run: dict[str, Any], version: int, events: list[dict[str, Any]]
+    ) -> bool:
+        """Store the record if its version is still `version`, and append `events` to its
+        stream in the same write."""
 
     @abc.abstractmethod
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:

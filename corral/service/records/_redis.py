@@ -50,6 +50,8 @@ return 1
 # run finished (RedisChanges); published only then (ARGV[5] == '1').
 # ARGV[4]: the workflow; ARGV[5]: '1' when ARGV[3] is a finished status. The count is of
 # (workflow, status) pairs, joined by a newline (neither holds one: ids are checked).
+# ARGV[6..]: events appended to the run's stream (KEYS[4]) in the same write, then the
+# `events` channel (KEYS[5]) is published.
 _WRITE_LUA = """
 local r = redis.call('HMGET', KEYS[1], 'v', 'status')
 if r[1] ~= ARGV[1] then return 0 end
@@ -58,6 +60,10 @@ if ARGV[5] == '1' and r[2] ~= ARGV[3] then
   redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
 end
 if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[3], '1') end
+if #ARGV > 5 then
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 6))
+  redis.call('PUBLISH', KEYS[5], '1')
+end
 return 1
 """
 
@@ -163,13 +169,15 @@ class RedisRecords(Records):
             doc, version = await client.hmget(self._run_key(run_id), ["doc", "v"])
         return None if doc is None else (json.loads(doc), int(version))
 
-    async def _write_run(self, run: dict[str, Any], version: int) -> bool:
+    async def _write_run(
+        self, run: dict[str, Any], version: int, events: list[dict[str, Any]]
+    ) -> bool:
         finished = "1" if run["status"] in FINISHED else "0"
+        keys = [self._run_key(run["id"]), self._counts, self._changes.channel("runs"),
+                self._events_key(run["id"]), self._changes.channel("events")]  # fmt: skip
+        args = [version, _dumps(run), run["status"], run["workflow"], finished]
         with self._errors():
-            written = await self._write(
-                keys=[self._run_key(run["id"]), self._counts, self._changes.channel("runs")],
-                args=[version, _dumps(run), run["status"], run["workflow"], finished],
-            )
+            written = await self._write(keys=keys, args=args + [_dumps(e) for e in events])
         return bool(written)
 
     def _events_key(self, run_id: str) -> str:

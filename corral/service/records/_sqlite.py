@@ -88,7 +88,7 @@ def _read(conn: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int] |
     return None if row is None else (json.loads(row[0]), row[1])
 
 
-def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int) -> bool:
+def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int, events: list[str]) -> bool:
     with transaction(conn):
         before = conn.execute(
             "SELECT status FROM runs WHERE id = ? AND version = ?", (run["id"], version)
@@ -105,6 +105,7 @@ def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int) -> bool:
                 "ON CONFLICT (workflow, status) DO UPDATE SET count = count + 1",
                 (run["workflow"], run["status"]),
             )
+        _insert_events(conn, [(run["id"], doc) for doc in events])
         return True
 
 
@@ -138,17 +139,22 @@ def _statuses(conn: sqlite3.Connection, run_ids: list[str]) -> dict[str, str | N
 
 def _append_events(conn: sqlite3.Connection, events: list[tuple[str, str]]) -> None:
     with transaction(conn):
-        last: dict[str, int] = {}
-        for run_id, doc in events:
-            if run_id not in last:
-                (last[run_id],) = conn.execute(
-                    "SELECT coalesce(max(seq), 0) FROM run_events WHERE run_id = ?", (run_id,)
-                ).fetchone()
-            last[run_id] += 1
-            conn.execute(
-                "INSERT INTO run_events (run_id, seq, doc) VALUES (?, ?, ?)",
-                (run_id, last[run_id], doc),
-            )
+        _insert_events(conn, events)
+
+
+def _insert_events(conn: sqlite3.Connection, events: list[tuple[str, str]]) -> None:
+    """Add `(run id, JSON)` events after each run's last (inside a write transaction)."""
+    last: dict[str, int] = {}
+    for run_id, doc in events:
+        if run_id not in last:
+            (last[run_id],) = conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM run_events WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        last[run_id] += 1
+        conn.execute(
+            "INSERT INTO run_events (run_id, seq, doc) VALUES (?, ?, ?)",
+            (run_id, last[run_id], doc),
+        )
 
 
 def _run_events(conn: sqlite3.Connection, run_id: str, after: int) -> list[tuple[int, Any]]:
@@ -310,10 +316,14 @@ class SqliteRecords(Records):
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
         return await self._db.quick(_read, run_id)
 
-    async def _write_run(self, run: dict[str, Any], version: int) -> bool:
-        written = bool(await self._db.quick(_write, run, version))
+    async def _write_run(
+        self, run: dict[str, Any], version: int, events: list[dict[str, Any]]
+    ) -> bool:
+        written = bool(await self._db.quick(_write, run, version, [_dumps(e) for e in events]))
         if written and run["status"] in FINISHED:
             await self._db.changes.ring("runs")
+        if written and events:
+            await self._db.changes.ring("events")
         return written
 
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
