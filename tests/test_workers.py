@@ -100,6 +100,27 @@ def test_worker_stops_a_spin_itself_and_survives(workers):
 
 
 @pytest.mark.limits
+def test_an_execution_that_returns_just_past_its_cpu_limit_is_not_a_success(workers):
+    """Code that spins just past its CPU limit and returns before the control thread's next
+    look is still cpu_limit (the answer checks the limits once more), and the worker lives."""
+    code = (
+        "import time\n"
+        "def run(params, context):\n"
+        "    start = time.process_time()\n"
+        "    while time.process_time() - start < params['s']:\n"
+        "        pass\n"
+        "    return 1\n"
+    )
+    workers.execute_sync("def run(params, context):\n    return 0\n")
+    before = worker_pids()
+    for _ in range(15):
+        with pytest.raises(corral.CpuLimitExceeded):
+            workers.execute_sync(code, params={"s": 0.033}, limits=Limits(max_cpu_ms=30))
+    assert workers.execute_sync("def run(params, context):\n    return 2\n").output == 2
+    assert worker_pids() == before
+
+
+@pytest.mark.limits
 def test_worker_killed_mid_execution_is_replaced(workers):
     """A worker killed from outside fails its execution as sandbox_crash and is replaced."""
 

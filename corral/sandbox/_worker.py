@@ -152,10 +152,10 @@ class _Job:
         self._guards = weakref.ref(guards) if guards is not None else _gone
         self.result: tuple[int, dict[str, Any]] | None = None
         self.tainted = False  # its leftovers would outlive it: the worker must go
-        # Called once the execution ended clean (nothing left behind): whether this thread
-        # answered it itself, sparing the hop back to the control thread.
+        # Called once the execution ended clean (nothing left behind): this thread answers
+        # it itself, sparing the hop back to the control thread, unless a limit is broken
+        # (the verdict says which answered).
         self._answer = answer
-        self.claimed = False
         self.done = _thread.allocate_lock()
         self.done.acquire()
 
@@ -179,7 +179,7 @@ class _Job:
             self.tainted = not clean or self.tainted
             _Job.clean_slate = True
             if not self.tainted and self._answer is not None and self.result is not None:
-                self.claimed = self._answer(self.result)
+                self._answer(self.result)
         finally:
             self.done.release()
 
@@ -251,9 +251,12 @@ class _Verdict:
         self.claimed = False
 
     def claim(self) -> bool:
-        """(Execution thread, its execution over and clean.) Take the answer over, unless
-        the control thread found a limit broken (then it answers, with that verdict)."""
+        """(Execution thread, its execution over and clean.) Take the answer over, unless a
+        limit is broken: found by the control thread, or now, since its last check (then
+        the control thread answers, with that verdict, as the process backend would)."""
         with self.lock:
+            if self.error is None:
+                self.error = self._broken(time.monotonic())
             self.claimed = self.error is None
             return self.claimed
 
@@ -312,9 +315,8 @@ class _Verdict:
                         return True
                     else:
                         self.executor.stop()  # again: the code may have caught the first one
-            if self.claimed:
-                job.done.acquire()
-                return False
+            if self.claimed:  # answered: True if its thread does not come back from it
+                return not job.done.acquire(timeout=SETTLE_S)
 
 
 def _nothing() -> tuple[int, dict[str, Any]]:
@@ -340,7 +342,10 @@ def _answer_clean(
     if not verdict.claim():
         return False
     kind, message = result
-    answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
+    try:
+        answer(channel, kind, message, logs, cpu_ms=verdict.cpu_ms())
+    except BaseException:  # claimed, so nothing else may answer it: the worker goes
+        os._exit(1)
     return True
 
 
@@ -392,7 +397,9 @@ def serve(
         del request, compiled, guards, http, close_http, end, frame
         executor.submit(job)
         stuck = verdict.watch(job, channel, logs)
-        if job.claimed:  # answered on the execution thread
+        if verdict.claimed:  # answered on the execution thread
+            if stuck:  # which did not come back from it: the worker goes
+                os._exit(0)
             rss = _rss()  # the next execution's baseline, read off its path
             continue
         if verdict.error is not None:
