@@ -57,6 +57,9 @@ from corral.sandbox._policy import SLEEP_CUT, CompileCache, Guards, ImportPolicy
 
 GRACE_S = 0.1  # how long a stopped execution may take to unwind before the worker gives up
 SETTLE_S = 1.0  # how long the clean-up after a stopped execution may take
+# How long the execution thread may take to come back once it has sent its answer (it only
+# returns): generous, so that a slow or loaded host never retires a sound worker for it.
+ANSWERED_BACK_S = 30.0
 _CPU_CHECK_FLOOR_S = 0.002
 # PyThreadState_SetAsyncExc(thread id, exception type), and with NULL to withdraw it.
 _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
@@ -316,7 +319,7 @@ class _Verdict:
                     else:
                         self.executor.stop()  # again: the code may have caught the first one
             if self.claimed:  # answered: True if its thread does not come back from it
-                return not job.done.acquire(timeout=SETTLE_S)
+                return not job.done.acquire(timeout=ANSWERED_BACK_S)
 
 
 def _nothing() -> tuple[int, dict[str, Any]]:
