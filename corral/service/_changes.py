@@ -6,7 +6,9 @@ A writer rings a topic (`queue`, `runs`, `events`, `cancels`) after its commit; 
 subscribes an asyncio.Event to the topic and follows "clear, look, wait": it clears the
 event, looks at the state, then waits for the event with a time-out. A ring after the clear
 (also one made while it looked) sets the event, so nothing is missed; the time-out is the
-safety net.
+safety net. A ring may name what changed (the run that finished): a waiter that subscribes
+a set of names too learns which, where the backend carries names (Redis); elsewhere it is
+told `ANY`, and looks at everything it waits for.
 
 `Changes` notices nothing (`live` is False): its waiters poll. `FileChanges` (the embedded
 state) rings a topic by touching a file of that name in a directory (the state dir's
@@ -28,7 +30,13 @@ from inotify_simple import INotify, flags
 
 logger = logging.getLogger("corral.service")
 
+# queue: a run was queued; runs: a run finished (named by its id); events: a run's stream
+# grew; cancels: a cancel was asked for.
 TOPICS = ("queue", "runs", "events", "cancels")
+ANY = ""  # the name of a ring that names nothing: whatever the topic holds may have changed
+
+# A subscriber: its event, and the set its rings' names go to (None: names are not wanted).
+_Subscribers = dict[asyncio.Event, set[str] | None]
 
 
 class Changes:
@@ -36,11 +44,12 @@ class Changes:
 
     live = False
 
-    async def ring(self, topic: str) -> None:
-        """Tell every process that watches `topic` that something in it changed."""
+    async def ring(self, topic: str, name: str = ANY) -> None:
+        """Tell every process that watches `topic` that something in it (`name`) changed."""
 
-    def subscribe(self, topic: str, event: asyncio.Event) -> None:
-        """Set `event` at every ring of `topic` heard from now on."""
+    def subscribe(self, topic: str, event: asyncio.Event, names: set[str] | None = None) -> None:
+        """Set `event` at every ring of `topic` heard from now on, and add the ring's name
+        to `names` (`ANY` when it names nothing, or the backend carries no names)."""
 
     def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
         """Stop setting `event`."""
@@ -67,22 +76,22 @@ class FileChanges(Changes):
             directory.mkdir(mode=0o700, exist_ok=True)
             for topic in TOPICS:
                 os.close(os.open(directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
+        self._subscribers: dict[str, _Subscribers] = {topic: {} for topic in TOPICS}
         self._inotify: INotify | None = None
         self._directory_watch = -1
         self._watches: dict[int, str] = {}  # watch descriptor -> topic
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    async def ring(self, topic: str) -> None:
-        try:
+    async def ring(self, topic: str, name: str = ANY) -> None:
+        try:  # a touch carries no name
             os.utime(self.directory / topic)
         except FileNotFoundError:  # removed: made again, which is heard too
             with contextlib.suppress(OSError):  # the state dir itself is going away
                 os.close(os.open(self.directory / topic, os.O_CREAT | os.O_WRONLY, 0o600))
 
-    def subscribe(self, topic: str, event: asyncio.Event) -> None:
-        self._subscribers[topic].add(event)
+    def subscribe(self, topic: str, event: asyncio.Event, names: set[str] | None = None) -> None:
+        self._subscribers[topic][event] = names
         if self._closed or not self.live or topic in self._watches.values():
             return
         try:
@@ -98,7 +107,7 @@ class FileChanges(Changes):
             )  # fmt: skip
 
     def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
-        self._subscribers[topic].discard(event)
+        self._subscribers[topic].pop(event, None)
 
     def _listen(self) -> None:
         inotify = INotify(nonblocking=True)
@@ -139,8 +148,7 @@ class FileChanges(Changes):
             elif topic := self._watches.get(event.wd):
                 topics.add(topic)
         for topic in topics:
-            for subscriber in self._subscribers[topic]:
-                subscriber.set()
+            _wake(self._subscribers[topic], ANY)
 
     async def close(self) -> None:
         self._closed = True
@@ -151,25 +159,25 @@ class FileChanges(Changes):
         with contextlib.suppress(RuntimeError, ValueError):  # the loop is closed already
             self._loop.remove_reader(inotify.fileno())
         inotify.close()
-        for events in self._subscribers.values():  # nothing more will be heard: look again
-            for event in events:
-                event.set()
-            events.clear()
+        for subscribers in self._subscribers.values():  # nothing more will be heard: look
+            _wake(subscribers, ANY)
+            subscribers.clear()
 
 
 class RedisChanges(Changes):
     """Topics as Redis channels, `<prefix><topic>`: the records' writes publish them in the
-    same script or pipeline as the write, other rings are one PUBLISH, and hearing is one
-    subscription to the topics subscribed here, on the first subscriber's event loop (a new
-    topic renews it). While the connection is down, every subscriber is woken once and then
-    polls (`live` stays True: their time-out is the poll)."""
+    same script or pipeline as the write, other rings are one PUBLISH (its message is the
+    ring's name), and hearing is one subscription to the topics subscribed here, on the
+    first subscriber's event loop (a new topic renews it). While the connection is down,
+    every subscriber is woken once and then polls (`live` stays True: their time-out is the
+    poll)."""
 
     live = True
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
         self._client = client
         self.prefix = prefix
-        self._subscribers: dict[str, set[asyncio.Event]] = {topic: set() for topic in TOPICS}
+        self._subscribers: dict[str, _Subscribers] = {topic: {} for topic in TOPICS}
         self._heard: frozenset[str] = frozenset()  # the topics the task listens to
         self._task: asyncio.Task[None] | None = None
 
@@ -177,11 +185,11 @@ class RedisChanges(Changes):
         """The Redis channel of `topic`."""
         return self.prefix + topic
 
-    async def ring(self, topic: str) -> None:
-        await self._client.publish(self.channel(topic), "1")
+    async def ring(self, topic: str, name: str = ANY) -> None:
+        await self._client.publish(self.channel(topic), name)
 
-    def subscribe(self, topic: str, event: asyncio.Event) -> None:
-        self._subscribers[topic].add(event)
+    def subscribe(self, topic: str, event: asyncio.Event, names: set[str] | None = None) -> None:
+        self._subscribers[topic][event] = names
         if topic not in self._heard:  # listen to it too, from now on
             if self._task is not None:
                 self._task.cancel()
@@ -189,12 +197,11 @@ class RedisChanges(Changes):
             self._task = asyncio.get_running_loop().create_task(self._hear(self._heard))
 
     def unsubscribe(self, topic: str, event: asyncio.Event) -> None:
-        self._subscribers[topic].discard(event)
+        self._subscribers[topic].pop(event, None)
 
-    def _wake(self, topics: Iterable[str]) -> None:
+    def _wake(self, topics: Iterable[str], name: str = ANY) -> None:
         for topic in topics:
-            for event in self._subscribers.get(topic, ()):
-                event.set()
+            _wake(self._subscribers.get(topic, {}), name)
 
     async def _hear(self, topics: frozenset[str]) -> None:
         by_channel = {self.channel(topic): topic for topic in topics}
@@ -205,7 +212,7 @@ class RedisChanges(Changes):
                     await pubsub.subscribe(*by_channel)
                     failures = 0
                     async for message in pubsub.listen():
-                        self._wake([by_channel.get(message["channel"], "")])
+                        self._wake([by_channel.get(message["channel"], "")], message["data"])
             except redis.RedisError:
                 self._wake(topics)  # rings may have been missed: look again
                 failures += 1
@@ -217,3 +224,10 @@ class RedisChanges(Changes):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._wake(TOPICS)
+
+
+def _wake(subscribers: _Subscribers, name: str) -> None:
+    for event, names in subscribers.items():
+        if names is not None:
+            names.add(name)
+        event.set()

@@ -1,12 +1,15 @@
 """Waiting for runs to finish inside the API (GET /api/runs/ID?wait_s=N): one loop looks
-at the status of every awaited run at once, however many requests wait, so a client that
-waits costs one request instead of a poll every few milliseconds."""
+at the status of the awaited runs at once, however many requests wait, so a client that
+waits costs one request instead of a poll every few milliseconds. Where a finish rings
+with the run's name (Redis), the wait on that run ends without a look; else a ring makes
+the loop look at every awaited run."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+from corral.service._changes import ANY
 from corral.service.records import FINISHED, Records, RecordsError
 
 MAX_WAIT_S = 30.0  # the longest a request may wait; a client waits longer by asking again
@@ -21,11 +24,14 @@ class RunWaiter:
         self._waits: dict[str, set[asyncio.Future[None]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
+        self._new: set[str] = set()  # awaited runs not looked at yet
+        self._rung: set[str] = set()  # the runs that rang `runs` (finished), or ANY
 
     async def wait(self, run_id: str, timeout_s: float) -> None:
         """Return once `run_id` has finished, or after `timeout_s` (whichever comes first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waits.setdefault(run_id, set()).add(future)
+        self._new.add(run_id)  # it may have finished before this waits
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._look())
         self._wakeup.set()
@@ -41,28 +47,38 @@ class RunWaiter:
 
     async def _look(self) -> None:
         changes = self.records.changes()
-        changes.subscribe("runs", self._wakeup)  # a finish rings it
+        rung = self._rung
+        changes.subscribe("runs", self._wakeup, rung)  # a finish rings it (with its name)
+        rung.add(ANY)
         poll = POLL_S[0]
         try:
             while self._waits:
                 self._wakeup.clear()
+                if ANY in rung:
+                    looked, finished = list(self._waits), []
+                else:  # a ring that names a run is its finish
+                    looked = [run_id for run_id in self._new - rung if run_id in self._waits]
+                    finished = [run_id for run_id in rung if run_id in self._waits]
+                rung.clear()
+                self._new.clear()
                 try:
-                    statuses = await self.records.run_statuses(list(self._waits))
+                    statuses = await self.records.run_statuses(looked) if looked else {}
                 except RecordsError:
                     statuses = {}  # the waits end at their time-outs; the answer says the rest
-                finished = [
+                finished += [
                     run_id
-                    for run_id in self._waits
-                    if run_id in statuses
-                    and (statuses[run_id] is None or statuses[run_id] in FINISHED)
+                    for run_id, status in statuses.items()
+                    if status is None or status in FINISHED
                 ]
                 for run_id in finished:
                     for future in self._waits.pop(run_id, ()):
                         if not future.done():
                             future.set_result(None)
                 poll = POLL_S[0] if finished else min(poll * 2, POLL_S[1])
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._wakeup.wait(), POLL_S[1] if changes.live else poll)
+                except TimeoutError:
+                    rung.add(ANY)
         finally:
             changes.unsubscribe("runs", self._wakeup)
 

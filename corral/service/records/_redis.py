@@ -42,24 +42,27 @@ _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[4])
-if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[3], '1') end
+if ARGV[5] ~= '' then redis.call('PUBLISH', KEYS[3], ARGV[5]) end
 return 1
 """
 
 # KEYS[3] (here and in _CREATE_LUA): the `runs` channel, which tells other processes that a
-# run finished (RedisChanges); published only then (ARGV[5] == '1').
-# ARGV[4]: the workflow; ARGV[5]: '1' when ARGV[3] is a finished status. The count is of
-# (workflow, status) pairs, joined by a newline (neither holds one: ids are checked).
+# run finished (RedisChanges); published only then, naming the run (ARGV[5]).
+# ARGV[4]: the workflow; ARGV[5]: the run id when ARGV[3] is a finished status, else ''.
+# The count is of (workflow, status) pairs, joined by a newline (neither holds one: ids are
+# checked).
 # ARGV[6..]: events appended to the run's stream (KEYS[4]) in the same write, then the
 # `events` channel (KEYS[5]) is published.
 _WRITE_LUA = """
 local r = redis.call('HMGET', KEYS[1], 'v', 'status')
 if r[1] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status', ARGV[3])
-if ARGV[5] == '1' and r[2] ~= ARGV[3] then
-  redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
+if ARGV[5] ~= '' then
+  if r[2] ~= ARGV[3] then
+    redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
+  end
+  redis.call('PUBLISH', KEYS[3], ARGV[5])
 end
-if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[3], '1') end
 if #ARGV > 5 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 6))
   redis.call('PUBLISH', KEYS[5], '1')
@@ -156,7 +159,7 @@ class RedisRecords(Records):
 
     async def create_run(self, run: dict[str, Any]) -> bool:
         """Store a new run record; False (nothing changes) when its id is taken."""
-        finished = "1" if run["status"] in FINISHED else "0"
+        finished = run["id"] if run["status"] in FINISHED else ""
         with self._errors():
             created = await self._create(
                 keys=[self._run_key(run["id"]), self._index, self._changes.channel("runs")],
@@ -172,7 +175,7 @@ class RedisRecords(Records):
     async def _write_run(
         self, run: dict[str, Any], version: int, events: list[dict[str, Any]]
     ) -> bool:
-        finished = "1" if run["status"] in FINISHED else "0"
+        finished = run["id"] if run["status"] in FINISHED else ""
         keys = [self._run_key(run["id"]), self._counts, self._changes.channel("runs"),
                 self._events_key(run["id"]), self._changes.channel("events")]  # fmt: skip
         args = [version, _dumps(run), run["status"], run["workflow"], finished]

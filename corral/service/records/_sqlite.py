@@ -310,7 +310,7 @@ class SqliteRecords(Records):
         """Store a new run record; False (nothing changes) when its id is taken."""
         created = bool(await self._db.quick(_create, run))
         if created and run["status"] in FINISHED:
-            await self._db.changes.ring("runs")
+            await self._db.changes.ring("runs", run["id"])
         return created
 
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
@@ -321,7 +321,7 @@ class SqliteRecords(Records):
     ) -> bool:
         written = bool(await self._db.quick(_write, run, version, [_dumps(e) for e in events]))
         if written and run["status"] in FINISHED:
-            await self._db.changes.ring("runs")
+            await self._db.changes.ring("runs", run["id"])
         if written and events:
             await self._db.changes.ring("events")
         return written
