@@ -236,6 +236,39 @@ async def test_an_update_appends_its_events_in_the_same_write_only_if_made(
     ]  # fmt: skip
 
 
+async def test_a_change_from_the_last_written_record_skips_the_read_unless_it_is_old(
+    open_r: OpenRecords,
+):
+    """change_run answers the version it wrote; given that record back as `last`, the next
+    change is made to it directly. When another process wrote in between, the write is
+    refused and the change is made to the current record instead, also when it declined
+    the old one."""
+    records = open_r()
+    assert await records.create_run(run("r1", 1.0))
+    started = await records.change_run("r1", lambda r: {**r, "status": "running"})
+    assert started is not None and started[0]["status"] == "running"
+    again = await records.change_run("r1", lambda r: {**r, "attempts": 7}, last=started)
+    assert again is not None and again[1] == started[1] + 1
+    assert (await records.get_run("r1"))["attempts"] == 7  # type: ignore[index]
+    # another writer: a cancel asked for after `again`
+    await records.update_run("r1", lambda r: {**r, "cancel_requested": True})
+    seen: list[bool] = []
+
+    def finish(current: dict) -> dict | None:
+        seen.append(current["cancel_requested"])
+        return {**current, "status": "succeeded"}
+
+    done = await records.change_run("r1", finish, last=again)
+    assert seen == [False, True]  # the old record's write was refused
+    assert done is not None and done[0]["cancel_requested"] and done[1] == again[1] + 2
+    # a change that declines the old record is made to the current one
+    declined = await records.change_run(
+        "r1", lambda r: None if r["status"] == "running" else {**r, "attempts": 8}, last=again
+    )
+    assert declined is not None and declined[0]["attempts"] == 8
+    assert (await records.get_run("r1"))["status"] == "succeeded"  # type: ignore[index]
+
+
 async def finished_run(records: Records, run_id: str, created: float, status: str) -> None:
     """A run created at `created` that finished (with `status`) a minute later, with an
     event; or, for `queued` and `running`, one that never finished."""

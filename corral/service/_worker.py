@@ -298,11 +298,11 @@ class RunWorker:
             if lease.lost:
                 await self._record_lost(lease)
                 return
-            record = await self._start(lease)
-            if record is None:
+            started = await self._start(lease)
+            if started is None:
                 await self.queue.complete(lease)
                 return
-            await self._run(lease, record)
+            await self._run(lease, started)
         except (QueueError, RecordsError) as exc:
             # The lease lapses and another worker (or this one) takes the run up again.
             logger.error("worker %s: run %s: %s", self.id, lease.run_id, exc)
@@ -311,9 +311,9 @@ class RunWorker:
         finally:
             self._stop_reasons.pop(lease.run_id, None)
 
-    async def _start(self, lease: Lease) -> dict[str, Any] | None:
-        """The run's record moved to `running` by this worker; None when there is nothing
-        to run (it finished, was cancelled, or names no workflow)."""
+    async def _start(self, lease: Lease) -> tuple[dict[str, Any], int] | None:
+        """The run's record moved to `running` by this worker, and its version; None when
+        there is nothing to run (it finished, was cancelled, or names no workflow)."""
         run_id = lease.run_id
         now = self.clock()
 
@@ -331,16 +331,17 @@ class RunWorker:
                 "started_at": record["started_at"] or now,
             }
 
-        record = await self.records.update_run(run_id, start)
-        if record is None and await self.records.get_run(run_id) is None:
+        started = await self.records.change_run(run_id, start)
+        if started is None and await self.records.get_run(run_id) is None:
             await self._create_from_job(lease)  # queued by another producer, without a record
-            record = await self.records.update_run(run_id, start)
-        if record is None or record["status"] != "running":
+            started = await self.records.change_run(run_id, start)
+        if started is None or started[0]["status"] != "running":
             return None
+        record = started[0]
         if record["attempts"] == 1:
             metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
         self._event(run_id, "run.started", attempt=record["attempts"], worker=self.id)
-        return record
+        return started
 
     async def _create_from_job(self, lease: Lease) -> None:
         """A job enqueued without a record (a Node producer): `{"workflow", "input"}`."""
@@ -361,9 +362,10 @@ class RunWorker:
             record = new_run(lease.run_id, definition, run_input, now)
         await self.records.create_run(record)
 
-    async def _run(self, lease: Lease, record: dict[str, Any]) -> None:
+    async def _run(self, lease: Lease, started: tuple[dict[str, Any], int]) -> None:
+        record = started[0]
         run_id = record["id"]
-        started = time.monotonic()
+        began = time.monotonic()
         task = asyncio.create_task(self._workflow(record))
         keeper = asyncio.create_task(self._keep(lease, task))
         try:
@@ -372,7 +374,7 @@ class RunWorker:
             reason = self._stop_reasons.get(run_id, "shutdown")
             if reason == "cancel":
                 await self._finish(
-                    record, "cancelled", error=_error("cancelled", "cancelled by request")
+                    started, "cancelled", error=_error("cancelled", "cancelled by request")
                 )
                 self._event(run_id, "run.finished", status="cancelled")
                 await self.queue.complete(lease)
@@ -385,16 +387,17 @@ class RunWorker:
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        metrics.RUN_DURATION.observe(time.monotonic() - started)
+        metrics.RUN_DURATION.observe(time.monotonic() - began)
         if isinstance(run, dict):  # the workflow could not run at all
-            await self._finish(record, "failed", error=run)
+            await self._finish(started, "failed", error=run)
         else:
             nodes = {
                 node_id: {**node.to_dict(), "logs": node.logs, "usage": node.usage}
                 for node_id, node in run.nodes.items()
             }
             failed = [n.error for n in run.nodes.values() if n.status == "failed" and n.error]
-            await self._finish(record, run.status, nodes=nodes, error=failed[0] if failed else None)
+            error = failed[0] if failed else None
+            await self._finish(started, run.status, nodes=nodes, error=error)
         await self.queue.complete(lease)
 
     async def _workflow(self, record: dict[str, Any]) -> WorkflowRun | dict[str, str]:
@@ -447,7 +450,7 @@ class RunWorker:
 
     async def _finish(
         self,
-        record: dict[str, Any],
+        started: tuple[dict[str, Any], int],
         status: str,
         *,
         nodes: dict[str, Any] | None = None,
@@ -466,17 +469,17 @@ class RunWorker:
                 "nodes": current["nodes"] if nodes is None else nodes,
             }
 
-        sink = self._sink
+        run_id, sink = started[0]["id"], self._sink
         if sink is None:
-            await self.records.update_run(record["id"], finish)
+            await self.records.change_run(run_id, finish, last=started)
             return
         async with sink.writing:  # the run's events so far go in the same write
-            events, written = sink.take(record["id"]), None
+            events, written = sink.take(run_id), None
             try:
-                written = await self.records.update_run(record["id"], finish, events=events)
+                written = await self.records.change_run(run_id, finish, events=events, last=started)
             finally:
                 if written is None:
-                    sink.give_back(record["id"], events)
+                    sink.give_back(run_id, events)
 
     async def _hand_back(self, lease: Lease) -> None:
         def requeue(current: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,7 +14,8 @@ A run record is one JSON document (`new_run` builds it):
 
 Every change goes through `update_run(run_id, change)`: read, change, write only if no one
 wrote in between (a version number), else read again; so a cancel and a finishing worker
-never overwrite each other.
+never overwrite each other. `change_run` also answers the version written, so that the next
+change by the same process can skip the read.
 """
 
 from __future__ import annotations
@@ -114,16 +115,37 @@ class Records(abc.ABC):
         respect to every other update; `change` returns None to leave the record as it is
         (and then None is returned). None also when there is no such run. `events` are
         appended to the run's stream in the same write, and only if it is made."""
+        written = await self.change_run(run_id, change, events=events)
+        return None if written is None else written[0]
+
+    async def change_run(
+        self,
+        run_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+        *,
+        events: list[dict[str, Any]] | None = None,
+        last: tuple[dict[str, Any], int] | None = None,
+    ) -> tuple[dict[str, Any], int] | None:
+        """`update_run`, answering the record written with its version, and starting from
+        `last` (a record and version as this process last wrote it) when given: the first
+        attempt changes that without reading; if the run changed since, the write is
+        refused and the change is made to the record read then."""
+        found = last
         for _ in range(UPDATE_ATTEMPTS):
-            found = await self._read_run(run_id)
             if found is None:
-                return None
+                found = await self._read_run(run_id)
+                if found is None:
+                    return None
             run, version = found
             changed = change(run)
             if changed is None:
+                if found is last:  # said of a record that may be old: ask the current one
+                    found = None
+                    continue
                 return None
             if await self._write_run(changed, version, events or []):
-                return changed
+                return changed, version + 1
+            found = None
         raise RecordsError(f"run {run_id!r}: {UPDATE_ATTEMPTS} concurrent updates in a row")
 
     async def run_statuses(self, run_ids: list[str]) -> dict[str, str | None]:
@@ -162,8 +184,8 @@ class Records(abc.ABC):
     async def _write_run(
         self, run: dict[str, Any], version: int, events: list[dict[str, Any]]
     ) -> bool:
-        """Store the record if its version is still `version`, and append `events` to its
-        stream in the same write."""
+        """Store the record if its version is still `version` (it becomes `version` + 1), and
+        append `events` to its stream in the same write."""
 
     @abc.abstractmethod
     async def append_event(self, run_id: str, event: dict[str, Any]) -> int:
