@@ -198,7 +198,7 @@ def api(
     """One API with its inline worker, shared by the module's tests: on the embedded queue,
     and on BullMQ with the store on a freshly flushed database of conftest's Redis."""
     state = tmp_path_factory.mktemp("state")
-    extra = {}
+    extra, url = {}, None
     if request.param == "bullmq":
         url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/4"
         client = redis.Redis.from_url(url)
@@ -207,6 +207,7 @@ def api(
         extra = {"CORRAL_REDIS_URL": url, "ENABLE_INLINE_WORKER": "true"}
     with running_api(_env(catalog, state, **extra)) as running:
         running.state = state  # type: ignore[attr-defined]
+        running.redis_url = url  # type: ignore[attr-defined]
         yield running
 
 
@@ -361,9 +362,29 @@ def test_connections_keep_credentials_encrypted_and_never_show_them(api: Api, se
     listed = api.client.get("/api/connections")
     assert [c["app"] for c in listed.json()["connections"]] == ["svc"]
     assert SECRET not in listed.text
-    database = b"".join(p.read_bytes() for p in api.state.glob("corral.db*"))  # type: ignore[attr-defined]
-    assert SECRET.encode() not in database
+    assert SECRET.encode() not in _everything_stored(api)
     assert SECRET not in api.log()
+
+
+def _everything_stored(api: Api) -> bytes:
+    """Every byte of the API's state: its SQLite files, or every value on its Redis."""
+    url = api.redis_url  # type: ignore[attr-defined]
+    if url is None:
+        files = sorted(api.state.glob("*.db*"))  # type: ignore[attr-defined]
+        assert "records.db" in {p.name for p in files}
+        return b"".join(p.read_bytes() for p in files)
+    read = {
+        b"string": lambda c, k: [c.get(k)],
+        b"hash": lambda c, k: [v for pair in c.hgetall(k).items() for v in pair],
+        b"list": lambda c, k: c.lrange(k, 0, -1),
+        b"set": lambda c, k: list(c.smembers(k)),
+        b"zset": lambda c, k: c.zrange(k, 0, -1),
+        b"stream": lambda c, k: [repr(e).encode() for e in c.xrange(k)],
+    }
+    with contextlib.closing(redis.Redis.from_url(url)) as client:
+        values = [v for k in client.scan_iter() for v in read[client.type(k)](client, k)]
+    assert any(b"key_id" in v for v in values)  # the stored connection is there
+    return b"".join(values)
 
 
 def test_a_stored_workflow_runs_with_the_stored_connection(api: Api, service):

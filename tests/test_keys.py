@@ -69,7 +69,7 @@ def test_rotate_keys_re_encrypts_everything_repeatably(tmp_path, clean_env):
     ring_a = load_key_ring(load_settings(CORRAL_ENCRYPTION_KEYS=old))
 
     async def store() -> None:
-        async with SqliteRecords(state / "corral.db") as records:
+        async with SqliteRecords(state / "records.db") as records:
             await ensure_canary(records, ring_a)
             for app in ("github", "slack", "jira"):
                 await store_connection(records, ring_a, app, None, {"token": SECRET}, 1.0)
@@ -87,7 +87,7 @@ def test_rotate_keys_re_encrypts_everything_repeatably(tmp_path, clean_env):
     assert second["result"] == {"key_id": ring_b.primary_id, "rotated": 0, "current": 3, "raced": 0}
 
     async def read() -> None:
-        async with SqliteRecords(state / "corral.db") as records:
+        async with SqliteRecords(state / "records.db") as records:
             await check_canary(records, ring_b)
             opened = await connections_for(records, ring_b, WORKFLOW)
             assert opened == {"github": {"baseUrl": None, "credentials": {"token": SECRET}}}

@@ -386,7 +386,7 @@ async def test_open_queue_follows_the_settings(tmp_path: Path, redis_url: str, c
     embedded = open_queue(load_settings(CORRAL_STATE_DIR=str(tmp_path / "state")))
     try:
         assert embedded.kind == "sqlite"
-        assert (tmp_path / "state" / "corral.db").exists()
+        assert (tmp_path / "state" / "queue.db").exists()
     finally:
         await embedded.close()
     shared = open_queue(load_settings(CORRAL_REDIS_URL=redis_url, CORRAL_LEASE_S="7"))

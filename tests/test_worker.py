@@ -374,7 +374,7 @@ def test_a_job_with_unusable_data_fails_its_run_once_and_the_worker_goes_on(env,
 
     async def produce(records: Any, queue: Any) -> None:
         await records.create_run(new_run("bad-json", workflow(service), {}, time.time()))
-        where = env.get("CORRAL_REDIS_URL") or Path(env["CORRAL_STATE_DIR"]) / "corral.db"
+        where = env.get("CORRAL_REDIS_URL") or Path(env["CORRAL_STATE_DIR"]) / "queue.db"
         await put_raw_job(where, "bad-json", "{oops")
         await put_raw_job(where, "bad-shape", "[]")
         await submit_run(records, queue, workflow(service), {}, run_id="good")

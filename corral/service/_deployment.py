@@ -14,7 +14,7 @@ _PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
 
 
 def describe(settings: Settings) -> str:
-    """`sqlite:<absolute state database>`, or the Redis URL without its password."""
+    """`sqlite:<absolute state dir>`, or the Redis URL without its password."""
     if settings.redis_url:
         return _PASSWORD.sub(r"\1***@", settings.redis_url)
-    return f"sqlite:{(Path(settings.state_dir) / 'corral.db').resolve()}"
+    return f"sqlite:{Path(settings.state_dir).resolve()}"

@@ -1,6 +1,7 @@
-"""One connection to the state database (CORRAL_STATE_DIR/corral.db) on a thread of its
-own: what the embedded queue and records share. A database locked by another process is
-waited for on that thread, never on the event loop.
+"""One connection to a state database on a thread of its own: what the embedded queue
+(CORRAL_STATE_DIR/queue.db) and records (records.db) share. Each has a file of its own, apart
+from the runtime store's corral.db, so that none of them waits for another's writes. A
+database locked by another process is waited for on that thread, never on the event loop.
 
 `changes` rings and hears the topics of the state (corral.service._changes), so that the
 other processes on this state dir wake at once instead of polling it.

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral._exceptions import ConfigError
-from corral.runtime.store._sqlite import DB_NAME
 from corral.service.queue._base import QueueError, RunQueue
-from corral.service.queue._sqlite import SqliteQueue
+from corral.service.queue._sqlite import DB_NAME, SqliteQueue
 
 if TYPE_CHECKING:
     from corral.config import Settings

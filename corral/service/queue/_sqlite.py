@@ -33,6 +33,7 @@ from corral.service.queue._base import (
 # POLL_MIN_S, doubling, and only an enqueue in this process wakes it at once.
 # A look is a read (WAL: it never waits for a writer nor holds one up); only a look that
 # sees a waiting run takes the write lock to lease it.
+DB_NAME = "queue.db"  # in CORRAL_STATE_DIR
 POLL_MIN_S = 0.002
 POLL_MAX_S = 0.05  # idle: 20 cheap reads a second; a run waits at most this long
 

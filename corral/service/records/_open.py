@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral._exceptions import ConfigError
-from corral.runtime.store._sqlite import DB_NAME
 from corral.service.records._base import Records, RecordsError
 from corral.service.records._redis import RedisRecords
-from corral.service.records._sqlite import SqliteRecords
+from corral.service.records._sqlite import DB_NAME, SqliteRecords
 
 if TYPE_CHECKING:
     from corral.config import Settings

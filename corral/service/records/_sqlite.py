@@ -21,6 +21,7 @@ from corral.service.records._base import (
     sort_key,
 )
 
+DB_NAME = "records.db"  # in CORRAL_STATE_DIR
 WORKER_RETENTION_S = 86_400.0  # heartbeats older than a day are dropped when a worker beats
 
 _SCHEMA = """
