@@ -389,6 +389,42 @@ async def test_a_failed_probe_reopens_the_breaker(store: Store, clock: Clock):
     assert (await store.breaker_admit("github/create_issue", reset_ms=RESET_MS))[0]
 
 
+async def test_a_calls_first_and_last_steps_each_do_both_parts_in_one(store: Store, clock: Clock):
+    """claim_and_admit claims, and asks the breaker only for a claimed key (a replay, a
+    conflict or a key in flight leave a half-open breaker's probe untaken); a refused
+    admission still holds the claim. record_and_finish closes the breaker and stores the
+    result, which the next claim replays."""
+    name = "github/create_issue"
+    await _open_breaker(store, name)
+    clock.advance(RESET_MS / 1000)  # half-open on the next admission: one probe
+    await store.claim("held", "fp", lease_s=30, ttl_s=TTL_S)
+    await store.finish("done", "fp", {"output": 1}, ttl_s=TTL_S)
+    for key, fp, state in (("held", "fp", "in_flight"), ("done", "fp", "replay"),
+                           ("done", "other", "conflict")):  # fmt: skip
+        claim, admission = await store.claim_and_admit(
+            key, fp, lease_s=30, ttl_s=TTL_S, breaker=name, reset_ms=RESET_MS
+        )
+        assert claim.state == state and admission is None
+    assert (await store.breaker_state(name)).state == "open"  # no probe was taken
+    claim, admission = await store.claim_and_admit(
+        "k", "fp", lease_s=30, ttl_s=TTL_S, breaker=name, reset_ms=RESET_MS
+    )
+    assert claim.state == "claimed" and claim.token
+    assert admission == (True, BreakerState("open", 3, T0), BreakerState("half_open", 3, T0))
+    claim, admission = await store.claim_and_admit(
+        "k2", "fp", lease_s=30, ttl_s=TTL_S, breaker=name, reset_ms=RESET_MS
+    )
+    assert claim.state == "claimed" and admission is not None and not admission[0]
+    assert (await store.claim("k2", "fp", lease_s=30, ttl_s=TTL_S)).state == "in_flight"
+    before, after = await store.record_and_finish(
+        "k", "fp", {"output": {"id": 7}}, ttl_s=TTL_S, breaker=name, threshold=3
+    )
+    assert before == BreakerState("half_open", 3, T0) and after == BreakerState("closed", 0, None)
+    assert await store.breaker_state(name) == BreakerState("closed", 0, None)
+    replay = await store.claim("k", "fp", lease_s=30, ttl_s=TTL_S)
+    assert replay == Claim("replay", {"output": {"id": 7}}, "fp")
+
+
 async def test_a_lost_probe_is_replaced_after_reset(store: Store, clock: Clock):
     """A probe whose process died blocks the breaker for reset_ms, then a new probe goes."""
     await _open_breaker(store)

@@ -27,7 +27,7 @@ from corral._exceptions import (
 )
 from corral.config import Settings
 from corral.runtime import _events as events
-from corral.runtime.store import DEFAULT_LEASE_S, BreakerState, Store
+from corral.runtime.store import DEFAULT_LEASE_S, Admission, BreakerState, Store
 
 #: Retried whatever the policy says about others: the failure is likely to pass.
 RETRYABLE_TYPES = frozenset({"timeout", "heartbeat_timeout", "sandbox_crash", "aborted"})
@@ -208,7 +208,7 @@ class RetryManager:
         labels = (connector, about["function"])
         name = f"{connector}/{node}" + (f"@{destination}" if destination else "")
         try:
-            replayed, token = await self._claim(key, fingerprint, about)
+            replayed, token, admission = await self._claim(key, fingerprint, about, name, breaker)
         except IdempotencyConflict as conflict:
             state = await self.store.breaker_state(name)
             events.emit("node.conflict", **about, key=key)
@@ -222,9 +222,9 @@ class RetryManager:
                 attempt += 1
                 if attempt > 1:  # a long node keeps its claim
                     await self.store.renew(key, lease_s=self.claim_lease_s, token=token)
-                admitted, before, after = await self.store.breaker_admit(
-                    name, reset_ms=breaker.reset_ms
-                )
+                    admission = await self.store.breaker_admit(name, reset_ms=breaker.reset_ms)
+                assert admission is not None  # the claim's, for the first attempt
+                admitted, before, after = admission
                 self._transition(about, before, after)
                 state = after.state
                 if not admitted:
@@ -259,12 +259,12 @@ class RetryManager:
                     continue
                 finally:
                     renewal.cancel()  # (it also kept the claim through the wait above)
-                before, after = await self.store.breaker_record(
-                    name, success=True, threshold=breaker.failure_threshold
-                )
+                before, after = await self.store.record_and_finish(
+                    key, fingerprint, record, ttl_s=self.idempotency_ttl_s, breaker=name,
+                    threshold=breaker.failure_threshold,
+                )  # fmt: skip
                 self._transition(about, before, after)
                 events.ATTEMPTS.labels(*labels, "ok").inc()
-                await self.store.finish(key, fingerprint, record, ttl_s=self.idempotency_ttl_s)
                 return RetryOutcome(record, None, attempt, False, after.state)
         except BaseException:
             await asyncio.shield(self.store.release(key, token=token))  # another run may try
@@ -277,22 +277,28 @@ class RetryManager:
             await self.store.renew(key, lease_s=self.claim_lease_s, token=token)
 
     async def _claim(
-        self, key: str, fingerprint: str, about: dict[str, Any]
-    ) -> tuple[dict[str, Any] | None, str | None]:
-        """(None, this run's claim token) once it holds `key`; (the stored record, None)
-        when it is a replay."""
+        self,
+        key: str,
+        fingerprint: str,
+        about: dict[str, Any],
+        name: str,
+        breaker: CircuitBreakerPolicy,
+    ) -> tuple[dict[str, Any] | None, str | None, Admission | None]:
+        """(None, this run's claim token, breaker `name`'s admission of the first attempt)
+        once it holds `key`; (the stored record, None, None) when it is a replay."""
         wait = _IN_FLIGHT_POLL_S[0]
         while True:
-            claim = await self.store.claim(
-                key, fingerprint, lease_s=self.claim_lease_s, ttl_s=self.idempotency_ttl_s
-            )
+            claim, admission = await self.store.claim_and_admit(
+                key, fingerprint, lease_s=self.claim_lease_s, ttl_s=self.idempotency_ttl_s,
+                breaker=name, reset_ms=breaker.reset_ms,
+            )  # fmt: skip
             if claim.state == "claimed":
-                return None, claim.token
+                return None, claim.token, admission
             if claim.state == "replay":
                 assert claim.result is not None
                 events.REPLAYS.labels(about["connector"], about["function"]).inc()
                 events.emit("node.replay", **about, key=key)
-                return claim.result, None
+                return claim.result, None, None
             if claim.state == "conflict":
                 raise IdempotencyConflict(
                     f"the idempotency key {key!r} was used before with other params: "

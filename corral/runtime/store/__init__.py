@@ -11,13 +11,21 @@ clock (`time.time` unless one is given), so processes sharing a store must share
 (NTP); tests pass a clock they can move.
 """
 
-from corral.runtime.store._base import DEFAULT_LEASE_S, BreakerState, Claim, Store, StoreError
+from corral.runtime.store._base import (
+    DEFAULT_LEASE_S,
+    Admission,
+    BreakerState,
+    Claim,
+    Store,
+    StoreError,
+)
 from corral.runtime.store._open import open_store
 from corral.runtime.store._redis import RedisStore
 from corral.runtime.store._sqlite import SqliteStore
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "Admission",
     "BreakerState",
     "Claim",
     "RedisStore",

@@ -48,6 +48,9 @@ class BreakerState:
 
 CLOSED = BreakerState("closed", 0, None)
 
+#: A breaker's answer to one call: (allowed, state before, state after).
+Admission = tuple[bool, BreakerState, BreakerState]
+
 
 def _positive(name: str, value: float) -> None:
     valid = isinstance(value, int | float) and not isinstance(value, bool)
@@ -109,9 +112,7 @@ class Store(abc.ABC):
 
     # -- circuit breakers ---------------------------------------------------------------
 
-    async def breaker_admit(
-        self, name: str, *, reset_ms: int
-    ) -> tuple[bool, BreakerState, BreakerState]:
+    async def breaker_admit(self, name: str, *, reset_ms: int) -> Admission:
         """(allowed, before, after) for one call through breaker `name`.
 
         Closed admits. Open refuses until `reset_ms` after it opened, then turns half-open
@@ -131,6 +132,46 @@ class Store(abc.ABC):
         """
         _positive("threshold", threshold)
         return await self._breaker_record(name, self.clock(), success, threshold)
+
+    # -- a call's first and last steps, each one round trip ------------------------------
+
+    async def claim_and_admit(
+        self,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        ttl_s: int,
+        breaker: str,
+        reset_ms: int,
+    ) -> tuple[Claim, Admission | None]:
+        """`claim`, then `breaker_admit` of `breaker` only when the key was claimed (else
+        None), in one round trip to the store: what a call's first attempt asks."""
+        _positive("lease_s", lease_s)
+        _positive("ttl_s", ttl_s)
+        _positive("reset_ms", reset_ms)
+        now = self.clock()
+        claim = (key, fingerprint, now, now + lease_s, now + ttl_s, ttl_s, uuid.uuid4().hex)
+        return await self._claim_and_admit(claim, breaker, reset_ms / 1000)
+
+    async def record_and_finish(
+        self,
+        key: str,
+        fingerprint: str,
+        result: dict[str, Any],
+        *,
+        ttl_s: int,
+        breaker: str,
+        threshold: int,
+    ) -> tuple[BreakerState, BreakerState]:
+        """`breaker_record` of a success of `breaker`, then `finish` of the claimed `key`,
+        in one round trip to the store: what a call that succeeded ends with."""
+        _positive("ttl_s", ttl_s)
+        _positive("threshold", threshold)
+        encoded = json.dumps(result, separators=(",", ":"))
+        now = self.clock()
+        finish = (key, fingerprint, encoded, now + ttl_s, ttl_s)
+        return await self._record_and_finish(finish, breaker, now, threshold)
 
     @abc.abstractmethod
     async def breaker_state(self, name: str) -> BreakerState:
@@ -225,14 +266,29 @@ class Store(abc.ABC):
     async def _renew(self, key: str, now: float, lease_until: float, token: str) -> bool: ...
 
     @abc.abstractmethod
-    async def _breaker_admit(
-        self, name: str, now: float, reset_s: float
-    ) -> tuple[bool, BreakerState, BreakerState]: ...
+    async def _breaker_admit(self, name: str, now: float, reset_s: float) -> Admission: ...
 
     @abc.abstractmethod
     async def _breaker_record(
         self, name: str, now: float, success: bool, threshold: int
     ) -> tuple[BreakerState, BreakerState]: ...
+
+    async def _claim_and_admit(
+        self, claim: tuple[Any, ...], name: str, reset_s: float
+    ) -> tuple[Claim, Admission | None]:
+        """`claim` holds `_claim`'s arguments; a backend that can does both in one trip."""
+        claimed = await self._claim(*claim)
+        if claimed.state != "claimed":
+            return claimed, None
+        return claimed, await self._breaker_admit(name, claim[2], reset_s)
+
+    async def _record_and_finish(
+        self, finish: tuple[Any, ...], name: str, now: float, threshold: int
+    ) -> tuple[BreakerState, BreakerState]:
+        """`finish` holds `_finish`'s arguments; a backend that can does both in one trip."""
+        recorded = await self._breaker_record(name, now, True, threshold)
+        await self._finish(*finish)
+        return recorded
 
     @abc.abstractmethod
     async def _get_json(self, key: str, now: float) -> Any | None: ...

@@ -15,7 +15,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from corral._exceptions import ConfigError
-from corral.runtime.store._base import CLOSED, BreakerState, Claim, Store, StoreError, _mask
+from corral.runtime.store._base import (
+    CLOSED,
+    Admission,
+    BreakerState,
+    Claim,
+    Store,
+    StoreError,
+    _mask,
+)
 
 REDIS_PREFIX = "corral:"
 REDIS_TIMEOUT_S = 5.0  # a store call answers in well under a millisecond; 5 s means it is gone
@@ -108,6 +116,36 @@ redis.call('HSET', KEYS[1], 'state', state, 'failures', after)
 return {state, failures, opened, state, after, opened}
 """
 
+
+def _function(name: str, script: str) -> str:
+    """`script` as a Lua function `name(KEYS, ARGV)`, to call from another script."""
+    return f"local function {name}(KEYS, ARGV)\n{script}\nend\n"
+
+
+# A call's first step: the claim, and the breaker's admission only when it claimed.
+# KEYS: the record, the breaker; ARGV: _CLAIM_LUA's six, then _ADMIT_LUA's two.
+_CLAIM_AND_ADMIT_LUA = (
+    _function("claim", _CLAIM_LUA)
+    + _function("admit", _ADMIT_LUA)
+    + """
+local c = claim({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})
+if c[1] ~= 'claimed' then return {c} end
+return {c, admit({KEYS[2]}, {ARGV[7], ARGV[8]})}
+"""
+)
+
+# A successful call's last step: the breaker's record of the success, then the finish.
+# KEYS: the breaker, the record; ARGV: _RECORD_LUA's first and third, then _FINISH_LUA's.
+_RECORD_AND_FINISH_LUA = (
+    _function("record", _RECORD_LUA)
+    + _function("finish", _FINISH_LUA)
+    + """
+local r = record({KEYS[1]}, {ARGV[1], '1', ARGV[2]})
+finish({KEYS[2]}, {ARGV[3], ARGV[4], ARGV[5], ARGV[6]})
+return r
+"""
+)
+
 _PUT_LUA = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'value', ARGV[1])
@@ -149,6 +187,24 @@ def _breaker_state(state: str, failures: Any, opened_at: str | None) -> BreakerS
     return BreakerState(state, int(failures), _optional_float(opened_at))  # type: ignore[arg-type]
 
 
+def _claim(reply: list[Any], token: str) -> Claim:
+    """_CLAIM_LUA's reply."""
+    state, result, stored_fp = reply
+    if state == "replay":
+        return Claim("replay", json.loads(result), stored_fp)
+    return Claim(state, None, stored_fp, token if state == "claimed" else None)
+
+
+def _admission(reply: list[Any]) -> Admission:
+    """_ADMIT_LUA's reply."""
+    return bool(reply[0]), _breaker_state(*reply[1:4]), _breaker_state(*reply[4:7])
+
+
+def _breaker_states(reply: list[Any]) -> tuple[BreakerState, BreakerState]:
+    """_RECORD_LUA's reply."""
+    return _breaker_state(*reply[0:3]), _breaker_state(*reply[3:6])
+
+
 class RedisStore(Store):
     """The store on a Redis server, shared by every process that uses the same prefix.
 
@@ -179,6 +235,8 @@ class RedisStore(Store):
         self._renew_script = register(_RENEW_LUA)
         self._admit_script = register(_ADMIT_LUA)
         self._record_script = register(_RECORD_LUA)
+        self._claim_and_admit_script = register(_CLAIM_AND_ADMIT_LUA)
+        self._record_and_finish_script = register(_RECORD_AND_FINISH_LUA)
         self._add_seen_script = register(_ADD_SEEN_LUA)
         self._put_script = register(_PUT_LUA)
 
@@ -210,13 +268,11 @@ class RedisStore(Store):
         token: str,
     ) -> Claim:
         with self._errors():
-            state, result, stored_fp = await self._claim_script(
+            reply = await self._claim_script(
                 keys=[self._key("idem", key)],
                 args=[fp, repr(now), repr(lease_until), repr(expires_at), _ms(ttl_s), token],
             )
-        if state == "replay":
-            return Claim("replay", json.loads(result), stored_fp)
-        return Claim(state, None, stored_fp, token if state == "claimed" else None)
+        return _claim(reply, token)
 
     async def _finish(
         self, key: str, fp: str, result: str, expires_at: float, ttl_s: float
@@ -237,14 +293,12 @@ class RedisStore(Store):
             )
         return bool(renewed)
 
-    async def _breaker_admit(
-        self, name: str, now: float, reset_s: float
-    ) -> tuple[bool, BreakerState, BreakerState]:
+    async def _breaker_admit(self, name: str, now: float, reset_s: float) -> Admission:
         with self._errors():
             reply = await self._admit_script(
                 keys=[self._key("breaker", name)], args=[repr(now), repr(reset_s)]
             )
-        return bool(reply[0]), _breaker_state(*reply[1:4]), _breaker_state(*reply[4:7])
+        return _admission(reply)
 
     async def _breaker_record(
         self, name: str, now: float, success: bool, threshold: int
@@ -254,7 +308,30 @@ class RedisStore(Store):
                 keys=[self._key("breaker", name)],
                 args=[repr(now), "1" if success else "0", threshold],
             )
-        return _breaker_state(*reply[0:3]), _breaker_state(*reply[3:6])
+        return _breaker_states(reply)
+
+    async def _claim_and_admit(
+        self, claim: tuple[Any, ...], name: str, reset_s: float
+    ) -> tuple[Claim, Admission | None]:
+        key, fp, now, lease_until, expires_at, ttl_s, token = claim
+        with self._errors():
+            reply = await self._claim_and_admit_script(
+                keys=[self._key("idem", key), self._key("breaker", name)],
+                args=[fp, repr(now), repr(lease_until), repr(expires_at), _ms(ttl_s), token,
+                      repr(now), repr(reset_s)],
+            )  # fmt: skip
+        return _claim(reply[0], token), _admission(reply[1]) if len(reply) > 1 else None
+
+    async def _record_and_finish(
+        self, finish: tuple[Any, ...], name: str, now: float, threshold: int
+    ) -> tuple[BreakerState, BreakerState]:
+        key, fp, result, expires_at, ttl_s = finish
+        with self._errors():
+            reply = await self._record_and_finish_script(
+                keys=[self._key("breaker", name), self._key("idem", key)],
+                args=[repr(now), threshold, fp, result, repr(expires_at), _ms(ttl_s)],
+            )
+        return _breaker_states(reply)
 
     async def breaker_state(self, name: str) -> BreakerState:
         """The current state of breaker `name` (closed when never used)."""

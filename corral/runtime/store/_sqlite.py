@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral.runtime.store._base import (
     _NO_BREAKER,
+    Admission,
     BreakerState,
     Claim,
     Store,
@@ -220,6 +221,21 @@ class _Db:
             )
             return cursor.rowcount > 0
 
+    def claim_and_admit(
+        self, claim: tuple[Any, ...], name: str, reset_s: float
+    ) -> tuple[Claim, Admission | None]:
+        claimed = self.claim(*claim)
+        if claimed.state != "claimed":
+            return claimed, None
+        return claimed, self.breaker_admit(name, claim[2], reset_s)
+
+    def record_and_finish(
+        self, finish: tuple[Any, ...], name: str, now: float, threshold: int
+    ) -> tuple[BreakerState, BreakerState]:
+        recorded = self.breaker_record(name, now, True, threshold)
+        self.finish(*finish)
+        return recorded
+
     def _breaker(self, conn: sqlite3.Connection, name: str) -> _Breaker:
         row = conn.execute(
             "SELECT state, failures, opened_at, probe_at FROM breakers WHERE name = ?", (name,)
@@ -236,9 +252,7 @@ class _Db:
                 (name, *b),
             )
 
-    def breaker_admit(
-        self, name: str, now: float, reset_s: float
-    ) -> tuple[bool, BreakerState, BreakerState]:
+    def breaker_admit(self, name: str, now: float, reset_s: float) -> Admission:
         # A read first: the common case (closed) changes nothing and takes no write lock,
         # which every other process on this database would wait for.
         before = self._breaker(self.conn, name)
@@ -367,11 +381,21 @@ class SqliteStore(Store):
     async def _renew(self, *args: Any) -> bool:
         return await self._run("renew", *args)
 
-    async def _breaker_admit(self, *args: Any) -> tuple[bool, BreakerState, BreakerState]:
+    async def _breaker_admit(self, *args: Any) -> Admission:
         return await self._run("breaker_admit", *args)
 
     async def _breaker_record(self, *args: Any) -> tuple[BreakerState, BreakerState]:
         return await self._run("breaker_record", *args)
+
+    async def _claim_and_admit(
+        self, claim: tuple[Any, ...], name: str, reset_s: float
+    ) -> tuple[Claim, Admission | None]:
+        return await self._run("claim_and_admit", claim, name, reset_s)
+
+    async def _record_and_finish(
+        self, finish: tuple[Any, ...], name: str, now: float, threshold: int
+    ) -> tuple[BreakerState, BreakerState]:
+        return await self._run("record_and_finish", finish, name, now, threshold)
 
     async def breaker_state(self, name: str) -> BreakerState:
         """The current state of breaker `name` (closed when never used)."""
