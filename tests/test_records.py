@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import redis.asyncio
 
 from corral.service._changes import ANY
+from corral.service.api._wait import RunWaiter
 from corral.service.records import (
     Records,
     RecordsError,
@@ -451,8 +453,11 @@ async def test_writes_by_another_process_wake_this_ones_subscribers(
         heard = {topic: asyncio.Event() for topic in ("runs", "events", "cancels")}
         for topic, event in heard.items():
             changes.subscribe(topic, event)
-        if kind == "redis":
-            await _subscribed(place, prefix, heard)
+        if kind == "redis":  # listening: each subscriber is woken once, to look again
+            async with asyncio.timeout(10):
+                for event in heard.values():
+                    await event.wait()
+                    event.clear()
         writer = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WRITER, kind, place, prefix
         )
@@ -515,8 +520,11 @@ async def test_only_a_finished_run_rings_runs(
     try:
         changes, finished, names = records.changes(), asyncio.Event(), set()
         changes.subscribe("runs", finished, names)
-        if kind == "redis":
-            await _subscribed(url, prefix, ["runs"])
+        if kind == "redis":  # listening: woken once, to look again
+            async with asyncio.timeout(10):
+                await finished.wait()
+            finished.clear()
+            names.clear()
         await records.create_run(new_run("r1", {"id": "w", "nodes": []}, {}, 1.0))
         await records.update_run("r1", lambda run: {**run, "status": "running"})
         await asyncio.sleep(0.2)  # a ring would be heard well within this
@@ -525,5 +533,63 @@ async def test_only_a_finished_run_rings_runs(
         async with asyncio.timeout(10):
             await finished.wait()
         assert names == ({"r1"} if kind == "redis" else {ANY})
+    finally:
+        await records.close()
+
+
+async def test_a_lost_ring_does_not_hold_a_wait_while_other_runs_ring(redis_url: str):
+    """Redis drops what is published while no subscription listens (a subscription being
+    renewed, a reconnect). A run whose finish was not heard, while other runs keep
+    finishing and ringing, still ends its wait within a second (every awaited run is
+    looked at every LOOK_ALL_S), not at the wait's time-out."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    api, worker = RedisRecords(redis_url, prefix=prefix), RedisRecords(redis_url, prefix=prefix)
+    waiter = RunWaiter(api)
+    flowing = True
+
+    async def others() -> None:  # another run finishes (and rings) every 5 ms
+        n = 0
+        while flowing:
+            n += 1
+            await worker.create_run(new_run(f"other-{n}", {"id": "w", "nodes": []}, {}, 1.0))
+            await worker.update_run(f"other-{n}", lambda run: {**run, "status": "succeeded"})
+            await asyncio.sleep(0.005)
+
+    try:
+        await worker.create_run(new_run("r1", {"id": "w", "nodes": []}, {}, 1.0))
+        background = asyncio.create_task(others())
+        waiting = asyncio.create_task(waiter.wait("r1", 10))
+        await _subscribed(redis_url, prefix, ["runs"])
+        await asyncio.sleep(0.3)  # the waiter has looked at r1, and now hears only names
+        async with redis.asyncio.Redis.from_url(redis_url) as client:  # a finish not heard
+            await client.hset(f"{prefix}run:r1", "status", "succeeded")
+        finished = time.monotonic()
+        await asyncio.wait_for(waiting, 10)
+        assert time.monotonic() - finished < 1.0
+    finally:
+        flowing = False
+        await asyncio.gather(background, return_exceptions=True)
+        await waiter.close()
+        await api.close()
+        await worker.close()
+
+
+async def test_a_redis_subscription_wakes_its_subscribers_once_it_listens(redis_url: str):
+    """What was published before a subscription listened is lost: once it listens (the
+    first, and each renewal for a new topic), its subscribers are woken to look at
+    everything (ANY), with no ring."""
+    records = RedisRecords(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
+    try:
+        changes, runs, names = records.changes(), asyncio.Event(), set()
+        changes.subscribe("runs", runs, names)
+        async with asyncio.timeout(10):
+            await runs.wait()
+        assert names == {ANY}
+        runs.clear()
+        names.clear()
+        changes.subscribe("events", asyncio.Event())  # a new topic renews the subscription
+        async with asyncio.timeout(10):
+            await runs.wait()
+        assert names == {ANY}
     finally:
         await records.close()

@@ -168,9 +168,11 @@ class RedisChanges(Changes):
     """Topics as Redis channels, `<prefix><topic>`: the records' writes publish them in the
     same script or pipeline as the write, other rings are one PUBLISH (its message is the
     ring's name), and hearing is one subscription to the topics subscribed here, on the
-    first subscriber's event loop (a new topic renews it). While the connection is down,
-    every subscriber is woken once and then polls (`live` stays True: their time-out is the
-    poll)."""
+    first subscriber's event loop (a new topic renews it). Redis drops what is published
+    while no subscription listens (before the first, while one is renewed, while the
+    connection is down), so each topic's subscribers are woken with ANY once its
+    subscription is confirmed, and once when the connection fails (then they poll: `live`
+    stays True, their time-out is the poll)."""
 
     live = True
 
@@ -208,11 +210,15 @@ class RedisChanges(Changes):
         failures = 0
         while True:
             try:
-                async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with self._client.pubsub() as pubsub:
                     await pubsub.subscribe(*by_channel)
                     failures = 0
                     async for message in pubsub.listen():
-                        self._wake([by_channel.get(message["channel"], "")], message["data"])
+                        topic = by_channel.get(message["channel"], "")
+                        if message["type"] == "message":
+                            self._wake([topic], message["data"])
+                        elif message["type"] == "subscribe":  # heard from now on: look again
+                            self._wake([topic])
             except redis.RedisError:
                 self._wake(topics)  # rings may have been missed: look again
                 failures += 1

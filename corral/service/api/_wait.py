@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from corral.service._changes import ANY
 from corral.service.records import FINISHED, Records, RecordsError
 
 MAX_WAIT_S = 30.0  # the longest a request may wait; a client waits longer by asking again
 POLL_S = (0.002, 0.02)  # looks, from the first to the slowest (doubling while none finish)
+# Where rings name runs, every awaited run is still looked at this often: a ring can be
+# lost (Redis drops what is published while a subscription is being renewed).
+LOOK_ALL_S = 0.25
 
 
 class RunWaiter:
@@ -50,12 +54,13 @@ class RunWaiter:
         rung = self._rung
         changes.subscribe("runs", self._wakeup, rung)  # a finish rings it (with its name)
         rung.add(ANY)
-        poll = POLL_S[0]
+        poll, looked_all = POLL_S[0], 0.0
         try:
             while self._waits:
                 self._wakeup.clear()
-                if ANY in rung:
+                if ANY in rung or time.monotonic() - looked_all >= LOOK_ALL_S:
                     looked, finished = list(self._waits), []
+                    looked_all = time.monotonic()
                 else:  # a ring that names a run is its finish
                     looked = [run_id for run_id in self._new - rung if run_id in self._waits]
                     finished = [run_id for run_id in rung if run_id in self._waits]
@@ -63,8 +68,9 @@ class RunWaiter:
                 self._new.clear()
                 try:
                     statuses = await self.records.run_statuses(looked) if looked else {}
-                except RecordsError:
-                    statuses = {}  # the waits end at their time-outs; the answer says the rest
+                except RecordsError:  # looked at again next time; a wait may end at its time-out
+                    statuses = {}
+                    rung.add(ANY)
                 finished += [
                     run_id
                     for run_id, status in statuses.items()
