@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+import redis.asyncio
 from conftest import SERVER_PIDS, free_port, stop
 
 from corral import ConfigError
@@ -423,6 +424,32 @@ async def test_a_calls_first_and_last_steps_each_do_both_parts_in_one(store: Sto
     assert await store.breaker_state(name) == BreakerState("closed", 0, None)
     replay = await store.claim("k", "fp", lease_s=30, ttl_s=TTL_S)
     assert replay == Claim("replay", {"output": {"id": 7}}, "fp")
+
+
+async def test_a_first_step_whose_admission_fails_gives_the_key_back(
+    store: Store, target: Target, clock: Clock
+):
+    """The claim is written, then the breaker's admission fails (SQLite refuses the write;
+    on Redis the breaker's hash is corrupt): StoreError, and the key is not left claimed
+    for its lease, so the next run claims it at once."""
+    name = "github/create_issue"
+    await _open_breaker(store, name)
+    clock.advance(RESET_MS / 1000)  # the admission writes: open -> half-open
+    if target.kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(target.where)) as conn:
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON breakers "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            conn.commit()
+    else:
+        async with redis.asyncio.Redis.from_url(target.where) as client:
+            await client.hset(f"{target.prefix}breaker:{name}", "opened_at", "not a time")
+    with pytest.raises(StoreError):
+        await store.claim_and_admit(
+            "k", "fp", lease_s=60, ttl_s=TTL_S, breaker=name, reset_ms=RESET_MS
+        )
+    assert (await store.claim("k", "fp", lease_s=60, ttl_s=TTL_S)).state == "claimed"
 
 
 async def test_a_lost_probe_is_replaced_after_reset(store: Store, clock: Clock):

@@ -4,6 +4,8 @@ implementations apply."""
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import json
 import math
 import re
@@ -146,13 +148,21 @@ class Store(abc.ABC):
         reset_ms: int,
     ) -> tuple[Claim, Admission | None]:
         """`claim`, then `breaker_admit` of `breaker` only when the key was claimed (else
-        None), in one round trip to the store: what a call's first attempt asks."""
+        None), in one round trip to the store: what a call's first attempt asks. When it
+        fails (or is cancelled), a claim it may have made is released."""
         _positive("lease_s", lease_s)
         _positive("ttl_s", ttl_s)
         _positive("reset_ms", reset_ms)
-        now = self.clock()
-        claim = (key, fingerprint, now, now + lease_s, now + ttl_s, ttl_s, uuid.uuid4().hex)
-        return await self._claim_and_admit(claim, breaker, reset_ms / 1000)
+        now, token = self.clock(), uuid.uuid4().hex
+        claim = (key, fingerprint, now, now + lease_s, now + ttl_s, ttl_s, token)
+        try:
+            return await self._claim_and_admit(claim, breaker, reset_ms / 1000)
+        except BaseException:
+            # The claim may be written and the admission not: give back the key (only if
+            # this call holds it), or other runs would wait for its lease to lapse.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._release(key, token))
+            raise
 
     async def record_and_finish(
         self,
