@@ -15,14 +15,18 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from corral.config import load_settings
+from corral.runtime import SqliteStore
 from corral.service._changes import ANY
 from corral.service.api._wait import RunWaiter
+from corral.service.queue import SqliteQueue, open_queue
 from corral.service.records import (
     Records,
     RecordsError,
     RedisRecords,
     SqliteRecords,
     new_run,
+    open_records,
 )
 
 pytestmark = pytest.mark.anyio
@@ -593,3 +597,37 @@ async def test_a_redis_subscription_wakes_its_subscribers_once_it_listens(redis_
         assert names == {ANY}
     finally:
         await records.close()
+
+
+async def test_an_upgraded_state_dir_keeps_what_its_corral_db_held(tmp_path: Path, clean_env):
+    """Records and queue were kept in the runtime store's corral.db before they had files
+    of their own: opening a state dir laid out that way finds every row in the new files
+    (a second opening copies nothing twice), and the runtime store's rows stay where they
+    are."""
+    state = tmp_path / "state"
+    state.mkdir()
+    async with SqliteStore(state / "corral.db") as store:  # the layout of before
+        await store.put_json("cursor", {"page": 3})
+    async with SqliteRecords(state / "corral.db") as old:
+        await old.put_workflow(WORKFLOW, T0)
+        assert await old.create_run(run("r1", T0))
+        await old.append_event("r1", {"event": "run.started"})
+        await old.put_meta("key_canary", "sealed")
+    old_queue = SqliteQueue(state / "corral.db", lease_s=30, max_reclaims=3)
+    assert await old_queue.enqueue("r1", {"run_id": "r1"})
+    await old_queue.close()
+    settings = load_settings(CORRAL_STATE_DIR=str(state))
+    for _ in range(2):
+        records, queue = open_records(settings), open_queue(settings)
+        try:
+            assert await records.get_workflow("triage") == WORKFLOW
+            assert (await records.get_run("r1"))["status"] == "queued"  # type: ignore[index]
+            assert [e["event"] for _, e in await records.run_events("r1")] == ["run.started"]
+            assert await records.get_meta("key_canary") == "sealed"
+            assert await queue.counts() == {"waiting": 1, "active": 0}
+        finally:
+            await records.close()
+            await queue.close()
+    assert sorted(p.name for p in state.glob("*.db")) == ["corral.db", "queue.db", "records.db"]
+    async with SqliteStore(state / "corral.db") as store:
+        assert await store.get_json("cursor") == {"page": 3}

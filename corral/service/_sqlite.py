@@ -37,10 +37,22 @@ CHECKPOINT_EVERY = 500
 
 class SqliteThread:
     """`schema` is applied once, in one transaction; `error` is raised (from the sqlite3
-    error) by every call that fails, with `what` and the path in its message."""
+    error) by every call that fails, with `what` and the path in its message. `legacy` is
+    the database that held these tables before they had a file of their own (the state
+    dir's corral.db): when this database is new, their rows are copied in, in the same
+    transaction as the schema, so that an upgrade loses nothing."""
 
-    def __init__(self, path: Path, schema: str, error: type[Exception], what: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        schema: str,
+        error: type[Exception],
+        what: str,
+        *,
+        legacy: Path | None = None,
+    ) -> None:
         self.path = path
+        self._legacy = legacy
         self._error = error
         self._what = what
         self._inline: sqlite3.Connection | None = None  # the loop's, opened on first use
@@ -63,6 +75,13 @@ class SqliteThread:
                 for statement in schema.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    if self._legacy is not None and self._legacy.exists():
+                        _copy_tables(conn, self._legacy)
+                    conn.execute("PRAGMA user_version = 1")
+            if self._legacy is not None:
+                with contextlib.suppress(sqlite3.OperationalError):  # not attached
+                    conn.execute("DETACH DATABASE legacy")
         except BaseException:
             conn.close()
             raise
@@ -127,3 +146,21 @@ class SqliteThread:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
             self._thread.shutdown()
+
+
+def _copy_tables(conn: sqlite3.Connection, legacy: Path) -> None:
+    """Copy into `conn`'s tables the rows of the same tables in `legacy`, column by name
+    (inside the caller's transaction; `legacy` stays attached until it ends)."""
+    conn.execute("ATTACH DATABASE ? AS legacy", (str(legacy),))
+    tables = [row[0] for row in conn.execute(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table' "
+        "AND name IN (SELECT name FROM legacy.sqlite_master WHERE type = 'table')"
+    )]  # fmt: skip
+    for table in tables:
+        ours = [row[1] for row in conn.execute(f'PRAGMA main.table_info("{table}")')]
+        theirs = {row[1] for row in conn.execute(f'PRAGMA legacy.table_info("{table}")')}
+        columns = ", ".join(f'"{name}"' for name in ours if name in theirs)
+        conn.execute(
+            f'INSERT OR IGNORE INTO main."{table}" ({columns}) '
+            f'SELECT {columns} FROM legacy."{table}"'
+        )

@@ -1,6 +1,6 @@
 """The run queue: one interface, `RunQueue`, two implementations.
 
-    SqliteQueue   the embedded default: a table with leases in CORRAL_STATE_DIR's database
+    SqliteQueue   the embedded default: a table with leases in CORRAL_STATE_DIR/queue.db
     BullmqQueue   CORRAL_REDIS_URL: BullMQ's queue `corral-runs` (the `corral[redis]` extra),
                   shared with workers on other machines and with Node producers
 

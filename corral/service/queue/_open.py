@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral._exceptions import ConfigError
+from corral.runtime.store._sqlite import DB_NAME as LEGACY_DB_NAME
 from corral.service.queue._base import QueueError, RunQueue
 from corral.service.queue._sqlite import DB_NAME, SqliteQueue
 
@@ -34,7 +35,9 @@ def open_queue(settings: Settings) -> RunQueue:
     where = f"corral: CORRAL_STATE_DIR={str(state_dir)!r} is unusable"
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteQueue(state_dir / DB_NAME, **options)
+        # Before it had a file of its own, this was kept in the runtime store's database:
+        # a new file takes what that held.
+        return SqliteQueue(state_dir / DB_NAME, legacy=state_dir / LEGACY_DB_NAME, **options)
     except (OSError, QueueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(f"{where}: {reason}; point it at a writable directory") from None

@@ -163,6 +163,7 @@ class SqliteQueue(RunQueue):
         lease_s: float,
         max_reclaims: int,
         clock: Callable[[], float] = time.time,
+        legacy: Path | None = None,
     ) -> None:
         check_lease_options(lease_s, max_reclaims)
         self.path = Path(path)
@@ -170,7 +171,7 @@ class SqliteQueue(RunQueue):
         self.max_reclaims = max_reclaims
         self.clock = clock
         self._wakeup = asyncio.Event()
-        self._db = SqliteThread(self.path, _SCHEMA, QueueError, "run queue")
+        self._db = SqliteThread(self.path, _SCHEMA, QueueError, "run queue", legacy=legacy)
 
     def __repr__(self) -> str:
         return f"SqliteQueue({str(self.path)!r}{'' if self._db.conn else ', closed'})"

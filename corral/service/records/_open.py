@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral._exceptions import ConfigError
+from corral.runtime.store._sqlite import DB_NAME as LEGACY_DB_NAME
 from corral.service.records._base import Records, RecordsError
 from corral.service.records._redis import RedisRecords
 from corral.service.records._sqlite import DB_NAME, SqliteRecords
@@ -25,7 +26,9 @@ def open_records(settings: Settings) -> Records:
     state_dir = Path(settings.state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteRecords(state_dir / DB_NAME)
+        # Before it had a file of its own, this was kept in the runtime store's database:
+        # a new file takes what that held.
+        return SqliteRecords(state_dir / DB_NAME, legacy=state_dir / LEGACY_DB_NAME)
     except (OSError, RecordsError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(

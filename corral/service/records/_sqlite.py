@@ -296,13 +296,14 @@ def _ping(conn: sqlite3.Connection) -> None:
 
 
 class SqliteRecords(Records):
-    """The records in the SQLite state database at `path`."""
+    """The records in the SQLite state database at `path`; a new one takes the rows of
+    `legacy` (where the records were kept before), if given."""
 
     kind = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, legacy: Path | None = None) -> None:
         self.path = Path(path)
-        self._db = SqliteThread(self.path, _SCHEMA, RecordsError, "run records")
+        self._db = SqliteThread(self.path, _SCHEMA, RecordsError, "run records", legacy=legacy)
 
     def __repr__(self) -> str:
         return f"SqliteRecords({str(self.path)!r}{'' if self._db.conn else ', closed'})"
