@@ -75,13 +75,14 @@ class SqliteThread:
                 for statement in schema.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                copied = False
                 if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                     if self._legacy is not None and self._legacy.exists():
                         _copy_tables(conn, self._legacy)
+                        copied = True
                     conn.execute("PRAGMA user_version = 1")
-            if self._legacy is not None:
-                with contextlib.suppress(sqlite3.OperationalError):  # not attached
-                    conn.execute("DETACH DATABASE legacy")
+            if copied:  # attached until the transaction ended
+                conn.execute("DETACH DATABASE legacy")
         except BaseException:
             conn.close()
             raise
