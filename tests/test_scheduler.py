@@ -127,7 +127,8 @@ def _store_workflow(definition: dict[str, Any]) -> None:
 def _runs(workflow: str) -> list[dict[str, Any]]:
     async def listed(records: Any, queue: Any) -> list[dict[str, Any]]:
         found, _ = await records.list_runs(workflow=workflow, limit=500)
-        return [await records.get_run(summary["id"]) for summary in found]
+        read = [await records.get_run(summary["id"]) for summary in found]
+        return [run for run in read if run is not None]  # None: removed since it was listed
 
     return act(listed)
 
