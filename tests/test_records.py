@@ -578,6 +578,34 @@ async def test_a_lost_ring_does_not_hold_a_wait_while_other_runs_ring(redis_url:
         await worker.close()
 
 
+async def test_a_wait_that_queues_its_run_waits_for_its_finish(open_r: OpenRecords):
+    """RunWaiter.wait(..., queue=): the wait starts before the run is queued, so looks at
+    every awaited run (on start, on a poll) find no record yet; that is not a run gone,
+    and the wait ends when the run finishes. An error of the queueing is raised, with no
+    wait left behind."""
+    records = open_r()
+    waiter = RunWaiter(records)
+
+    async def queue() -> None:
+        await asyncio.sleep(0.6)  # over LOOK_ALL_S and the slowest poll: looks find nothing
+        assert await records.create_run(run("r1", 1.0))
+
+    async def refused() -> None:
+        raise ValueError("run r2 exists")
+
+    try:
+        waiting = asyncio.create_task(waiter.wait("r1", 10, queue=queue()))
+        await asyncio.sleep(0.9)
+        assert not waiting.done()
+        await records.update_run("r1", lambda r: {**r, "status": "succeeded"})
+        await asyncio.wait_for(waiting, 5)
+        with pytest.raises(ValueError, match="r2 exists"):
+            await waiter.wait("r2", 10, queue=refused())
+        assert not waiter._waits and not waiter._queuing
+    finally:
+        await waiter.close()
+
+
 async def test_a_redis_subscription_wakes_its_subscribers_once_it_listens(redis_url: str):
     """What was published before a subscription listened is lost: once it listens (the
     first, and each renewal for a new topic), its subscribers are woken to look at

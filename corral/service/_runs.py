@@ -17,6 +17,11 @@ class RunConflict(Exception):
     """The run is in a state that does not allow what was asked (e.g. retry a running run)."""
 
 
+def new_run_id() -> str:
+    """A fresh run id."""
+    return uuid.uuid4().hex
+
+
 async def submit_run(
     records: Records,
     queue: RunQueue,
@@ -28,7 +33,7 @@ async def submit_run(
 ) -> str:
     """Record a queued run of `definition` and queue it; its run id. RunConflict when
     `run_id` is taken."""
-    run_id = run_id or uuid.uuid4().hex
+    run_id = run_id or new_run_id()
     if not await records.create_run(new_run(run_id, definition, run_input, clock())):
         raise RunConflict(f"run {run_id!r} exists; retry it with POST /api/runs/{run_id}/retry")
     await queue.enqueue(run_id, {"run_id": run_id, "workflow": definition.get("id")})

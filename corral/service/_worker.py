@@ -48,7 +48,7 @@ logger = logging.getLogger("corral.worker")
 CLAIM_WAIT_S = 1.0  # a claim blocks this long at most, so a stop is noticed within it
 CANCEL_POLL_S = 0.25  # how soon a requested cancel reaches a running run
 BACKOFF_MAX_S = 5.0  # a queue or records outage is retried up to this far apart
-EVENTS_LINGER_S = 0.02  # events wait this long to share a write (the stream's delay)
+EVENTS_LINGER_S = 0.1  # events wait this long to share a write (the stream's delay)
 
 Connections = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 

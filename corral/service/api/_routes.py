@@ -20,7 +20,7 @@ from corral.service import _metrics as metrics
 from corral.service._connections import public_view, store_connection
 from corral.service._deployment import describe
 from corral.service._keys import KeyRingError, check_canary
-from corral.service._runs import RunConflict, cancel_run, retry_run, submit_run
+from corral.service._runs import RunConflict, cancel_run, new_run_id, retry_run, submit_run
 from corral.service._scheduler import ScheduleError, check_schedule
 from corral.service.api import _models as m
 from corral.service.api._app import ApiError, ApiState
@@ -256,15 +256,15 @@ async def start_run(
         state.runtime.check(definition, body.input)
     except InvalidInput as exc:
         raise ApiError(422, "invalid_input", exc.message) from None
+    run_id = body.run_id or new_run_id()
+    submit = submit_run(state.records, state.queue, definition, body.input, run_id=run_id)
     try:
-        run_id = await submit_run(
-            state.records, state.queue, definition, body.input, run_id=body.run_id
-        )
+        if not wait_s:
+            await submit
+            return {"run_id": run_id, "status": "queued"}
+        await state.waiter.wait(run_id, wait_s, queue=submit)
     except RunConflict as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    if not wait_s:
-        return {"run_id": run_id, "status": "queued"}
-    await state.waiter.wait(run_id, wait_s)
     record = await _run(state, run_id)
     if record["status"] in FINISHED:
         response.status_code = 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 
 from corral.service._changes import ANY
 from corral.service.records import FINISHED, Records, RecordsError
@@ -30,16 +31,31 @@ class RunWaiter:
         self._wakeup = asyncio.Event()
         self._new: set[str] = set()  # awaited runs not looked at yet
         self._rung: set[str] = set()  # the runs that rang `runs` (finished), or ANY
+        self._queuing: set[str] = set()  # awaited runs being queued: no record yet is not gone
 
-    async def wait(self, run_id: str, timeout_s: float) -> None:
-        """Return once `run_id` has finished, or after `timeout_s` (whichever comes first)."""
+    async def wait(
+        self, run_id: str, timeout_s: float, *, queue: Awaitable[object] | None = None
+    ) -> None:
+        """Return once `run_id` has finished, or after `timeout_s` (whichever comes first).
+
+        `queue`, when given, is what queues the run (its exceptions are raised): the wait
+        starts before it, so the finish is heard without a first look at the run's status.
+        """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waits.setdefault(run_id, set()).add(future)
-        self._new.add(run_id)  # it may have finished before this waits
+        if queue is None:
+            self._new.add(run_id)  # it may have finished before this waits
+            self._wakeup.set()
+        else:
+            self._queuing.add(run_id)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._look())
-        self._wakeup.set()
         try:
+            if queue is not None:
+                try:
+                    await queue
+                finally:
+                    self._queuing.discard(run_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(future, timeout_s)
         finally:
@@ -74,7 +90,7 @@ class RunWaiter:
                 finished += [
                     run_id
                     for run_id, status in statuses.items()
-                    if status is None or status in FINISHED
+                    if status in FINISHED or (status is None and run_id not in self._queuing)
                 ]
                 for run_id in finished:
                     for future in self._waits.pop(run_id, ()):
