@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import json
 import os
@@ -169,6 +170,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+def cgroup_pids(cgroup: Path) -> list[int]:
+    """The processes in `cgroup`; none when it is gone (cgroup v2 answers ENODEV, not
+    ENOENT, while a removed cgroup's directory is still being torn down)."""
+    try:
+        return [int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()]
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
+            return []
+        raise
+
+
 def running_execution_pid(
     host_pid: int | None = None, timeout: float = 10.0, root: str | None = None
 ) -> int:
@@ -176,10 +188,8 @@ def running_execution_pid(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for cgroup in _corral_cgroups(host_pid, root):
-            with contextlib.suppress(FileNotFoundError):
-                pids = (cgroup / "cgroup.procs").read_text().split()
-                if pids:
-                    return int(pids[0])
+            if pids := cgroup_pids(cgroup):
+                return pids[0]
         time.sleep(0.02)
     raise AssertionError(f"no sandbox execution started within {timeout} s")
 

@@ -295,8 +295,8 @@ def test_an_interrupted_run_keeps_its_logs_and_usage(connector, executor):
          "--executor", executor, "--heartbeat-interval-ms", "25"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    running_execution_pid(process.pid)
-    time.sleep(0.3)  # log lines travel with the heartbeat, every 25 ms here
+    running_execution_pid(process.pid)  # a child in its cgroup: it may not have its request yet
+    time.sleep(1.5)  # log lines travel with the heartbeat, every 25 ms here
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=30)
     assert process.returncode == 1

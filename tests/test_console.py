@@ -128,7 +128,9 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def api(catalog: Path, service: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One `corral api` (token, inline worker, GENERIC_EXECUTOR_ENABLED unset: off) for the
     module, with the connection of `svc` stored."""
-    with running_api(_env(catalog, tmp_path_factory.mktemp("state"))) as running:
+    # A beat every second (fresh for 3 s): the health page is read at one instant.
+    env = _env(catalog, tmp_path_factory.mktemp("state"), CORRAL_WORKER_HEARTBEAT_S="1")
+    with running_api(env) as running:
         base = f"http://127.0.0.1:{service.server_address[1]}"
         stored = running.client.put(
             "/api/connections/svc", json={"baseUrl": base, "credentials": {"token": "tok-4242"}}
@@ -327,8 +329,7 @@ def test_runs_page_with_the_cursor_and_cancel_in_bulk(page, api: Api, service, t
     page.get_by_label("Per page").select_option("5")
     page.get_by_role("button", name="Apply filters").click()
     links = page.locator("#runs-table tbody a")
-    page.get_by_role("link", name="paged-5").wait_for()
-    assert links.all_inner_texts() == list(reversed(ids))[:5]
+    playwright_sync.expect(links).to_have_text(list(reversed(ids))[:5], timeout=WAIT_MS)
     assert page.get_by_role("button", name="Newer runs").is_disabled()
     page.get_by_role("button", name="Older runs").click()
     page.get_by_role("link", name="paged-0").wait_for()

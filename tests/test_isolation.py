@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import psutil
 import pytest
-from conftest import _corral_cgroups, leftovers, running_execution_pid
+from conftest import _corral_cgroups, cgroup_pids, leftovers, running_execution_pid
 
 import corral
 from corral import Limits, NodeSandbox
@@ -52,10 +52,9 @@ def _execution_pid(root: str | None, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for cgroup in _corral_cgroups(None, root):
-            with contextlib.suppress(FileNotFoundError):
-                for pid in map(int, (cgroup / "cgroup.procs").read_text().split()):
-                    if not os.path.exists(f"/proc/{pid}/fd/{SPARE_FD}"):
-                        return pid
+            for pid in cgroup_pids(cgroup):
+                if not os.path.exists(f"/proc/{pid}/fd/{SPARE_FD}"):
+                    return pid
         time.sleep(0.02)
     raise AssertionError(f"no sandbox execution started within {timeout} s")
 

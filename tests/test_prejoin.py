@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import _corral_cgroups
+from conftest import _corral_cgroups, cgroup_pids
 
 import corral
 from corral import Limits, NodeSandbox
@@ -42,18 +42,12 @@ pytestmark = [
 ]
 
 
-def _procs(cgroup: Path) -> list[int]:
-    with contextlib.suppress(FileNotFoundError):
-        return [int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()]
-    return []
-
-
 def _waiting_spares(count: int, timeout: float = 10.0) -> dict[str, int]:
     """cgroup name -> pid of `count` spares of this host that joined their cgroup while
     waiting (no execution runs, so every occupied cgroup is a spare's)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = {c.name: procs[0] for c in _corral_cgroups() if (procs := _procs(c))}
+        found = {c.name: procs[0] for c in _corral_cgroups() if (procs := cgroup_pids(c))}
         if len(found) >= count:
             return found
         assert time.monotonic() < deadline, f"only {len(found)} spares joined a cgroup ahead"
@@ -137,7 +131,7 @@ def test_a_spare_killed_while_waiting_leaves_no_cgroup():
         for pid in spares.values():
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while any(_procs(_cgroup(name).dirs["pids" if "pids" in _roots()[1] else "unified"])
+        while any(cgroup_pids(_cgroup(name).dirs["pids" if "pids" in _roots()[1] else "unified"])
                   for name in spares):  # fmt: skip
             assert time.monotonic() < deadline, "a killed spare did not exit"
             time.sleep(0.01)

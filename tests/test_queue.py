@@ -196,17 +196,18 @@ async def test_a_lapsed_lease_is_taken_back_and_the_stale_worker_locked_out(open
 
 async def test_a_renewed_lease_is_never_taken_back(open_q: OpenQueue):
     """While its worker renews the lease, reclaim() leaves the run alone."""
-    queue = open_q(lease_s=SHORT_LEASE_S)
-    other = open_q(lease_s=SHORT_LEASE_S)
+    lease_s = 1.0  # renewed every 0.1 s: a loaded machine's stall must pass 0.9 s to lapse it
+    queue = open_q(lease_s=lease_s)
+    other = open_q(lease_s=lease_s)
     await queue.enqueue("r1", {})
     lease = await queue.claim()
     assert lease is not None
-    deadline = time.monotonic() + 4 * SHORT_LEASE_S
+    deadline = time.monotonic() + 3 * lease_s
     while time.monotonic() < deadline:
         assert await queue.renew(lease)
         assert await other.reclaim() == []
         assert await other.claim() is None
-        await asyncio.sleep(SHORT_LEASE_S / 4)
+        await asyncio.sleep(lease_s / 10)
     assert await queue.complete(lease)
 
 
@@ -300,7 +301,8 @@ async def test_a_job_whose_data_is_unusable_is_failed_once_and_the_queue_goes_on
     """Data that is not JSON, or not a JSON object: the claim that meets it takes the job
     out of the queue for good and says why (Lease.invalid); the next claim serves the
     next run, and the bad job never comes back, also after its lease would have lapsed."""
-    queue = open_q(lease_s=SHORT_LEASE_S)
+    lease_s = 1.0  # the first lease must outlast two claims and a count on a loaded machine
+    queue = open_q(lease_s=lease_s)
     where = tmp_path / "corral.db" if open_q.kind == "sqlite" else queue.url  # type: ignore[attr-defined]
     await queue.enqueue("first", {"n": 1})
     await put_raw_job(where, "bad", raw, prefix=open_q.prefix)  # type: ignore[attr-defined]
@@ -314,10 +316,10 @@ async def test_a_job_whose_data_is_unusable_is_failed_once_and_the_queue_goes_on
     assert await queue.counts() == {"waiting": 0, "active": 2}
     for lease in (leases[0], leases[2]):
         assert await queue.complete(lease)  # type: ignore[arg-type]
-    await asyncio.sleep(SHORT_LEASE_S * 3)
+    await asyncio.sleep(lease_s * 1.5)
     for _ in range(3):  # BullMQ's stalled check takes a lapsed lease back on its second look
         await queue.reclaim()
-        await asyncio.sleep(SHORT_LEASE_S)
+        await asyncio.sleep(lease_s)
     assert await queue.claim() is None
     assert await queue.counts() == {"waiting": 0, "active": 0}
 

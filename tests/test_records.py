@@ -569,7 +569,7 @@ async def test_a_lost_ring_does_not_hold_a_wait_while_other_runs_ring(redis_url:
             await client.hset(f"{prefix}run:r1", "status", "succeeded")
         finished = time.monotonic()
         await asyncio.wait_for(waiting, 10)
-        assert time.monotonic() - finished < 1.0
+        assert time.monotonic() - finished < 3.0  # a look at all, not the 10 s time-out
     finally:
         flowing = False
         await asyncio.gather(background, return_exceptions=True)
@@ -596,6 +596,8 @@ async def test_a_wait_that_queues_its_run_waits_for_its_finish(open_r: OpenRecor
     try:
         waiting = asyncio.create_task(waiter.wait("r1", 10, queue=queue()))
         await asyncio.sleep(0.9)
+        while await records.get_run("r1") is None:  # queued late on a loaded machine
+            await asyncio.sleep(0.01)
         assert not waiting.done()
         await records.update_run("r1", lambda r: {**r, "status": "succeeded"})
         await asyncio.wait_for(waiting, 5)

@@ -142,11 +142,12 @@ def _run(
     workflow: dict[str, Any],
     *,
     connections: dict[str, Any] | None = None,
+    env: dict[str, str] = ENV,
     **kwargs: Any,
 ) -> corral.runtime.WorkflowRun:
     async def go() -> corral.runtime.WorkflowRun:
         runtime = WorkflowRuntime(
-            load_settings(**ENV), framework=ConnectorFramework([catalog]),
+            load_settings(**env), framework=ConnectorFramework([catalog]),
             store=_store(spec), sandbox=sandbox,
         )  # fmt: skip
         async with runtime:
@@ -291,28 +292,31 @@ def test_the_offline_example_runs(tmp_path):
 def test_the_breaker_is_shared_across_processes(catalog, sandbox, service, store_spec):
     """Another process fails a node three times: its breaker opens for everyone, so this
     process fails fast without a request; after the reset time one probe goes through."""
+    # A reset long enough for the other process to exit and this one to start its runtime
+    # while the breaker is still open, on a slow machine too.
+    env = {**ENV, "CORRAL_BREAKER_RESET_MS": "3000"}
     connections = _connections(service)
     Path(store_spec.get("CORRAL_STATE_DIR", catalog)).mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         [sys.executable, "-c", _OTHER_PROCESS, json.dumps(store_spec), json.dumps(str(catalog)),
-         json.dumps(_one("down/1")), json.dumps(connections), json.dumps(ENV)],
+         json.dumps(_one("down/1")), json.dumps(connections), json.dumps(env)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     theirs = json.loads(done.stdout)["nodes"]["n"]
     assert theirs["metadata"]["attempts"] == 3 and theirs["metadata"]["circuit_state"] == "open"
     assert len(service.hits) == 3
-    ours = _run(catalog, sandbox, store_spec, _one("down/1"), connections=connections)
+    ours = _run(catalog, sandbox, store_spec, _one("down/1"), connections=connections, env=env)
     node = ours.nodes["n"]
     assert node.error["type"] == "circuit_open" and node.metadata["circuit_state"] == "open"
     assert len(service.hits) == 3  # failed fast: nothing sent
-    time.sleep(0.8)  # past CORRAL_BREAKER_RESET_MS: half-open, one probe
-    probe = _run(catalog, sandbox, store_spec, _one("down/1"), connections=connections)
+    time.sleep(3.1)  # past CORRAL_BREAKER_RESET_MS since it opened: half-open, one probe
+    probe = _run(catalog, sandbox, store_spec, _one("down/1"), connections=connections, env=env)
     assert len(service.hits) == 4
     assert probe.nodes["n"].metadata["circuit_state"] == "open"  # the probe failed: open again
     other = _one("ok/9")
     other["nodes"][0]["id"] = "other"
-    healthy = _run(catalog, sandbox, store_spec, other, connections=connections)
+    healthy = _run(catalog, sandbox, store_spec, other, connections=connections, env=env)
     assert healthy.status == "succeeded"  # another node's breaker is its own
 
 

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -59,11 +60,11 @@ def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(
     )  # fmt: skip
     reader = threading.Thread(target=lambda: lines.extend(stack.stderr), daemon=True)  # type: ignore[arg-type]
     reader.start()
-    descendants: set[int] = set()
+    descendants: dict[int, psutil.Process] = {}  # kept as processes: a pid may be reused
     try:
         ready = _wait_line(lines, r"corral stack: ready: api (http://\S+),", READY_PATIENCE_S)
         url = ready.group(1)
-        descendants |= {p.pid for p in psutil.Process(stack.pid).children(recursive=True)}
+        descendants.update((p.pid, p) for p in psutil.Process(stack.pid).children(recursive=True))
         with (
             serving(_Service) as service,
             httpx.Client(
@@ -82,7 +83,10 @@ def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(
             _wait(lambda: client.get("/api/runs/r1").json()["status"] == "succeeded", "run r1")
             metrics = client.get("/metrics").text
             assert 'corral_runs_total{status="succeeded",workflow="wf"} 1.0' in metrics
-            worker = [w for w in client.get("/api/workers").json()["workers"] if w["fresh"]]
+            worker = _wait(  # a beat is fresh for 0.6 s here: looked at until it is
+                lambda: [w for w in client.get("/api/workers").json()["workers"] if w["fresh"]],
+                "a fresh worker heartbeat",
+            )
             assert len(worker) == 1
             os.kill(worker[0]["pid"], signal.SIGKILL)
             _wait_line(lines, r"\[?corral stack: worker exited with status -9; restarting", 30)
@@ -103,15 +107,14 @@ def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(
             assert sum(float(value) for value in executed) == 2.0, metrics
             attempts = 'corral_node_attempts_total{connector="svc",function="call",outcome="ok"}'
             assert f"{attempts} 2.0" in metrics
-        descendants |= {p.pid for p in psutil.Process(stack.pid).children(recursive=True)}
+        descendants.update((p.pid, p) for p in psutil.Process(stack.pid).children(recursive=True))
         started = time.monotonic()
         stack.send_signal(signal.SIGTERM)
         assert stack.wait(timeout=30) == 0, "".join(lines[-30:])
         assert time.monotonic() - started < 20
         reader.join(timeout=10)
         assert any("corral stack: stopped" in line for line in lines)
-        left = [pid for pid in descendants if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+        left = [pid for pid, process in descendants.items() if _alive(process)]
         assert not left, f"processes left behind: {left}"
     finally:
         if stack.poll() is None:
@@ -119,6 +122,13 @@ def test_the_stack_runs_a_workflow_restarts_a_crashed_child_and_stops_cleanly(
             for pid in descendants:
                 with_suppressed_kill(pid)
             stack.wait()
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Whether `process` (the very one, not a later one with its pid) runs, not a zombie."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 def with_suppressed_kill(pid: int) -> None:
@@ -137,11 +147,12 @@ def _wait_line(lines: list[str], pattern: str, timeout: float) -> re.Match[str]:
     raise AssertionError(f"no line like {pattern!r} within {timeout} s:\n{''.join(lines[-40:])}")
 
 
-def _wait(check, what: str, timeout: float = 30) -> None:
+def _wait(check, what: str, timeout: float = 30) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return
+        value = check()
+        if value:
+            return value
         time.sleep(0.05)
     raise AssertionError(f"not within {timeout} s: {what}")
 

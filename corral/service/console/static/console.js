@@ -261,15 +261,19 @@ async function loadWorkflows() {
   if (ids.includes(chosen)) select.value = chosen;
 }
 
+let runsAsked = 0; // the latest loadRuns; an older one's late reply is dropped
+
 async function loadRuns() {
   const tbody = $("runs-table").querySelector("tbody");
+  const asked = ++runsAsked;
   let body;
   try {
     body = await api(`/api/runs?${runsQuery()}`);
   } catch (error) {
-    failed($("bulk-result"), error);
+    if (asked === runsAsked) failed($("bulk-result"), error);
     return;
   }
+  if (asked !== runsAsked) return; // a newer filter or page was asked for meanwhile
   runsPage.next = body.next_cursor;
   $("select-all").checked = false;
   clear(tbody).append(...body.runs.map((run) => el("tr", {},
