@@ -716,6 +716,23 @@ def test_a_run_s_events_stream_as_it_runs_and_resume(api: Api, service):
     assert api.client.get("/api/runs/nope/events").status_code == 404
 
 
+def test_a_cancelled_run_s_live_stream_ends_with_its_finish(api: Api, service):
+    """The live stream of a run cancelled mid-call ends with its `run.finished` (status
+    cancelled): the worker writes that event with the cancelled record. Written after it,
+    it came when the stream had already ended on the finished record (found by a review)."""
+    _connect(api, service)
+    api.client.put("/api/workflows/cut", json=_workflow("cut", "block/c"))
+    api.client.post("/api/workflows/cut/runs", json={"run_id": "cut-1"})
+    seen: list[tuple[int, str, dict[str, Any]]] = []
+    with api.client.stream("GET", "/api/runs/cut-1/events") as stream:
+        for event in _sse(stream.iter_lines()):
+            seen.append(event)
+            if event[1] == "node.started":
+                assert api.client.post("/api/runs/cut-1/cancel").status_code == 200
+    assert (seen[-1][1], seen[-1][2].get("status")) == ("run.finished", "cancelled"), seen
+    assert [seq for seq, _, _ in seen] == list(range(1, len(seen) + 1))
+
+
 def test_the_api_s_connections_do_not_wait_for_delayed_acks(clean_env):
     """Nagle's algorithm is off on every connection the API's socket accepts (asyncio does
     it only for a socket whose protocol says TCP): with it on, each answer after the first

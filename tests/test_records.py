@@ -608,6 +608,36 @@ async def test_a_wait_that_queues_its_run_waits_for_its_finish(open_r: OpenRecor
         await waiter.close()
 
 
+async def test_a_look_read_before_the_run_was_queued_does_not_end_its_wait(
+    open_r: OpenRecords,
+):
+    """A look at every awaited run reads "no record" for a run still being queued, and its
+    answer comes back only after the queueing ended (a slow link, a busy loop): the run is
+    not gone for that, and the wait goes on to its time-out. Found by a review."""
+    records = open_r()
+    real_read = records.run_statuses
+
+    async def answered_late(run_ids: list[str]) -> dict[str, str | None]:
+        statuses = await real_read(run_ids)  # the read is made now, its answer comes later
+        await asyncio.sleep(0.05)
+        return statuses
+
+    records.run_statuses = answered_late  # type: ignore[method-assign]
+    waiter = RunWaiter(records)
+
+    async def queue() -> None:
+        await asyncio.sleep(0.01)  # while the first look's read is on its way
+        assert await records.create_run(run("r1", 1.0))
+
+    try:
+        started = time.monotonic()
+        await waiter.wait("r1", 1.0, queue=queue())
+        assert time.monotonic() - started >= 1.0
+        assert (await records.get_run("r1"))["status"] == "queued"  # type: ignore[index]
+    finally:
+        await waiter.close()
+
+
 async def test_a_redis_subscription_wakes_its_subscribers_once_it_listens(redis_url: str):
     """What was published before a subscription listened is lost: once it listens (the
     first, and each renewal for a new topic), its subscribers are woken to look at

@@ -53,6 +53,11 @@ EVENTS_LINGER_S = 0.1  # events wait this long to share a write (the stream's de
 Connections = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+def own_event(run_id: str, event: str, **fields: Any) -> dict[str, Any]:
+    """An event of the worker's own (run started, handed back, …), as the stream holds it."""
+    return {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}
+
+
 async def no_connections(definition: dict[str, Any]) -> dict[str, Any]:
     """Runs get no stored connections (a worker without a connection store)."""
     return {}
@@ -98,8 +103,8 @@ class _EventSink(logging.Handler):
                 self.loop.call_soon_threadsafe(self._put, (run_id, event))
 
     def add(self, run_id: str, event: str, **fields: Any) -> None:
-        """An event of the worker's own (run started, handed back, …)."""
-        self._put((run_id, {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}))
+        """An event of the worker's own (run started, …), written with the next write."""
+        self._put((run_id, own_event(run_id, event, **fields)))
 
     def take(self, run_id: str) -> list[dict[str, Any]]:
         """Remove `run_id`'s pending events, to be written with its record (hold `writing`
@@ -374,9 +379,9 @@ class RunWorker:
             reason = self._stop_reasons.get(run_id, "shutdown")
             if reason == "cancel":
                 await self._finish(
-                    started, "cancelled", error=_error("cancelled", "cancelled by request")
-                )
-                self._event(run_id, "run.finished", status="cancelled")
+                    started, "cancelled", error=_error("cancelled", "cancelled by request"),
+                    event=own_event(run_id, "run.finished", status="cancelled"),
+                )  # fmt: skip
                 await self.queue.complete(lease)
             elif reason == "shutdown":
                 await self._hand_back(lease)
@@ -455,6 +460,7 @@ class RunWorker:
         *,
         nodes: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
+        event: dict[str, Any] | None = None,
     ) -> None:
         now = self.clock()
 
@@ -469,17 +475,32 @@ class RunWorker:
                 "nodes": current["nodes"] if nodes is None else nodes,
             }
 
-        run_id, sink = started[0]["id"], self._sink
+        await self._write(started[0]["id"], finish, event=event, last=started)
+
+    async def _write(
+        self,
+        run_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+        *,
+        event: dict[str, Any] | None = None,
+        last: tuple[dict[str, Any], int] | None = None,
+    ) -> tuple[dict[str, Any], int] | None:
+        """`change` written to the run's record (Records.change_run) together with the
+        run's pending events and then `event`, so that a stream that ends with the run's
+        record has them all. When the change declines, the pending events wait for the next
+        write and `event` is dropped (it told of a change not made)."""
+        sink = self._sink
         if sink is None:
-            await self.records.change_run(run_id, finish, last=started)
-            return
-        async with sink.writing:  # the run's events so far go in the same write
-            events, written = sink.take(run_id), None
+            return await self.records.change_run(run_id, change, last=last)
+        async with sink.writing:
+            pending, written = sink.take(run_id), None
+            events = pending if event is None else [*pending, event]
             try:
-                written = await self.records.change_run(run_id, finish, events=events, last=started)
+                written = await self.records.change_run(run_id, change, events=events, last=last)
             finally:
                 if written is None:
-                    sink.give_back(run_id, events)
+                    sink.give_back(run_id, pending)
+            return written
 
     async def _hand_back(self, lease: Lease) -> None:
         def requeue(current: dict[str, Any]) -> dict[str, Any] | None:
@@ -487,9 +508,10 @@ class RunWorker:
                 return None
             return {**current, "status": "queued", "worker": None}
 
-        await self.records.update_run(lease.run_id, requeue)
+        # The event goes with the record, before another worker can take the run up.
+        event = own_event(lease.run_id, "run.handed_back", worker=self.id)
+        await self._write(lease.run_id, requeue, event=event)
         await self.queue.release(lease)
-        self._event(lease.run_id, "run.handed_back", worker=self.id)
         logger.info("worker %s: handed run %s back to the queue", self.id, lease.run_id)
 
     async def _record_invalid(self, lease: Lease) -> None:
@@ -497,10 +519,14 @@ class RunWorker:
         fails as invalid_input, its record created when a producer queued it without one."""
         now = self.clock()
         error = _error(INVALID_INPUT, f"the run's queue job cannot be used: {lease.invalid}")
+        finished = own_event(
+            lease.run_id, "run.finished", status="failed", error_type=INVALID_INPUT
+        )
         if await self.records.get_run(lease.run_id) is None:
             record = new_run(lease.run_id, {"id": "unknown", "nodes": []}, {}, now)
             record.update(status="failed", finished_at=now, error=error)
-            await self.records.create_run(record)
+            if await self.records.create_run(record):
+                await self.records.append_event(lease.run_id, finished)
         else:
 
             def reject(current: dict[str, Any]) -> dict[str, Any] | None:
@@ -508,8 +534,7 @@ class RunWorker:
                     return None
                 return {**current, "status": "failed", "finished_at": now, "error": error}
 
-            await self.records.update_run(lease.run_id, reject)
-        self._event(lease.run_id, "run.finished", status="failed", error_type=INVALID_INPUT)
+            await self._write(lease.run_id, reject, event=finished)
         logger.error("worker %s: run %s failed: %s", self.id, lease.run_id, lease.invalid)
 
     async def _record_lost(self, lease: Lease) -> None:
@@ -525,8 +550,8 @@ class RunWorker:
             return {**current, "status": "failed", "finished_at": now,
                     "error": _error(WORKER_LOST, message)}  # fmt: skip
 
-        await self.records.update_run(lease.run_id, lose)
-        self._event(lease.run_id, "run.finished", status="failed", error_type=WORKER_LOST)
+        event = own_event(lease.run_id, "run.finished", status="failed", error_type=WORKER_LOST)
+        await self._write(lease.run_id, lose, event=event)
         logger.error("worker %s: run %s failed as %s", self.id, lease.run_id, WORKER_LOST)
 
 

@@ -7,6 +7,7 @@ the loop look at every awaited run."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable
@@ -31,7 +32,8 @@ class RunWaiter:
         self._wakeup = asyncio.Event()
         self._new: set[str] = set()  # awaited runs not looked at yet
         self._rung: set[str] = set()  # the runs that rang `runs` (finished), or ANY
-        self._queuing: set[str] = set()  # awaited runs being queued: no record yet is not gone
+        # Awaited runs being queued (by how many waits): no record yet is not a run gone.
+        self._queuing: collections.Counter[str] = collections.Counter()
 
     async def wait(
         self, run_id: str, timeout_s: float, *, queue: Awaitable[object] | None = None
@@ -47,7 +49,7 @@ class RunWaiter:
             self._new.add(run_id)  # it may have finished before this waits
             self._wakeup.set()
         else:
-            self._queuing.add(run_id)
+            self._queuing[run_id] += 1
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._look())
         try:
@@ -55,7 +57,9 @@ class RunWaiter:
                 try:
                     await queue
                 finally:
-                    self._queuing.discard(run_id)
+                    self._queuing[run_id] -= 1
+                    if not self._queuing[run_id]:
+                        del self._queuing[run_id]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(future, timeout_s)
         finally:
@@ -82,6 +86,9 @@ class RunWaiter:
                     finished = [run_id for run_id in rung if run_id in self._waits]
                 rung.clear()
                 self._new.clear()
+                # No record is a run gone only if it was queued before the read was made
+                # (not if its queueing ended while the read was on its way).
+                settled = {run_id for run_id in looked if run_id not in self._queuing}
                 try:
                     statuses = await self.records.run_statuses(looked) if looked else {}
                 except RecordsError:  # looked at again next time; a wait may end at its time-out
@@ -90,7 +97,7 @@ class RunWaiter:
                 finished += [
                     run_id
                     for run_id, status in statuses.items()
-                    if status in FINISHED or (status is None and run_id not in self._queuing)
+                    if status in FINISHED or (status is None and run_id in settled)
                 ]
                 for run_id in finished:
                     for future in self._waits.pop(run_id, ()):
