@@ -1,8 +1,9 @@
-"""Waiting for runs to finish inside the API (GET /api/runs/ID?wait_s=N): one loop looks
-at the status of the awaited runs at once, however many requests wait, so a client that
-waits costs one request instead of a poll every few milliseconds. Where a finish rings
-with the run's name (Redis), the wait on that run ends without a look; else a ring makes
-the loop look at every awaited run."""
+"""Waiting for runs to finish inside the API (GET /api/runs/ID?wait_s=N, and POST
+/api/workflows/ID/runs?wait_s=N, whose wait starts before the run is queued): one loop
+looks at the status of the awaited runs at once, however many requests wait, so a client
+that waits costs one request instead of a poll every few milliseconds. Where a finish
+rings with the run's name (Redis), the wait on that run ends without a look; else a ring
+makes the loop look at every awaited run."""
 
 from __future__ import annotations
 
