@@ -283,22 +283,18 @@ class Store(abc.ABC):
         self, name: str, now: float, success: bool, threshold: int
     ) -> tuple[BreakerState, BreakerState]: ...
 
+    @abc.abstractmethod
     async def _claim_and_admit(
         self, claim: tuple[Any, ...], name: str, reset_s: float
     ) -> tuple[Claim, Admission | None]:
-        """`claim` holds `_claim`'s arguments; a backend that can does both in one trip."""
-        claimed = await self._claim(*claim)
-        if claimed.state != "claimed":
-            return claimed, None
-        return claimed, await self._breaker_admit(name, claim[2], reset_s)
+        """`_claim(*claim)`, then `_breaker_admit(name, now, reset_s)` only when it claimed,
+        in one round trip (`claim` holds `_claim`'s arguments, `now` the third)."""
 
+    @abc.abstractmethod
     async def _record_and_finish(
         self, finish: tuple[Any, ...], name: str, now: float, threshold: int
     ) -> tuple[BreakerState, BreakerState]:
-        """`finish` holds `_finish`'s arguments; a backend that can does both in one trip."""
-        recorded = await self._breaker_record(name, now, True, threshold)
-        await self._finish(*finish)
-        return recorded
+        """`_breaker_record` of a success, then `_finish(*finish)`, in one round trip."""
 
     @abc.abstractmethod
     async def _get_json(self, key: str, now: float) -> Any | None: ...
