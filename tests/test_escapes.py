@@ -2026,6 +2026,99 @@ def test_later_payload_works_without_the_language_layer(plain_worker, case):
     assert any(output != case.expected for output in outputs), outputs
 
 
+#: Changes every setting the interpreter keeps outside a module's namespace (the language
+#: layer off), among them a profile function that marks every dict a function returns.
+#: The functions hold nothing of the execution (empty globals): a worker that checks only
+#: for what outlives an execution keeps running with them.
+SETTINGS_PAYLOAD = """
+import gc
+import sys
+import types
+def _spy(frame, event, arg):
+    if event == 'return' and isinstance(arg, dict):
+        arg['spied'] = True
+spy = types.FunctionType(_spy.__code__, {})
+def run(params, context):
+    sys.settrace(types.FunctionType((lambda frame, event, arg: None).__code__, {}))
+    sys.setprofile(spy)
+    sys.set_asyncgen_hooks(firstiter=spy, finalizer=spy)
+    sys.set_coroutine_origin_tracking_depth(7)
+    sys.setrecursionlimit(5000)
+    sys.setswitchinterval(0.5)
+    sys.set_int_max_str_digits(777)
+    sys.setdlopenflags(sys.getdlopenflags() ^ 0x100)
+    gc.disable()
+    gc.set_threshold(1, 2, 3)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    return {'planted': True}
+"""
+SETTINGS_READER = """
+import gc
+import os
+import sys
+def run(params, context):
+    return {
+        'pid': os.getpid(), 'trace': repr(sys.gettrace()), 'profile': repr(sys.getprofile()),
+        'asyncgen': repr(tuple(sys.get_asyncgen_hooks())),
+        'origin': sys.get_coroutine_origin_tracking_depth(),
+        'recursion': sys.getrecursionlimit(), 'switch': sys.getswitchinterval(),
+        'digits': sys.get_int_max_str_digits(), 'dlopen': sys.getdlopenflags(),
+        'gc': [gc.isenabled(), list(gc.get_threshold()), gc.get_debug()],
+    }
+"""
+
+
+def test_a_worker_puts_the_interpreter_s_settings_back_without_the_language_layer():
+    """Trace and profile functions, hooks, limits and the collector's settings do not
+    outlive the execution that set them, even where connector code reaches `sys` and `gc`:
+    the next execution on the same worker (same pid) reads what the first one read."""
+    settings = load_settings(CORRAL_WORKER_POOL_SIZE="1")
+    limits = Limits(max_memory_mb=64)
+    with NodeSandbox(
+        executor="worker", limits=limits, settings=settings, _unsafe_layers_off={"language"}
+    ) as box:
+        before = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
+        planted = box.execute_sync(SETTINGS_PAYLOAD, timeout_ms=TIMEOUT_MS).output
+        after = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
+    assert planted == {"planted": True, "spied": True}, planted  # its profile function ran
+    assert after == before
+
+
+#: A finalizer that sets a profile function, run by the worker's clean-up: after the
+#: settings were put back for the first time.
+LATE_SETTING_PAYLOAD = """
+import sys
+import types
+def _spy(frame, event, arg):
+    if event == 'return' and isinstance(arg, dict):
+        arg['spied'] = True
+spy = types.FunctionType(_spy.__code__, {})
+class Late:
+    def __del__(self):
+        sys.setprofile(spy)
+def run(params, context):
+    late = Late()
+    late.cycle = late
+    return {'planted': True}
+"""
+
+
+def test_a_setting_changed_in_the_worker_s_clean_up_retires_the_worker():
+    """What a finalizer sets during the clean-up, after the settings were put back, is
+    not trusted to the next execution: the worker retires, and a fresh one runs it."""
+    settings = load_settings(CORRAL_WORKER_POOL_SIZE="1")
+    limits = Limits(max_memory_mb=64)
+    with NodeSandbox(
+        executor="worker", limits=limits, settings=settings, _unsafe_layers_off={"language"}
+    ) as box:
+        before = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
+        planted = box.execute_sync(LATE_SETTING_PAYLOAD, timeout_ms=TIMEOUT_MS).output
+        after = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
+    assert planted == {"planted": True}, planted
+    assert after.pop("pid") != before.pop("pid"), "the worker that ran the finalizer ran on"
+    assert after == before
+
+
 # ---------------------------------------------------------------------------------------------
 # A violation, caught, then hidden behind another failure: the tripwire says an execution that
 # touched something forbidden always ends as policy_violation.

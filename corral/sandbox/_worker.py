@@ -11,10 +11,13 @@ ends by killing the worker.
 
 Nothing one execution leaves survives it: every execution gets fresh
 globals and fresh module views (which hold no mutable containers); after it,
-the finalizers of what it left run, the execution thread's decimal context
-and the random module's state are reset, and so is every interpreter-wide
-structure allowed code can write (`_leftovers`: caches, enum maps, the codec
-and ABC caches, rebound globals). What cannot be put back retires the worker.
+the settings the interpreter keeps outside any namespace are put back (trace
+and profile functions, hooks, limits, the collector's), the finalizers of what
+it left run, the execution thread's decimal context and the random module's
+state are reset, and so is every interpreter-wide structure allowed code can
+write (`_leftovers`: caches, enum maps, the codec and ABC caches, rebound
+globals). What cannot be put back, or was changed again by those finalizers,
+retires the worker.
 """
 
 from __future__ import annotations
@@ -93,6 +96,37 @@ def _clear_caches() -> None:
             strptime._regex_cache.clear()
 
 
+#: What the interpreter keeps outside every module's namespace, where `_leftovers`' census
+#: does not look, as (getter, setter): the execution thread's own (trace and profile
+#: functions, async generator hooks, coroutine origin tracking) and the interpreter's.
+#: The language layer keeps `sys` and `gc` from connector code; without it, each would
+#: reach later executions (a profile function sees, and may change, every later return).
+_SETTINGS: tuple[tuple[Callable[[], Any], Callable[[Any], object]], ...] = (
+    (sys.gettrace, sys.settrace),
+    (sys.getprofile, sys.setprofile),
+    (sys.get_asyncgen_hooks, lambda hooks: sys.set_asyncgen_hooks(*hooks)),
+    (sys.get_coroutine_origin_tracking_depth, sys.set_coroutine_origin_tracking_depth),
+    (sys.getrecursionlimit, sys.setrecursionlimit),
+    (sys.getswitchinterval, sys.setswitchinterval),
+    (sys.get_int_max_str_digits, sys.set_int_max_str_digits),
+    (sys.getdlopenflags, sys.setdlopenflags),
+    (gc.isenabled, lambda enabled: gc.enable() if enabled else gc.disable()),
+    (gc.get_threshold, lambda threshold: gc.set_threshold(*threshold)),
+    (gc.get_debug, gc.set_debug),
+)
+_BASELINE = tuple(get() for get, _ in _SETTINGS)  # as the zygote imported this module
+
+
+def _restore_settings() -> bool:
+    """Put every one of `_SETTINGS` back to its baseline; True when none had changed."""
+    unchanged = True
+    for (get, put), value in zip(_SETTINGS, _BASELINE, strict=True):
+        if get() != value:
+            put(value)
+            unchanged = False
+    return unchanged
+
+
 def _reset_state() -> None:
     """Give the execution thread a fresh decimal context and the random module a new seed."""
     decimal = sys.modules.get("decimal")
@@ -113,8 +147,10 @@ def _leave_nothing_behind() -> bool:
     round (finalizers that leave new cycles each time: some of the execution's code
     would run in a later one), or the execution changed what cannot be put back.
     """
-    # The caches first: what they held of the execution (a key of its own class) is
-    # collected below with the rest, so its finalizers run before the state is reset.
+    # The settings and caches first: what they held of the execution (a hook, a key of
+    # its own class) is collected below with the rest, so its finalizers run before the
+    # state is reset. A setting changed again after that was changed by a finalizer.
+    _restore_settings()
     if _leftovers.WATCH is None:
         _clear_caches()
     else:
@@ -125,7 +161,8 @@ def _leave_nothing_behind() -> bool:
             settled = True
             break
     _reset_state()
-    return _leftovers.reset() and settled
+    restored = _restore_settings()
+    return _leftovers.reset() and restored and settled
 
 
 def _gone() -> None:
