@@ -2068,18 +2068,25 @@ def run(params, context):
 """
 
 
-def test_a_worker_puts_the_interpreter_s_settings_back_without_the_language_layer():
-    """Trace and profile functions, hooks, limits and the collector's settings do not
-    outlive the execution that set them, even where connector code reaches `sys` and `gc`:
-    the next execution on the same worker (same pid) reads what the first one read."""
+def _settings_around(payload: str) -> tuple[Any, Any, Any]:
+    """On one worker with the language layer off: the settings, `payload`'s output, and
+    the settings again."""
     settings = load_settings(CORRAL_WORKER_POOL_SIZE="1")
     limits = Limits(max_memory_mb=64)
     with NodeSandbox(
         executor="worker", limits=limits, settings=settings, _unsafe_layers_off={"language"}
     ) as box:
-        before = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
-        planted = box.execute_sync(SETTINGS_PAYLOAD, timeout_ms=TIMEOUT_MS).output
-        after = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
+        return tuple(
+            box.execute_sync(code, timeout_ms=TIMEOUT_MS).output
+            for code in (SETTINGS_READER, payload, SETTINGS_READER)
+        )
+
+
+def test_a_worker_puts_the_interpreter_s_settings_back_without_the_language_layer():
+    """Trace and profile functions, hooks, limits and the collector's settings do not
+    outlive the execution that set them, even where connector code reaches `sys` and `gc`:
+    the next execution on the same worker (same pid) reads what the first one read."""
+    before, planted, after = _settings_around(SETTINGS_PAYLOAD)
     assert planted == {"planted": True, "spied": True}, planted  # its profile function ran
     assert after == before
 
@@ -2106,14 +2113,7 @@ def run(params, context):
 def test_a_setting_changed_in_the_worker_s_clean_up_retires_the_worker():
     """What a finalizer sets during the clean-up, after the settings were put back, is
     not trusted to the next execution: the worker retires, and a fresh one runs it."""
-    settings = load_settings(CORRAL_WORKER_POOL_SIZE="1")
-    limits = Limits(max_memory_mb=64)
-    with NodeSandbox(
-        executor="worker", limits=limits, settings=settings, _unsafe_layers_off={"language"}
-    ) as box:
-        before = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
-        planted = box.execute_sync(LATE_SETTING_PAYLOAD, timeout_ms=TIMEOUT_MS).output
-        after = box.execute_sync(SETTINGS_READER, timeout_ms=TIMEOUT_MS).output
+    before, planted, after = _settings_around(LATE_SETTING_PAYLOAD)
     assert planted == {"planted": True}, planted
     assert after.pop("pid") != before.pop("pid"), "the worker that ran the finalizer ran on"
     assert after == before
