@@ -17,9 +17,9 @@ in flight at a time:
 
 The load generator shares the machine with the service: wrk (bench/service.lua) sends
 the one-request runs for `--seconds` (2) a path and round, and checks that each answer is
-a succeeded run. aiohttp, in this process, spent 0.35-0.7 ms of CPU a run here, 10-15%
-of what a run costs the whole machine; where wrk is not installed it sends them, `--runs`
-a path and round, and the header says so. aiohttp always sends POST+GET (one request
+a succeeded run. aiohttp, in this process, spent 0.35-0.7 ms of CPU a run here, about
+10% of what a run costs the whole machine; where wrk is not installed it sends them,
+`--runs` a path and round, and the header says so. aiohttp always sends POST+GET (one request
 depends on the answer to the other, which wrk's scripts cannot express).
 
 The paths take turns, `--rounds` (3) times. Prints, for each, the median round's runs per
@@ -239,8 +239,9 @@ def main() -> int:
         help="runs a round in-process, and per service path where aiohttp drives it",
     )  # fmt: skip
     parser.add_argument(
-        "--seconds", type=float, default=2.0, help="how long wrk drives each service path a round"
-    )
+        "--seconds", type=float, default=2.0,
+        help="how long wrk drives each service path a round (default: 2)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the paths interleaved")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument(
