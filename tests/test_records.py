@@ -336,6 +336,26 @@ async def test_finished_runs_are_counted_by_workflow_and_status(open_r: OpenReco
     }
 
 
+async def test_a_run_created_finished_counts_and_starts_its_stream_in_the_same_write(
+    open_r: OpenRecords,
+):
+    """create_run(..., events=): a record created finished (a job the worker rejects)
+    counts as finished and holds its events from the first read of it; a create refused
+    for a taken id adds neither a count nor an event."""
+    records = open_r()
+    failed = {**run("r1", T0), "status": "failed", "finished_at": T0}
+    finished = [{"event": "run.finished", "status": "failed"}]
+    assert await records.create_run(failed, events=finished)
+    assert await records.run_events("r1") == [(1, finished[0])]
+    assert await records.finished_counts() == {("triage", "failed"): 1}
+    assert not await records.create_run(failed, events=[{"event": "again"}])
+    assert await records.run_events("r1") == [(1, finished[0])]
+    assert await records.finished_counts() == {("triage", "failed"): 1}
+    assert await records.create_run(run("r2", T0), events=[])  # queued: not counted
+    assert await records.run_events("r2") == []
+    assert await records.finished_counts() == {("triage", "failed"): 1}
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 400 KiB tmpfs of the test's own (root only), unmounted at the end."""

@@ -191,7 +191,8 @@ def act(operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> 
 
 
 def read(what: str = "run", *args: Any) -> Any:
-    """A run record (`read("run", id)`), the queue's counts, or the fresh workers."""
+    """A run record (`read("run", id)`), a run's events (`read("events", id)`: their
+    names and error types), the queue's counts, or the fresh workers."""
 
     async def go() -> Any:
         settings = load_settings()
@@ -199,6 +200,9 @@ def read(what: str = "run", *args: Any) -> Any:
         try:
             if what == "run":
                 return await records.get_run(*args)
+            if what == "events":
+                events = await records.run_events(*args)
+                return [(event["event"], event.get("error_type")) for _, event in events]
             if what == "counts":
                 return await queue.counts()
             return await records.workers(seen_since=time.time() - 1)
@@ -365,6 +369,7 @@ def test_a_job_without_a_record_runs_its_stored_workflow(env, service, workers):
     failed = wait_for(lambda: read("run", "unknown-workflow"), "the bad job recorded")
     assert (failed["status"], failed["error"]["type"]) == ("failed", "invalid_input")
     assert "'nope'" in failed["error"]["message"]
+    assert read("events", "unknown-workflow") == [("run.finished", "invalid_input")]
 
 
 def test_a_job_with_unusable_data_fails_its_run_once_and_the_worker_goes_on(env, service, workers):
@@ -389,6 +394,7 @@ def test_a_job_with_unusable_data_fails_its_run_once_and_the_worker_goes_on(env,
         record = read("run", run_id)
         assert (record["status"], record["error"]["type"]) == ("failed", "invalid_input")
         assert says in record["error"]["message"]
+        assert read("events", run_id) == [("run.finished", "invalid_input")]
     assert read("counts") == {"waiting": 0, "active": 0}
     assert log_of(worker).count("failed: the job's data") == 2
     assert "Traceback" not in log_of(worker)

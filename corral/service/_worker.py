@@ -58,6 +58,11 @@ def own_event(run_id: str, event: str, **fields: Any) -> dict[str, Any]:
     return {"event": event, "ts": round(time.time(), 3), "run": run_id, **fields}
 
 
+def failed_event(run_id: str, error_type: str) -> dict[str, Any]:
+    """The `run.finished` event of a run that the worker failed itself, as `error_type`."""
+    return own_event(run_id, "run.finished", status="failed", error_type=error_type)
+
+
 async def no_connections(definition: dict[str, Any]) -> dict[str, Any]:
     """Runs get no stored connections (a worker without a connection store)."""
     return {}
@@ -362,10 +367,12 @@ class RunWorker:
                 f"the job names no stored workflow ({workflow_id!r}); enqueue "
                 '{"workflow": ID, "input": {...}} for a workflow stored with PUT /api/workflows/ID'
             )
-            record.update(status="failed", finished_at=now, error=_error("invalid_input", message))
+            record.update(status="failed", finished_at=now, error=_error(INVALID_INPUT, message))
+            await self.records.create_run(
+                record, events=[failed_event(lease.run_id, INVALID_INPUT)]
+            )
         else:
-            record = new_run(lease.run_id, definition, run_input, now)
-        await self.records.create_run(record)
+            await self.records.create_run(new_run(lease.run_id, definition, run_input, now))
 
     async def _run(self, lease: Lease, started: tuple[dict[str, Any], int]) -> None:
         record = started[0]
@@ -519,21 +526,16 @@ class RunWorker:
         fails as invalid_input, its record created when a producer queued it without one."""
         now = self.clock()
         error = _error(INVALID_INPUT, f"the run's queue job cannot be used: {lease.invalid}")
-        finished = own_event(
-            lease.run_id, "run.finished", status="failed", error_type=INVALID_INPUT
-        )
-        if await self.records.get_run(lease.run_id) is None:
-            record = new_run(lease.run_id, {"id": "unknown", "nodes": []}, {}, now)
-            record.update(status="failed", finished_at=now, error=error)
-            if await self.records.create_run(record):
-                await self.records.append_event(lease.run_id, finished)
-        else:
+        finished = failed_event(lease.run_id, INVALID_INPUT)
 
-            def reject(current: dict[str, Any]) -> dict[str, Any] | None:
-                if current["status"] in FINISHED:
-                    return None
-                return {**current, "status": "failed", "finished_at": now, "error": error}
+        def reject(current: dict[str, Any]) -> dict[str, Any] | None:
+            if current["status"] in FINISHED:
+                return None
+            return {**current, "status": "failed", "finished_at": now, "error": error}
 
+        record = new_run(lease.run_id, {"id": "unknown", "nodes": []}, {}, now)
+        record.update(status="failed", finished_at=now, error=error)
+        if not await self.records.create_run(record, events=[finished]):  # it has a record
             await self._write(lease.run_id, reject, event=finished)
         logger.error("worker %s: run %s failed: %s", self.id, lease.run_id, lease.invalid)
 
@@ -550,8 +552,7 @@ class RunWorker:
             return {**current, "status": "failed", "finished_at": now,
                     "error": _error(WORKER_LOST, message)}  # fmt: skip
 
-        event = own_event(lease.run_id, "run.finished", status="failed", error_type=WORKER_LOST)
-        await self._write(lease.run_id, lose, event=event)
+        await self._write(lease.run_id, lose, event=failed_event(lease.run_id, WORKER_LOST))
         logger.error("worker %s: run %s failed as %s", self.id, lease.run_id, WORKER_LOST)
 
 

@@ -96,8 +96,12 @@ class Records(abc.ABC):
     # -- runs ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_run(self, run: dict[str, Any]) -> bool:
-        """Store a new run record; False (nothing changes) when its id is taken."""
+    async def create_run(
+        self, run: dict[str, Any], *, events: list[dict[str, Any]] | None = None
+    ) -> bool:
+        """Store a new run record, with `events` as the start of its stream, in one write;
+        False (nothing changes) when its id is taken. A record created finished counts in
+        `finished_counts`."""
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run record, or None."""

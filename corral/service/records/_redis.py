@@ -38,21 +38,32 @@ from corral.service.records._sqlite import WORKER_RETENTION_S
 LIST_BATCH = 200  # index members read at a time while filtering a list
 _RETRY = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
 
+# The two run scripts name KEYS[1..5] alike (`_run_keys`): the run's hash, the finished
+# counts, the `runs` channel, the run's event stream and the `events` channel. The `runs`
+# channel tells other processes that a run finished (RedisChanges); it is published only
+# then, naming the run (the run id argument, else ''). The count is of (workflow, status)
+# pairs, joined by a newline (neither holds one: ids are checked). The events, the
+# arguments after the fixed ones, are appended to the run's stream in the same write, then
+# the `events` channel is published.
+# _CREATE_LUA: KEYS[6] is the index of runs; ARGV: doc, status, workflow, sort key, the
+# run id when finished, then the events.
 _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
-redis.call('ZADD', KEYS[2], 0, ARGV[4])
-if ARGV[5] ~= '' then redis.call('PUBLISH', KEYS[3], ARGV[5]) end
+redis.call('ZADD', KEYS[6], 0, ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('HINCRBY', KEYS[2], ARGV[3] .. string.char(10) .. ARGV[2], 1)
+  redis.call('PUBLISH', KEYS[3], ARGV[5])
+end
+if #ARGV > 5 then
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 6))
+  redis.call('PUBLISH', KEYS[5], '1')
+end
 return 1
 """
 
-# KEYS[3] (here and in _CREATE_LUA): the `runs` channel, which tells other processes that a
-# run finished (RedisChanges); published only then, naming the run (ARGV[5]).
-# ARGV[4]: the workflow; ARGV[5]: the run id when ARGV[3] is a finished status, else ''.
-# The count is of (workflow, status) pairs, joined by a newline (neither holds one: ids are
-# checked).
-# ARGV[6..]: events appended to the run's stream (KEYS[4]) in the same write, then the
-# `events` channel (KEYS[5]) is published.
+# ARGV: the version written over, doc, status, workflow, the run id when finished, then the
+# events.
 _WRITE_LUA = """
 local r = redis.call('HMGET', KEYS[1], 'v', 'status')
 if r[1] ~= ARGV[1] then return 0 end
@@ -157,13 +168,17 @@ class RedisRecords(Records):
     def _run_key(self, run_id: str) -> str:
         return f"{self.prefix}run:{run_id}"
 
-    async def create_run(self, run: dict[str, Any]) -> bool:
-        """Store a new run record; False (nothing changes) when its id is taken."""
+    async def create_run(
+        self, run: dict[str, Any], *, events: list[dict[str, Any]] | None = None
+    ) -> bool:
+        """Store a new run record, with `events` as the start of its stream, in one write;
+        False (nothing changes) when its id is taken."""
         finished = run["id"] if run["status"] in FINISHED else ""
+        args = [_dumps(run), run["status"], run["workflow"], sort_key(run), finished]
         with self._errors():
             created = await self._create(
-                keys=[self._run_key(run["id"]), self._index, self._changes.channel("runs")],
-                args=[_dumps(run), run["status"], run["workflow"], sort_key(run), finished],
+                keys=[*self._run_keys(run["id"]), self._index],
+                args=args + [_dumps(e) for e in events or []],
             )
         return bool(created)
 
@@ -176,12 +191,17 @@ class RedisRecords(Records):
         self, run: dict[str, Any], version: int, events: list[dict[str, Any]]
     ) -> bool:
         finished = run["id"] if run["status"] in FINISHED else ""
-        keys = [self._run_key(run["id"]), self._counts, self._changes.channel("runs"),
-                self._events_key(run["id"]), self._changes.channel("events")]  # fmt: skip
         args = [version, _dumps(run), run["status"], run["workflow"], finished]
         with self._errors():
-            written = await self._write(keys=keys, args=args + [_dumps(e) for e in events])
+            written = await self._write(
+                keys=self._run_keys(run["id"]), args=args + [_dumps(e) for e in events]
+            )
         return bool(written)
+
+    def _run_keys(self, run_id: str) -> list[str]:
+        """The keys every write of a run's record names (the run scripts' KEYS[1..5])."""
+        return [self._run_key(run_id), self._counts, self._changes.channel("runs"),
+                self._events_key(run_id), self._changes.channel("events")]  # fmt: skip
 
     def _events_key(self, run_id: str) -> str:
         return f"{self.prefix}events:{run_id}"

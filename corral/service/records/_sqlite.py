@@ -74,14 +74,19 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _create(conn: sqlite3.Connection, run: dict[str, Any]) -> bool:
+def _create(conn: sqlite3.Connection, run: dict[str, Any], events: list[str]) -> bool:
     with transaction(conn):
         cursor = conn.execute(
             "INSERT INTO runs (id, sort_key, workflow, status, version, doc) "
             "VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (id) DO NOTHING",
             (run["id"], sort_key(run), run["workflow"], run["status"], _dumps(run)),
         )
-        return cursor.rowcount > 0
+        if cursor.rowcount == 0:
+            return False
+        if run["status"] in FINISHED:
+            _count_finished(conn, run)
+        _insert_events(conn, [(run["id"], doc) for doc in events])
+        return True
 
 
 def _read(conn: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], int] | None:
@@ -101,13 +106,18 @@ def _write(conn: sqlite3.Connection, run: dict[str, Any], version: int, events: 
             (run["status"], _dumps(run), run["id"]),
         )
         if run["status"] != before[0] and run["status"] in FINISHED:
-            conn.execute(
-                "INSERT INTO run_counts (workflow, status, count) VALUES (?, ?, 1) "
-                "ON CONFLICT (workflow, status) DO UPDATE SET count = count + 1",
-                (run["workflow"], run["status"]),
-            )
+            _count_finished(conn, run)
         _insert_events(conn, [(run["id"], doc) for doc in events])
         return True
+
+
+def _count_finished(conn: sqlite3.Connection, run: dict[str, Any]) -> None:
+    """Count a record that turned finished (inside a write transaction)."""
+    conn.execute(
+        "INSERT INTO run_counts (workflow, status, count) VALUES (?, ?, 1) "
+        "ON CONFLICT (workflow, status) DO UPDATE SET count = count + 1",
+        (run["workflow"], run["status"]),
+    )
 
 
 def _counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
@@ -308,11 +318,16 @@ class SqliteRecords(Records):
     def __repr__(self) -> str:
         return f"SqliteRecords({str(self.path)!r}{'' if self._db.conn else ', closed'})"
 
-    async def create_run(self, run: dict[str, Any]) -> bool:
-        """Store a new run record; False (nothing changes) when its id is taken."""
-        created = bool(await self._db.quick(_create, run))
+    async def create_run(
+        self, run: dict[str, Any], *, events: list[dict[str, Any]] | None = None
+    ) -> bool:
+        """Store a new run record, with `events` as the start of its stream, in one write;
+        False (nothing changes) when its id is taken."""
+        created = bool(await self._db.quick(_create, run, [_dumps(e) for e in events or []]))
         if created and run["status"] in FINISHED:
             await self._db.changes.ring("runs", run["id"])
+        if created and events:
+            await self._db.changes.ring("events")
         return created
 
     async def _read_run(self, run_id: str) -> tuple[dict[str, Any], int] | None:
