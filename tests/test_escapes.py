@@ -2068,9 +2068,9 @@ def run(params, context):
 """
 
 
-def _settings_around(payload: str) -> tuple[Any, Any, Any]:
-    """On one worker with the language layer off: the settings, `payload`'s output, and
-    the settings again."""
+def _settings_around(payload: str, reader: str = SETTINGS_READER) -> tuple[Any, Any, Any]:
+    """On one worker with the language layer off: what `reader` returns, `payload`'s
+    output, and what `reader` returns again."""
     settings = load_settings(CORRAL_WORKER_POOL_SIZE="1")
     limits = Limits(max_memory_mb=64)
     with NodeSandbox(
@@ -2078,7 +2078,7 @@ def _settings_around(payload: str) -> tuple[Any, Any, Any]:
     ) as box:
         return tuple(
             box.execute_sync(code, timeout_ms=TIMEOUT_MS).output
-            for code in (SETTINGS_READER, payload, SETTINGS_READER)
+            for code in (reader, payload, reader)
         )
 
 
@@ -2116,6 +2116,73 @@ def test_a_setting_changed_in_the_worker_s_clean_up_retires_the_worker():
     before, planted, after = _settings_around(LATE_SETTING_PAYLOAD)
     assert planted == {"planted": True}, planted
     assert after.pop("pid") != before.pop("pid"), "the worker that ran the finalizer ran on"
+    assert after == before
+
+
+#: What one execution may change of the process that the next would inherit: readers and
+#: a payload for the worker's process reset (language layer off).
+PROCESS_READER = """
+import gc
+import os
+import resource
+import signal
+import sys
+def run(params, context):
+    return {
+        'pid': os.getpid(), 'nofile': list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        'stack': list(resource.getrlimit(resource.RLIMIT_STACK)),
+        'itimers': [list(signal.getitimer(w)) for w in (signal.ITIMER_REAL,
+                    signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)],
+        'gc_callbacks': len(gc.callbacks),
+        'std': [getattr(sys, name) is getattr(sys, '__' + name + '__') for name in
+                ('stdin', 'stdout', 'stderr', 'displayhook', 'excepthook',
+                 'unraisablehook', 'breakpointhook')],
+    }
+"""
+
+PROCESS_PAYLOAD = """
+import gc
+import io
+import resource
+import signal
+import sys
+def run(params, context):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    resource.setrlimit(resource.RLIMIT_STACK, (1 << 20, hard))
+    signal.setitimer(signal.ITIMER_VIRTUAL, 1000.0)
+    gc.callbacks.append(lambda phase, info: None)
+    sys.stdout = io.StringIO()
+    sys.excepthook = sys.unraisablehook = sys.breakpointhook = lambda *a: None
+    return {'planted': True}
+"""
+
+LOWERED_HARD_LIMIT_PAYLOAD = """
+import resource
+def run(params, context):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard - 1))
+    return {'planted': True}
+"""
+
+
+def test_a_worker_puts_the_process_s_state_back_without_the_language_layer():
+    """Lowered soft limits, an interval timer, a collector callback and `sys`'s streams and
+    hooks do not outlive the execution that changed them: the next one on the same worker
+    reads what the first one read."""
+    before, planted, after = _settings_around(PROCESS_PAYLOAD, reader=PROCESS_READER)
+    assert planted == {"planted": True}, planted
+    assert after == before
+    assert before["std"] == [True] * 7 and before["gc_callbacks"] == 0
+
+
+def test_a_lowered_hard_limit_retires_the_worker():
+    """A hard limit cannot be raised back: the worker that ran the execution retires,
+    and a fresh one, with the limit it started with, runs the next."""
+    before, planted, after = _settings_around(LOWERED_HARD_LIMIT_PAYLOAD, reader=PROCESS_READER)
+    assert planted == {"planted": True}, planted
+    assert after.pop("pid") != before.pop("pid"), "the worker with the lowered limit ran on"
     assert after == before
 
 

@@ -301,7 +301,7 @@ def run(params, context):
             elif write(obj):
                 written.append(name)
         for module, attr in (g.rpartition(".")[::2] for g in watch.rebound):
-            if attr == "WATCH":
+            if attr in ("WATCH", "_settings_baseline", "_process_baseline"):
                 continue  # the reset itself
             vars(sys.modules[module])[attr] = SENTINEL
             written.append("global:" + module + "." + attr)

@@ -12,11 +12,12 @@ ends by killing the worker.
 Nothing one execution leaves survives it: every execution gets fresh
 globals and fresh module views (which hold no mutable containers); after it,
 the settings the interpreter keeps outside any namespace are put back (trace
-and profile functions, hooks, limits, the collector's), the finalizers of what
-it left run, the execution thread's decimal context and the random module's
-state are reset, and so is every interpreter-wide structure allowed code can
-write (`_leftovers`: caches, enum maps, the codec and ABC caches, rebound
-globals). What cannot be put back, or was changed again by those finalizers,
+and profile functions, hooks, limits, the collector's, `sys`'s streams), the
+finalizers of what it left run, the execution thread's decimal context and the
+random module's state are reset, and so is every interpreter-wide structure
+allowed code can write (`_leftovers`: caches, enum maps, the codec and ABC
+caches, rebound globals), and so are the process's rlimits and interval
+timers. What cannot be put back, or was changed again by those finalizers,
 retires the worker.
 """
 
@@ -27,8 +28,11 @@ import contextlib
 import ctypes
 import gc
 import json
+import operator
 import os
 import queue
+import resource
+import signal
 import socket
 import sys
 import time
@@ -96,12 +100,56 @@ def _clear_caches() -> None:
             strptime._regex_cache.clear()
 
 
+_STD = ("stdin", "stdout", "stderr", "displayhook", "excepthook", "unraisablehook",
+        "breakpointhook")  # fmt: skip
+# The limits a lowered value of would fail later executions (core, file size and
+# processes are 0 from the start).
+_RLIMITS = (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_DATA,
+            resource.RLIMIT_NOFILE, resource.RLIMIT_STACK)  # fmt: skip
+_ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+
+
+def _gc_callbacks() -> list[Any]:
+    return list(gc.callbacks)
+
+
+def _set_gc_callbacks(callbacks: list[Any]) -> None:
+    gc.callbacks[:] = callbacks
+
+
+def _set_std(values: tuple[Any, ...]) -> None:
+    for name, value in zip(_STD, values, strict=True):
+        setattr(sys, name, value)
+
+
+def _rlimits() -> tuple[tuple[int, int], ...]:
+    return tuple(resource.getrlimit(which) for which in _RLIMITS)
+
+
+def _set_rlimits(limits: tuple[tuple[int, int], ...]) -> None:
+    for which, limit in zip(_RLIMITS, limits, strict=True):
+        with contextlib.suppress(ValueError, OSError):  # a lowered hard limit stays lowered
+            resource.setrlimit(which, limit)  # (and the rest are still put back)
+
+
+def _itimers() -> tuple[tuple[float, float], ...]:
+    return tuple(signal.getitimer(which) for which in _ITIMERS)
+
+
+def _set_itimers(timers: tuple[tuple[float, float], ...]) -> None:
+    for which, (delay, interval) in zip(_ITIMERS, timers, strict=True):
+        signal.setitimer(which, delay, interval)
+
+
+_Pairs = tuple[tuple[Callable[[], Any], Callable[[Any], object]], ...]
+
 #: What the interpreter keeps outside every module's namespace, where `_leftovers`' census
 #: does not look, as (getter, setter): the execution thread's own (trace and profile
-#: functions, async generator hooks, coroutine origin tracking) and the interpreter's.
-#: The language layer keeps `sys` and `gc` from connector code; without it, each would
-#: reach later executions (a profile function sees, and may change, every later return).
-_SETTINGS: tuple[tuple[Callable[[], Any], Callable[[Any], object]], ...] = (
+#: functions, async generator hooks, coroutine origin tracking), the interpreter's, the
+#: collector's callbacks and `sys`'s streams and hooks. The language layer keeps `sys` and
+#: `gc` from connector code; without it, each would reach later executions (a profile
+#: function sees, and may change, every later return).
+_SETTINGS: _Pairs = (
     (sys.gettrace, sys.settrace),
     (sys.getprofile, sys.setprofile),
     (sys.get_asyncgen_hooks, lambda hooks: sys.set_asyncgen_hooks(*hooks)),
@@ -113,18 +161,52 @@ _SETTINGS: tuple[tuple[Callable[[], Any], Callable[[Any], object]], ...] = (
     (gc.isenabled, lambda enabled: gc.enable() if enabled else gc.disable()),
     (gc.get_threshold, lambda threshold: gc.set_threshold(*threshold)),
     (gc.get_debug, gc.set_debug),
+    (_gc_callbacks, _set_gc_callbacks),
+    (partial(operator.attrgetter(*_STD), sys), _set_std),
 )
-_BASELINE = tuple(get() for get, _ in _SETTINGS)  # as the zygote imported this module
+#: What the OS keeps for the process that a later execution would meet, as (getter,
+#: setter): its limits (a lowered one would fail it) and interval timers (whose signal
+#: would end the worker in the middle of it). Only code past the language layer reaches
+#: them too. The working directory, umask and default socket time-out are not reset: a
+#: later execution opens no file and no socket.
+_PROCESS: _Pairs = (
+    (_rlimits, _set_rlimits),
+    (_itimers, _set_itimers),
+)
+# Their baselines, taken when the worker starts serving (its start sets some of them).
+_settings_baseline: tuple[Any, ...] = ()
+_process_baseline: tuple[Any, ...] = ()
+
+
+def _take_baselines() -> None:
+    """What the resets put `_SETTINGS` and `_PROCESS` back to: the worker as it starts
+    serving."""
+    global _settings_baseline, _process_baseline
+    _settings_baseline = tuple(get() for get, _ in _SETTINGS)
+    _process_baseline = tuple(get() for get, _ in _PROCESS)
+
+
+def _put_back(pairs: _Pairs, baseline: tuple[Any, ...]) -> bool:
+    """Put each of `pairs` (getter, setter) back to its value in `baseline`; True when none
+    had changed. What cannot be put back stays changed, and says so again next time."""
+    unchanged = True
+    for (get, put), value in zip(pairs, baseline, strict=True):
+        if get() != value:
+            with contextlib.suppress(OSError, ValueError):
+                put(value)
+            unchanged = False
+    return unchanged
 
 
 def _restore_settings() -> bool:
     """Put every one of `_SETTINGS` back to its baseline; True when none had changed."""
-    unchanged = True
-    for (get, put), value in zip(_SETTINGS, _BASELINE, strict=True):
-        if get() != value:
-            put(value)
-            unchanged = False
-    return unchanged
+    return _put_back(_SETTINGS, _settings_baseline)
+
+
+def _restore_process() -> bool:
+    """Put every one of `_PROCESS` back to its baseline; False when one cannot be (a
+    lowered hard limit). The second look is taken only when the first found a change."""
+    return _put_back(_PROCESS, _process_baseline) or _put_back(_PROCESS, _process_baseline)
 
 
 def _reset_state() -> None:
@@ -161,7 +243,7 @@ def _leave_nothing_behind() -> bool:
             settled = True
             break
     _reset_state()
-    restored = _restore_settings()
+    restored = _restore_settings() and _restore_process()
     return _leftovers.reset() and restored and settled
 
 
@@ -407,6 +489,7 @@ def serve(
     executor = _ExecutionThread(start_thread)
     lock_down(spec)
     _reset_state()
+    _take_baselines()
     if _leftovers.WATCH is not None:
         _leftovers.WATCH.baseline()  # what every execution of this worker starts from
     gc.freeze()  # the worker's own objects: the collection after each execution skips them
