@@ -42,19 +42,10 @@ _RETRY = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
 # counts, the `runs` channel, the run's event stream and the `events` channel. The `runs`
 # channel tells other processes that a run finished (RedisChanges); it is published only
 # then, naming the run (the run id argument, else ''). The count is of (workflow, status)
-# pairs, joined by a newline (neither holds one: ids are checked). The events, the
-# arguments after the fixed ones, are appended to the run's stream in the same write, then
-# the `events` channel is published.
-# _CREATE_LUA: KEYS[6] is the index of runs; ARGV: doc, status, workflow, sort key, the
-# run id when finished, then the events.
-_CREATE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
-redis.call('ZADD', KEYS[6], 0, ARGV[4])
-if ARGV[5] ~= '' then
-  redis.call('HINCRBY', KEYS[2], ARGV[3] .. string.char(10) .. ARGV[2], 1)
-  redis.call('PUBLISH', KEYS[3], ARGV[5])
-end
+# pairs, joined by a newline (neither holds one: ids are checked). Both end with
+# _APPEND_EVENTS_LUA: the events, the arguments after the five fixed ones, are appended to
+# the run's stream in the same write, then the `events` channel is published.
+_APPEND_EVENTS_LUA = """
 if #ARGV > 5 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 6))
   redis.call('PUBLISH', KEYS[5], '1')
@@ -62,9 +53,25 @@ end
 return 1
 """
 
+# KEYS[6] is the index of runs; ARGV: doc, status, workflow, sort key, the run id when
+# finished, then the events.
+_CREATE_LUA = (
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
+redis.call('ZADD', KEYS[6], 0, ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('HINCRBY', KEYS[2], ARGV[3] .. string.char(10) .. ARGV[2], 1)
+  redis.call('PUBLISH', KEYS[3], ARGV[5])
+end
+"""
+    + _APPEND_EVENTS_LUA
+)
+
 # ARGV: the version written over, doc, status, workflow, the run id when finished, then the
 # events.
-_WRITE_LUA = """
+_WRITE_LUA = (
+    """
 local r = redis.call('HMGET', KEYS[1], 'v', 'status')
 if r[1] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status', ARGV[3])
@@ -74,12 +81,9 @@ if ARGV[5] ~= '' then
   end
   redis.call('PUBLISH', KEYS[3], ARGV[5])
 end
-if #ARGV > 5 then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 6))
-  redis.call('PUBLISH', KEYS[5], '1')
-end
-return 1
 """
+    + _APPEND_EVENTS_LUA
+)
 
 
 # KEYS[1]: the index; ARGV[1]: the cutoff; ARGV[2]: the key prefix; ARGV[3]: how many to
