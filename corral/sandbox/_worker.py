@@ -102,8 +102,8 @@ def _clear_caches() -> None:
 
 _STD = ("stdin", "stdout", "stderr", "displayhook", "excepthook", "unraisablehook",
         "breakpointhook")  # fmt: skip
-# The limits a lowered value of would fail later executions (core, file size and
-# processes are 0 from the start).
+# The limits that, lowered, would fail later executions (those of core dumps, file size
+# and processes are 0 from the start).
 _RLIMITS = (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_DATA,
             resource.RLIMIT_NOFILE, resource.RLIMIT_STACK)  # fmt: skip
 _ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
