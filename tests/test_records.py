@@ -4,6 +4,7 @@ state database) and Redis (conftest's real redis-server on 127.0.0.1)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import redis.asyncio
 
 from corral.config import load_settings
 from corral.runtime import SqliteStore
-from corral.service._changes import ANY
+from corral.service._changes import ANY, RING_RECORD_MAX, finished_ring
 from corral.service.api._wait import RunWaiter
 from corral.service.queue import SqliteQueue, open_queue
 from corral.service.records import (
@@ -533,8 +534,9 @@ async def test_only_a_finished_run_rings_runs(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ):
     """`runs` tells waiters that a run finished: creating a queued run and moving it to
-    running ring nothing; the write that finishes it rings, naming the run where the
-    backend carries names (Redis), else ANY (look at every run)."""
+    running ring nothing; the write that finishes it rings, naming the run and carrying
+    its finished record where the backend carries names (Redis), else ANY (look at every
+    run)."""
     prefix = f"test:{uuid.uuid4().hex}:"
     if kind == "sqlite":
         records: Records = SqliteRecords(str(tmp_path / "corral.db"))
@@ -556,9 +558,36 @@ async def test_only_a_finished_run_rings_runs(
         await records.update_run("r1", lambda run: {**run, "status": "failed"})
         async with asyncio.timeout(10):
             await finished.wait()
-        assert names == ({"r1"} if kind == "redis" else {ANY})
+        if kind == "redis":
+            ((run_id, carried),) = map(finished_ring, names)
+            assert run_id == "r1" and json.loads(carried) == await records.get_run("r1")
+        else:
+            assert names == {ANY}
     finally:
         await records.close()
+
+
+async def test_a_wait_on_redis_answers_the_record_its_finish_carried(redis_url: str):
+    """On Redis the finish's ring carries the finished record, which the wait answers (the
+    API need not read it back); a record over RING_RECORD_MAX is not carried, and the wait
+    answers None (read it)."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    api, worker = RedisRecords(redis_url, prefix=prefix), RedisRecords(redis_url, prefix=prefix)
+    waiter = RunWaiter(api)
+    try:
+        answers = []
+        for run_id, size in (("small", 10), ("large", RING_RECORD_MAX)):
+            await worker.create_run({**run(run_id, T0), "input": {"pad": "x" * size}})
+            waiting = asyncio.create_task(waiter.wait(run_id, 10))
+            await _subscribed(redis_url, prefix, ["runs"])
+            await asyncio.sleep(0.1)  # the wait's first look is made: only the ring ends it
+            await worker.update_run(run_id, lambda r: {**r, "status": "succeeded"})
+            answers.append(await asyncio.wait_for(waiting, 10))
+        assert answers == [await api.get_run("small"), None]
+    finally:
+        await waiter.close()
+        await api.close()
+        await worker.close()
 
 
 async def test_a_lost_ring_does_not_hold_a_wait_while_other_runs_ring(redis_url: str):

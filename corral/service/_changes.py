@@ -34,6 +34,16 @@ logger = logging.getLogger("corral.service")
 # grew; cancels: a cancel was asked for.
 TOPICS = ("queue", "runs", "events", "cancels")
 ANY = ""  # the name of a ring that names nothing: whatever the topic holds may have changed
+# A `runs` ring on Redis also carries the finished record (its JSON, after a newline) when
+# it is at most this long: whoever waits for the run has it without reading it back.
+RING_RECORD_MAX = 64 * 1024
+
+
+def finished_ring(name: str) -> tuple[str, str]:
+    """A `runs` ring's run id and the finished record it carries, as JSON ('' if none)."""
+    run_id, _, record = name.partition("\n")
+    return run_id, record
+
 
 # A subscriber: its event, and the set its rings' names go to (None: names are not wanted).
 _Subscribers = dict[asyncio.Event, set[str] | None]

@@ -262,10 +262,10 @@ async def start_run(
         if not wait_s:
             await submit
             return {"run_id": run_id, "status": "queued"}
-        await state.waiter.wait(run_id, wait_s, queue=submit)
+        record = await state.waiter.wait(run_id, wait_s, queue=submit)
     except RunConflict as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    record = await _run(state, run_id)
+    record = record or await _run(state, run_id)
     if record["status"] in FINISHED:
         response.status_code = 200
     return {"run_id": run_id, "status": record["status"], "run": record}
@@ -312,8 +312,7 @@ async def get_run(
     state = _state(request)
     record = await _run(state, run_id)
     if wait_s and record["status"] not in FINISHED:
-        await state.waiter.wait(run_id, wait_s)
-        record = await _run(state, run_id)
+        record = await state.waiter.wait(run_id, wait_s) or await _run(state, run_id)
     return record
 
 

@@ -2,18 +2,20 @@
 /api/workflows/ID/runs?wait_s=N, whose wait starts before the run is queued): one loop
 looks at the status of the awaited runs at once, however many requests wait, so a client
 that waits costs one request instead of a poll every few milliseconds. Where a finish
-rings with the run's name (Redis), the wait on that run ends without a look; else a ring
-makes the loop look at every awaited run."""
+rings with the run's name (Redis), the wait on that run ends without a look, and with the
+finished record where the ring carries it; else a ring makes the loop look at every
+awaited run."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import json
 import time
 from collections.abc import Awaitable
+from typing import Any
 
-from corral.service._changes import ANY
+from corral.service._changes import ANY, finished_ring
 from corral.service.records import FINISHED, Records, RecordsError
 
 MAX_WAIT_S = 30.0  # the longest a request may wait; a client waits longer by asking again
@@ -28,23 +30,26 @@ class RunWaiter:
 
     def __init__(self, records: Records) -> None:
         self.records = records
-        self._waits: dict[str, set[asyncio.Future[None]]] = {}
+        self._waits: dict[str, set[asyncio.Future[dict[str, Any] | None]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._new: set[str] = set()  # awaited runs not looked at yet
-        self._rung: set[str] = set()  # the runs that rang `runs` (finished), or ANY
+        self._rung: set[str] = set()  # the `runs` rings heard (finished runs), or ANY
         # Awaited runs being queued (by how many waits): no record yet is not a run gone.
         self._queuing: collections.Counter[str] = collections.Counter()
 
     async def wait(
         self, run_id: str, timeout_s: float, *, queue: Awaitable[object] | None = None
-    ) -> None:
-        """Return once `run_id` has finished, or after `timeout_s` (whichever comes first).
+    ) -> dict[str, Any] | None:
+        """Return once `run_id` has finished, or after `timeout_s` (whichever comes first):
+        the finished record when the ring that told of the finish carried it, else None
+        (read it).
 
         `queue`, when given, is what queues the run (its exceptions are raised): the wait
         starts before it, so the finish is heard without a first look at the run's status.
         """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any] | None]
+        future = asyncio.get_running_loop().create_future()
         self._waits.setdefault(run_id, set()).add(future)
         if queue is None:
             self._new.add(run_id)  # it may have finished before this waits
@@ -61,8 +66,10 @@ class RunWaiter:
                     self._queuing[run_id] -= 1
                     if not self._queuing[run_id]:
                         del self._queuing[run_id]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, timeout_s)
+            try:
+                return await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                return None
         finally:
             waits = self._waits.get(run_id)
             if waits is not None:
@@ -79,12 +86,14 @@ class RunWaiter:
         try:
             while self._waits:
                 self._wakeup.clear()
-                if ANY in rung or time.monotonic() - looked_all >= LOOK_ALL_S:
-                    looked, finished = list(self._waits), []
+                # A ring that names a run is its finish, and may carry its record.
+                heard = dict(finished_ring(ring) for ring in rung)
+                finished = {r: record for r, record in heard.items() if r in self._waits}
+                if ANY in heard or time.monotonic() - looked_all >= LOOK_ALL_S:
+                    looked = [run_id for run_id in self._waits if run_id not in finished]
                     looked_all = time.monotonic()
-                else:  # a ring that names a run is its finish
-                    looked = [run_id for run_id in self._new - rung if run_id in self._waits]
-                    finished = [run_id for run_id in rung if run_id in self._waits]
+                else:
+                    looked = [r for r in self._new - finished.keys() if r in self._waits]
                 rung.clear()
                 self._new.clear()
                 # No record is a run gone only if it was queued before the read was made
@@ -95,15 +104,17 @@ class RunWaiter:
                 except RecordsError:  # looked at again next time; a wait may end at its time-out
                     statuses = {}
                     rung.add(ANY)
-                finished += [
-                    run_id
+                finished.update(
+                    (run_id, "")
                     for run_id, status in statuses.items()
                     if status in FINISHED or (status is None and run_id in settled)
-                ]
-                for run_id in finished:
-                    for future in self._waits.pop(run_id, ()):
+                )
+                for run_id, record in finished.items():
+                    futures = self._waits.pop(run_id, ())
+                    answer = json.loads(record) if record and futures else None
+                    for future in futures:
                         if not future.done():
-                            future.set_result(None)
+                            future.set_result(answer)
                 poll = POLL_S[0] if finished else min(poll * 2, POLL_S[1])
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), POLL_S[1] if changes.live else poll)

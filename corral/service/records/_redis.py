@@ -22,7 +22,7 @@ from corral.runtime.store._redis import (
     REDIS_PREFIX,
     REDIS_TIMEOUT_S,
 )
-from corral.service._changes import Changes, RedisChanges
+from corral.service._changes import RING_RECORD_MAX, Changes, RedisChanges
 from corral.service.records._base import (
     FINISHED,
     PRUNE_BATCH,
@@ -41,10 +41,18 @@ _RETRY = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
 # The two run scripts name KEYS[1..5] alike (`_run_keys`): the run's hash, the finished
 # counts, the `runs` channel, the run's event stream and the `events` channel. The `runs`
 # channel tells other processes that a run finished (RedisChanges); it is published only
-# then, naming the run (the run id argument, else ''). The count is of (workflow, status)
-# pairs, joined by a newline (neither holds one: ids are checked). Both end with
-# _APPEND_EVENTS_LUA: the events, the arguments after the five fixed ones, are appended to
-# the run's stream in the same write, then the `events` channel is published.
+# then, naming the run (the run id argument, else '') and carrying its record when that is
+# at most RING_RECORD_MAX bytes long (`finished_ring`). The count is of (workflow, status)
+# pairs, joined by a newline (neither holds one: ids are checked). Both start with
+# _RING_LUA and end with _APPEND_EVENTS_LUA: the events, the arguments after the five fixed
+# ones, are appended to the run's stream in the same write, then the `events` channel is
+# published.
+_RING_LUA = f"""
+local function ring(run_id, doc)
+  if #doc <= {RING_RECORD_MAX} then return run_id .. string.char(10) .. doc end
+  return run_id
+end
+"""
 _APPEND_EVENTS_LUA = """
 if #ARGV > 5 then
   redis.call('RPUSH', KEYS[4], unpack(ARGV, 6))
@@ -56,13 +64,14 @@ return 1
 # KEYS[6] is the index of runs; ARGV: doc, status, workflow, sort key, the run id when
 # finished, then the events.
 _CREATE_LUA = (
-    """
+    _RING_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[1], 'status', ARGV[2], 'workflow', ARGV[3])
 redis.call('ZADD', KEYS[6], 0, ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('HINCRBY', KEYS[2], ARGV[3] .. string.char(10) .. ARGV[2], 1)
-  redis.call('PUBLISH', KEYS[3], ARGV[5])
+  redis.call('PUBLISH', KEYS[3], ring(ARGV[5], ARGV[1]))
 end
 """
     + _APPEND_EVENTS_LUA
@@ -71,7 +80,8 @@ end
 # ARGV: the version written over, doc, status, workflow, the run id when finished, then the
 # events.
 _WRITE_LUA = (
-    """
+    _RING_LUA
+    + """
 local r = redis.call('HMGET', KEYS[1], 'v', 'status')
 if r[1] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'doc', ARGV[2], 'status', ARGV[3])
@@ -79,7 +89,7 @@ if ARGV[5] ~= '' then
   if r[2] ~= ARGV[3] then
     redis.call('HINCRBY', KEYS[2], ARGV[4] .. string.char(10) .. ARGV[3], 1)
   end
-  redis.call('PUBLISH', KEYS[3], ARGV[5])
+  redis.call('PUBLISH', KEYS[3], ring(ARGV[5], ARGV[2]))
 end
 """
     + _APPEND_EVENTS_LUA
