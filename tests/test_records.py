@@ -569,8 +569,8 @@ async def test_only_a_finished_run_rings_runs(
 
 async def test_a_wait_on_redis_answers_the_record_its_finish_carried(redis_url: str):
     """On Redis the finish's ring carries the finished record, which the wait answers (the
-    API need not read it back); a record over RING_RECORD_MAX is not carried, and the wait
-    answers None (read it)."""
+    API need not read it back); a record over RING_RECORD_MAX is not carried, nor one that
+    is not JSON (published by another Redis client), and the wait answers None (read it)."""
     prefix = f"test:{uuid.uuid4().hex}:"
     api, worker = RedisRecords(redis_url, prefix=prefix), RedisRecords(redis_url, prefix=prefix)
     waiter = RunWaiter(api)
@@ -583,7 +583,12 @@ async def test_a_wait_on_redis_answers_the_record_its_finish_carried(redis_url: 
             await asyncio.sleep(0.1)  # the wait's first look is made: only the ring ends it
             await worker.update_run(run_id, lambda r: {**r, "status": "succeeded"})
             answers.append(await asyncio.wait_for(waiting, 10))
-        assert answers == [await api.get_run("small"), None]
+        waiting = asyncio.create_task(waiter.wait("forged", 30))  # a crashed look: no answer
+        await asyncio.sleep(0.1)
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            await client.publish(f"{prefix}changes:runs", "forged\n{not json")
+        answers.append(await asyncio.wait_for(waiting, 10))
+        assert answers == [await api.get_run("small"), None, None]
     finally:
         await waiter.close()
         await api.close()

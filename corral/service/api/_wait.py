@@ -111,7 +111,7 @@ class RunWaiter:
                 )
                 for run_id, record in finished.items():
                     futures = self._waits.pop(run_id, ())
-                    answer = json.loads(record) if record and futures else None
+                    answer = _record(record) if record and futures else None
                     for future in futures:
                         if not future.done():
                             future.set_result(answer)
@@ -128,3 +128,12 @@ class RunWaiter:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+
+
+def _record(carried: str) -> dict[str, Any] | None:
+    """The record a ring carried; None (read it back) for one that is not a JSON object."""
+    try:
+        record = json.loads(carried)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
