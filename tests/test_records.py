@@ -583,6 +583,7 @@ async def test_a_wait_on_redis_answers_the_record_its_finish_carried(redis_url: 
             await asyncio.sleep(0.1)  # the wait's first look is made: only the ring ends it
             await worker.update_run(run_id, lambda r: {**r, "status": "succeeded"})
             answers.append(await asyncio.wait_for(waiting, 10))
+        await worker.create_run(run("forged", T0))
         waiting = asyncio.create_task(waiter.wait("forged", 30))  # a crashed look: no answer
         await asyncio.sleep(0.1)
         async with redis.asyncio.Redis.from_url(redis_url) as client:
