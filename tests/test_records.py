@@ -569,8 +569,8 @@ async def test_only_a_finished_run_rings_runs(
 
 async def test_a_wait_on_redis_answers_the_record_its_finish_carried(redis_url: str):
     """On Redis the finish's ring carries the finished record, which the wait answers (the
-    API need not read it back); a record over RING_RECORD_MAX is not carried, nor one that
-    is not JSON (published by another Redis client), and the wait answers None (read it)."""
+    API need not read it back); a record over RING_RECORD_MAX is not carried, and the wait
+    answers None (read it)."""
     prefix = f"test:{uuid.uuid4().hex}:"
     api, worker = RedisRecords(redis_url, prefix=prefix), RedisRecords(redis_url, prefix=prefix)
     waiter = RunWaiter(api)
@@ -583,13 +583,72 @@ async def test_a_wait_on_redis_answers_the_record_its_finish_carried(redis_url: 
             await asyncio.sleep(0.1)  # the wait's first look is made: only the ring ends it
             await worker.update_run(run_id, lambda r: {**r, "status": "succeeded"})
             answers.append(await asyncio.wait_for(waiting, 10))
-        await worker.create_run(run("forged", T0))
-        waiting = asyncio.create_task(waiter.wait("forged", 30))  # a crashed look: no answer
-        await asyncio.sleep(0.1)
+        assert answers == [await api.get_run("small"), None]
+    finally:
+        await waiter.close()
+        await api.close()
+        await worker.close()
+
+
+async def test_a_forged_ring_s_record_is_read_back_and_the_waits_go_on(redis_url: str):
+    """Anyone who can publish on the `runs` channel can send anything: a carried text that
+    is not JSON, nested past the parser's depth, or not the awaited run's finished record is
+    not answered (the wait answers None: read it back), and the waits' loop goes on."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    api = RedisRecords(redis_url, prefix=prefix)
+    waiter = RunWaiter(api)
+    queued = run("forged", T0)
+    carried = [
+        "{not json",
+        "[" * 100_000,
+        json.dumps({**queued, "id": "other", "status": "succeeded"}),
+        json.dumps(queued),
+    ]
+    try:
+        await api.create_run(queued)
         async with redis.asyncio.Redis.from_url(redis_url) as client:
-            await client.publish(f"{prefix}changes:runs", "forged\n{not json")
-        answers.append(await asyncio.wait_for(waiting, 10))
-        assert answers == [await api.get_run("small"), None, None]
+            for text in carried:
+                waiting = asyncio.create_task(waiter.wait("forged", 30))  # a dead loop: 30 s
+                await _subscribed(redis_url, prefix, ["runs"])
+                await asyncio.sleep(0.1)  # the wait's first look is made: only the ring ends it
+                await client.publish(f"{prefix}changes:runs", f"forged\n{text}")
+                assert await asyncio.wait_for(waiting, 10) is None, text[:20]
+    finally:
+        await waiter.close()
+        await api.close()
+
+
+async def test_a_ring_heard_before_a_wait_began_does_not_answer_it(redis_url: str):
+    """A finish's ring heard while a look is on its way waits for the next pass; a wait
+    begun meanwhile on that run (GET ?wait_s after a retry queued it again) is not answered
+    with that earlier finish: its run is looked at, found queued, and the wait goes on.
+    Found by a review."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    api, worker = RedisRecords(redis_url, prefix=prefix), RedisRecords(redis_url, prefix=prefix)
+    real_read = api.run_statuses
+    slow = asyncio.Event()
+
+    async def read(run_ids: list[str]) -> dict[str, str | None]:
+        if slow.is_set():
+            await asyncio.sleep(0.5)  # a look on its way (a slow link, a busy loop)
+        return await real_read(run_ids)
+
+    api.run_statuses = read  # type: ignore[method-assign]
+    waiter = RunWaiter(api)
+    try:
+        await worker.create_run(run("other", T0))
+        await worker.create_run(run("x", T0))
+        other = asyncio.create_task(waiter.wait("other", 10))  # keeps the loop looking
+        await _subscribed(redis_url, prefix, ["runs"])
+        await asyncio.sleep(0.3)
+        slow.set()
+        await asyncio.sleep(0.3)  # the look at every awaited run is on its way
+        await worker.update_run("x", lambda r: {**r, "status": "failed"})
+        await worker.update_run("x", lambda r: {**r, "status": "queued"})  # retried: no ring
+        started = time.monotonic()
+        assert await waiter.wait("x", 1.5) is None
+        assert time.monotonic() - started >= 1.5  # x is queued: the wait went to its end
+        other.cancel()
     finally:
         await waiter.close()
         await api.close()

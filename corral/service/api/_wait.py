@@ -86,14 +86,24 @@ class RunWaiter:
         try:
             while self._waits:
                 self._wakeup.clear()
-                # A ring that names a run is its finish, and may carry its record.
-                heard = dict(finished_ring(ring) for ring in rung)
-                finished = {r: record for r, record in heard.items() if r in self._waits}
+                # A ring that names a run is its finish, and may carry its record; not for
+                # a wait begun since the last pass, whose ring may tell of a finish before
+                # it (the run retried since): that run is looked at instead. Two finishes
+                # of one run: its record is read back.
+                heard: dict[str, str] = {}
+                for ring in rung:
+                    run_id, record = finished_ring(ring)
+                    heard[run_id] = "" if run_id in heard else record
+                finished = {
+                    run_id: record
+                    for run_id, record in heard.items()
+                    if run_id in self._waits and run_id not in self._new
+                }
                 if ANY in heard or time.monotonic() - looked_all >= LOOK_ALL_S:
                     looked = [run_id for run_id in self._waits if run_id not in finished]
                     looked_all = time.monotonic()
                 else:
-                    looked = [r for r in self._new - finished.keys() if r in self._waits]
+                    looked = [run_id for run_id in self._new if run_id in self._waits]
                 rung.clear()
                 self._new.clear()
                 # No record is a run gone only if it was queued before the read was made
@@ -111,7 +121,7 @@ class RunWaiter:
                 )
                 for run_id, record in finished.items():
                     futures = self._waits.pop(run_id, ())
-                    answer = _record(record) if record and futures else None
+                    answer = _record(run_id, record) if record and futures else None
                     for future in futures:
                         if not future.done():
                             future.set_result(answer)
@@ -130,10 +140,12 @@ class RunWaiter:
             await asyncio.gather(self._loop_task, return_exceptions=True)
 
 
-def _record(carried: str) -> dict[str, Any] | None:
-    """The record a ring carried; None (read it back) for one that is not a JSON object."""
+def _record(run_id: str, carried: str) -> dict[str, Any] | None:
+    """The finished record of `run_id` that a ring carried; None (read it back) for one that
+    is not (anyone who can publish on the channel can send anything)."""
     try:
         record = json.loads(carried)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return record if isinstance(record, dict) else None
+    finished = isinstance(record, dict) and record.get("status") in FINISHED
+    return record if finished and record.get("id") == run_id else None
