@@ -635,6 +635,7 @@ async def test_a_ring_heard_before_a_wait_began_does_not_answer_it(redis_url: st
 
     api.run_statuses = read  # type: ignore[method-assign]
     waiter = RunWaiter(api)
+    other: asyncio.Task[Any] | None = None
     try:
         await worker.create_run(run("other", T0))
         await worker.create_run(run("x", T0))
@@ -648,8 +649,10 @@ async def test_a_ring_heard_before_a_wait_began_does_not_answer_it(redis_url: st
         started = time.monotonic()
         assert await waiter.wait("x", 1.5) is None
         assert time.monotonic() - started >= 1.5  # x is queued: the wait went to its end
-        other.cancel()
     finally:
+        if other is not None:
+            other.cancel()
+            await asyncio.gather(other, return_exceptions=True)
         await waiter.close()
         await api.close()
         await worker.close()
