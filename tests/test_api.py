@@ -642,6 +642,44 @@ def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
             _wait(lambda: api.client.get("/readyz").status_code == 200, "ready again")
 
 
+def test_a_stopped_redis_fails_readiness_in_time_and_a_run_waits_for_it(catalog, tmp_path, service):
+    """A Redis that holds its connections but answers nothing (SIGSTOP): /readyz answers
+    503 within its check time-out, naming the store and the queue; a run started meanwhile
+    waits, and finishes once Redis answers again (SIGCONT)."""
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    env = _env(catalog, tmp_path / "state", CORRAL_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+               ENABLE_INLINE_WORKER="true")  # fmt: skip
+    with private_redis(data, port) as server, running_api(env) as api:
+        _wait(lambda: api.client.get("/readyz").status_code == 200, "ready")
+        _connect(api, service)
+        api.client.put("/api/workflows/paused", json=_workflow("paused", "ok/p"))
+        server.send_signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            down = api.client.get("/readyz", timeout=30)
+            took = time.monotonic() - began
+            assert down.status_code == 503
+            checks = down.json()["checks"]
+            assert checks["store"] == checks["queue"] == "no answer within 5 s", checks
+            assert 4.5 < took < 10, took  # the checks run side by side, 5 s each at most
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                started = pool.submit(
+                    api.client.post, "/api/workflows/paused/runs", params={"wait_s": 30},
+                    json={"run_id": "paused-1"}, timeout=60,
+                )  # fmt: skip
+                time.sleep(1)
+                assert not started.done(), started.result().text
+                server.send_signal(signal.SIGCONT)
+                answer = started.result(timeout=45)
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["run"]["status"] == "succeeded"
+        _wait(lambda: api.client.get("/readyz").status_code == 200, "ready again")
+
+
 @pytest.mark.timeout(300)
 def test_schemathesis_finds_no_server_error_or_schema_violation(catalog, tmp_path):
     """Property-based requests from the live /openapi.json (authenticated): no 500, no

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from corral.runtime import (
     StoreError,
     open_store,
 )
+from corral.runtime.store._redis import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S
 
 pytestmark = pytest.mark.anyio
 
@@ -573,6 +575,81 @@ async def test_redis_errors_surface_as_store_errors(tmp_path: Path):
         with pytest.raises(StoreError, match=r"Redis at redis://:\*\*\*@127\.0\.0\.1") as info:
             await store.breaker_state("b")
     assert "secret" not in str(info.value)
+
+
+# Run in a network namespace of its own: a Redis on its loopback, which is taken down
+# while every client is connected, so what they sent is never acknowledged.
+_CUT_OFF = """
+import asyncio, json, subprocess, sys, time
+from corral.runtime.store import RedisStore, StoreError
+from corral.service.queue import QueueError
+from corral.service.queue._bullmq import BullmqQueue
+from corral.service.records import RecordsError
+from corral.service.records._redis import RedisRecords
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+server = subprocess.Popen(["redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", ""],
+                          stdout=subprocess.DEVNULL)
+
+async def timed(call):
+    began = time.monotonic()
+    try:
+        await call
+        return "answered", time.monotonic() - began
+    except (StoreError, RecordsError, QueueError) as exc:
+        return type(exc).__name__ + ": " + str(exc), time.monotonic() - began
+
+async def main():
+    url = "redis://127.0.0.1:6379/0"
+    store, records = RedisStore(url), RedisRecords(url)
+    queue = BullmqQueue(url, lease_s=30, max_reclaims=2)
+    for _ in range(50):
+        try:
+            await records.ping()
+            break
+        except RecordsError:
+            await asyncio.sleep(0.1)
+    await asyncio.gather(store.breaker_state("b"), queue.ping())  # every client connected
+    subprocess.run(["ip", "link", "set", "lo", "down"], check=True)
+    cut = await asyncio.wait_for(asyncio.gather(
+        timed(store.breaker_state("b")), timed(records.ping()), timed(queue.ping())), 60)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    healed = await asyncio.wait_for(asyncio.gather(
+        timed(store.breaker_state("b")), timed(records.ping()), timed(queue.ping())), 30)
+    for client in (store, records, queue):
+        await client.close()
+    print(json.dumps({"cut": cut, "healed": healed}))
+
+try:
+    asyncio.run(main())
+finally:
+    server.terminate()
+    server.wait()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    not (shutil.which("unshare") and shutil.which("ip") and shutil.which("redis-server")),
+    reason="needs unshare(1), ip(8) and redis-server for a Redis in a network namespace",
+)
+def test_a_redis_cut_off_mid_call_fails_every_client_within_its_time_out(tmp_path: Path):
+    """No per-command time-out, but a Redis that stops acknowledging (its network gone) is
+    an error after REDIS_TIMEOUT_S (the kernel's TCP_USER_TIMEOUT) and redis-py's reconnect
+    attempts, on the store, the records and the queue alike (not a hang), and each answers
+    again once the network is back."""
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", _CUT_OFF],
+        capture_output=True, text=True, timeout=100, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout)
+    kinds = ("StoreError", "RecordsError", "QueueError")
+    for (error, took), kind in zip(outcome["cut"], kinds, strict=True):
+        assert error.startswith(f"{kind}: Redis at redis://127.0.0.1:6379/0: "), error
+        # the kernel's time-out, then redis-py's two reconnects (9.6 s here)
+        assert REDIS_TIMEOUT_S <= took < REDIS_TIMEOUT_S + 3 * REDIS_CONNECT_TIMEOUT_S + 2, took
+    assert [answer for answer, _ in outcome["healed"]] == ["answered"] * 3
 
 
 async def test_open_store_defaults_to_sqlite_in_the_state_dir(tmp_path: Path, clean_env):

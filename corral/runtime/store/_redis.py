@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +29,19 @@ from corral.runtime.store._base import (
 REDIS_PREFIX = "corral:"
 REDIS_TIMEOUT_S = 5.0  # a store call answers in well under a millisecond; 5 s means it is gone
 REDIS_CONNECT_TIMEOUT_S = 2.0
+# corral's asyncio clients set no per-command time-out (redis-py's socket_timeout): redis-py
+# times each command's send with a task of its own, a fifth of the ~40 us a command costs
+# the client (bench/service.py's runs make a dozen each). The kernel watches the connection
+# instead: data Redis has not acknowledged within REDIS_TIMEOUT_S (TCP_USER_TIMEOUT), or an
+# idle connection whose keepalive probes go unanswered, ends it, and redis-py retries. A
+# Redis that acknowledges but does not answer (stopped, or busy with a long script) is
+# waited for; /readyz gives its checks a time-out of their own.
+_KEEPALIVE = {
+    socket.TCP_KEEPIDLE: 10,
+    socket.TCP_KEEPINTVL: 5,
+    socket.TCP_KEEPCNT: 2,
+    socket.TCP_USER_TIMEOUT: int(REDIS_TIMEOUT_S * 1000),
+}
 # A dropped pooled connection is retried; a server that is gone surfaces within a second as
 # StoreError rather than stalling every node (redis-py's default retries for ~10 s).
 _REDIS_RETRY = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
@@ -224,9 +238,8 @@ class RedisStore(Store):
         self._redis: redis.asyncio.Redis | None = redis.asyncio.Redis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
             retry=_REDIS_RETRY,
+            **redis_socket(url),
         )
         register = self._redis.register_script
         self._claim_script = register(_CLAIM_LUA)
@@ -397,6 +410,17 @@ class RedisStore(Store):
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose()
+
+
+def redis_socket(url: str) -> dict[str, Any]:
+    """The socket options of corral's asyncio Redis clients of `url` (see _KEEPALIVE)."""
+    options: dict[str, Any] = {
+        "socket_timeout": None,  # redis-py's default is 5 s
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+    }
+    if not url.startswith("unix:"):  # a local socket is closed by a server that dies
+        options.update(socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
+    return options
 
 
 def _check_redis(url: str) -> None:

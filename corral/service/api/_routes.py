@@ -42,6 +42,7 @@ CANCELLING: dict[int | str, dict[str, Any]] = {
 
 EVENTS_POLL_S = 0.1  # how often a stream looks for new events without a ring (Changes)
 EVENTS_KEEPALIVE_S = 15.0
+READY_CHECK_S = 5.0  # each /readyz check answers within this, or it fails
 CANCEL_WAIT_S = 5.0  # a cancel answers once the worker has stopped the run, or 202 after this
 FRESH_HEARTBEATS = 3  # a worker is fresh while its last heartbeat is this many periods old
 SEEN_HEARTBEATS = 60  # workers silent longer drop off the list
@@ -480,8 +481,11 @@ async def readyz(request: Request, response: Response) -> dict[str, Any]:
 
     async def check(name: str, probe: Any) -> None:
         try:
-            await probe()
+            async with asyncio.timeout(READY_CHECK_S):  # a Redis that stopped answering
+                await probe()
             checks[name] = "ok"
+        except TimeoutError:  # before OSError, which it is
+            checks[name] = f"no answer within {READY_CHECK_S:g} s"
         except (RecordsError, QueueError, KeyRingError, OSError) as exc:
             checks[name] = str(exc)
 
@@ -491,10 +495,13 @@ async def readyz(request: Request, response: Response) -> dict[str, Any]:
                 "no worker heartbeat is fresh: start `corral worker`, or ENABLE_INLINE_WORKER"
             )
 
-    await check("store", state.records.ping)
-    await check("keys", lambda: check_canary(state.records, state.ring))
-    await check("queue", state.queue.ping)
-    await check("worker", worker_fresh)
+    await asyncio.gather(
+        check("store", state.records.ping),
+        check("keys", lambda: check_canary(state.records, state.ring)),
+        check("queue", state.queue.ping),
+        check("worker", worker_fresh),
+    )
+    checks = {name: checks[name] for name in ("store", "keys", "queue", "worker")}
     ready = all(outcome == "ok" for outcome in checks.values())
     if not ready:
         response.status_code = 503

@@ -27,6 +27,7 @@ from bullmq.redis_connection import loadScript
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from corral.runtime.store._redis import redis_socket
 from corral.service.queue._base import (
     INVALID_INPUT,
     WORKER_LOST,
@@ -40,11 +41,8 @@ from corral.service.queue._base import (
 QUEUE_NAME = "corral-runs"
 JOB_NAME = "run"
 JOB_PREFIX = "run-"
-CONNECT_TIMEOUT_S = 2.0
-# A claim blocks on Redis (BZPOPMIN) for at most this long at a time; the socket time-out
-# leaves room above it.
+# A claim blocks on Redis (BZPOPMIN) for at most this long at a time.
 MAX_BLOCK_S = 5
-SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
 MAX_HELD = 4096  # jobs of leases kept for finishing them (a lost lease's is never asked for)
 CLOSE_TIMEOUT_S = 5.0  # bullmq's Worker.close() waits without a limit; ours does not
 # A dropped connection is retried briefly; a server that is gone surfaces as QueueError
@@ -87,9 +85,8 @@ class BullmqQueue(RunQueue):
             self._client = redis.asyncio.Redis.from_url(
                 url,
                 decode_responses=True,  # bullmq's scripts and Job.fromJSON expect str
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
                 retry=_RETRY,
+                **redis_socket(url),  # no time-out per command: the kernel's, as the store's
             )
         except ValueError as exc:
             raise QueueError(f"Redis at {_mask(url)}: {exc}") from None

@@ -17,11 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from corral.runtime.store._base import _mask
-from corral.runtime.store._redis import (
-    REDIS_CONNECT_TIMEOUT_S,
-    REDIS_PREFIX,
-    REDIS_TIMEOUT_S,
-)
+from corral.runtime.store._redis import REDIS_PREFIX, redis_socket
 from corral.service._changes import RING_RECORD_MAX, Changes, RedisChanges
 from corral.service.records._base import (
     FINISHED,
@@ -153,9 +149,8 @@ class RedisRecords(Records):
             self._redis: redis.asyncio.Redis | None = redis.asyncio.Redis.from_url(
                 url,
                 decode_responses=True,
-                socket_timeout=REDIS_TIMEOUT_S,
-                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
                 retry=_RETRY,
+                **redis_socket(url),
             )
         except ValueError as exc:
             raise RecordsError(f"Redis at {_mask(url)}: {exc}") from None
