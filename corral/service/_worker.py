@@ -439,7 +439,8 @@ class RunWorker:
         try:
             while not task.done():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(cancels.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):
+                        await cancels.wait()
                 cancels.clear()
                 wait_s = renew_every if changes.live else CANCEL_POLL_S
                 record = await self.records.get_run(lease.run_id)

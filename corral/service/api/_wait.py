@@ -66,8 +66,9 @@ class RunWaiter:
                     self._queuing[run_id] -= 1
                     if not self._queuing[run_id]:
                         del self._queuing[run_id]
-            try:
-                return await asyncio.wait_for(future, timeout_s)
+            try:  # a time-out, not wait_for: no task of its own per wait
+                async with asyncio.timeout(timeout_s):
+                    return await future
             except TimeoutError:
                 return None
         finally:
@@ -127,7 +128,8 @@ class RunWaiter:
                             future.set_result(answer)
                 poll = POLL_S[0] if finished else min(poll * 2, POLL_S[1])
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), POLL_S[1] if changes.live else poll)
+                    async with asyncio.timeout(POLL_S[1] if changes.live else poll):
+                        await self._wakeup.wait()
                 except TimeoutError:
                     rung.add(ANY)
         finally:
