@@ -618,9 +618,12 @@ def test_a_public_bind_without_a_token_is_refused(catalog, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
-    """With the queue and store on Redis, /readyz is 503 naming the queue and the store
-    while Redis is down, and ready again once it is back."""
+@contextlib.contextmanager
+def _api_on_private_redis(
+    catalog: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Api, Callable[[], Any]]]:
+    """A redis-server of the test's own, a ready API (inline worker) on it, and what starts
+    that server again (on its port and data) once stopped."""
     port = free_port()
     data = tmp_path / "redis"
     data.mkdir()
@@ -628,6 +631,13 @@ def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
                ENABLE_INLINE_WORKER="true")  # fmt: skip
     with private_redis(data, port) as server, running_api(env) as api:
         _wait(lambda: api.client.get("/readyz").status_code == 200, "ready")
+        yield server, api, lambda: private_redis(data, port)
+
+
+def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
+    """With the queue and store on Redis, /readyz is 503 naming the queue and the store
+    while Redis is down, and ready again once it is back."""
+    with _api_on_private_redis(catalog, tmp_path) as (server, api, again):
         stop(server)
         down = api.client.get("/readyz")
         assert down.status_code == 503
@@ -638,7 +648,7 @@ def test_readiness_follows_redis_going_away_and_coming_back(catalog, tmp_path):
         assert listing.status_code == 503
         assert listing.json()["error"]["type"] == "unavailable"
         assert "Redis at redis://127.0.0.1" in listing.json()["error"]["message"]
-        with private_redis(data, port):
+        with again():
             _wait(lambda: api.client.get("/readyz").status_code == 200, "ready again")
 
 
@@ -646,13 +656,7 @@ def test_a_stopped_redis_fails_readiness_in_time_and_a_run_waits_for_it(catalog,
     """A Redis that holds its connections but answers nothing (SIGSTOP): /readyz answers
     503 within its check time-out, naming the store and the queue; a run started meanwhile
     waits, and finishes once Redis answers again (SIGCONT)."""
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    env = _env(catalog, tmp_path / "state", CORRAL_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-               ENABLE_INLINE_WORKER="true")  # fmt: skip
-    with private_redis(data, port) as server, running_api(env) as api:
-        _wait(lambda: api.client.get("/readyz").status_code == 200, "ready")
+    with _api_on_private_redis(catalog, tmp_path) as (server, api, _):
         _connect(api, service)
         api.client.put("/api/workflows/paused", json=_workflow("paused", "ok/p"))
         server.send_signal(signal.SIGSTOP)
