@@ -39,6 +39,8 @@ from corral.runtime import (
     open_store,
 )
 from corral.runtime.store._redis import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S
+from corral.service.queue._bullmq import BullmqQueue
+from corral.service.records._redis import RedisRecords
 
 pytestmark = pytest.mark.anyio
 
@@ -650,6 +652,35 @@ def test_a_redis_cut_off_mid_call_fails_every_client_within_its_time_out(tmp_pat
         # the kernel's time-out, then redis-py's two reconnects (9.6 s here)
         assert REDIS_TIMEOUT_S <= took < REDIS_TIMEOUT_S + 3 * REDIS_CONNECT_TIMEOUT_S + 2, took
     assert [answer for answer, _ in outcome["healed"]] == ["answered"] * 3
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_a_redis_on_a_unix_socket_serves_every_client(tmp_path: Path):
+    """CORRAL_REDIS_URL may name a Unix socket (unix://, any case): the store, the records
+    and the queue all work on it (TCP's keepalive options are not given to it)."""
+    sock = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
+         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        async with RedisStore(f"UNIX://{sock}") as store:
+            await store.put_json("k", 1)
+            assert await store.get_json("k") == 1
+        records = RedisRecords(f"unix://{sock}")
+        queue = BullmqQueue(f"unix://{sock}", lease_s=30, max_reclaims=2)
+        try:
+            await records.ping()
+            await queue.ping()
+        finally:
+            await records.close()
+            await queue.close()
+    finally:
+        stop(server)
 
 
 async def test_open_store_defaults_to_sqlite_in_the_state_dir(tmp_path: Path, clean_env):

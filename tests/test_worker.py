@@ -474,6 +474,72 @@ def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, 
     assert "again in" in log_of(worker)
 
 
+def test_a_run_keeps_its_lease_through_a_redis_restart(tmp_path, service, workers, clean_env):
+    """Redis restarts while a run runs: its keeper rides out the outage and renews the lease
+    once Redis is back, rather than stopping and letting the lease lapse (the run would be
+    taken back and run again): one attempt, its blocking node called once."""
+    folder = tmp_path / "catalog" / "probe"
+    folder.mkdir(parents=True)
+    (folder / "connector.json").write_text(json.dumps(CONNECTOR))
+    (folder / "handlers.py").write_text(HANDLERS)
+    port = free_port()
+    for name, value in {
+        "CORRAL_CONNECTORS_DIR": str(folder.parent), "CORRAL_STATE_DIR": str(tmp_path / "s"),
+        "CORRAL_EGRESS_ALLOW": "127.0.0.1", "CORRAL_LEASE_S": "6",
+        "CORRAL_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SANDBOX_EXECUTOR": "process",
+    }.items():  # fmt: skip
+        clean_env.setenv(name, value)
+    data = tmp_path / "redis"
+    data.mkdir()
+    with private_redis(data, port):
+        worker = workers()
+        submit(workflow(service, "kept"), "kept")
+        wait_for(lambda: service.hits.get("block/kept", 0) == 1, "the run's blocking node")
+    time.sleep(1.5)  # Redis is down: the keeper, woken by its lost subscription, fails
+    with private_redis(data, port):
+        # An unkept lease lapses within 6 s and is taken back by the next stalled-job check
+        # (every 3 s); the node's time-out (15 s) is still far.
+        time.sleep(9)
+        service.release.set()
+        wait_for(lambda: read("run", "kept")["status"] == "succeeded", "the run")
+        assert read("run", "kept")["attempts"] == 1
+        assert service.hits["block/kept"] == 1
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 0
+    assert "run kept: Redis at" in log_of(worker)
+
+
+def test_a_worker_stops_in_bounded_time_while_redis_does_not_answer(tmp_path, workers, clean_env):
+    """SIGTERM while Redis holds its connections but answers nothing (SIGSTOP; its calls
+    have no time-out of their own): the worker does not wait for it forever; it is cancelled
+    CORRAL_WORKER_GRACE_S + 10 s after the signal, says so, exits 1, and leaves no process."""
+    port = free_port()
+    for name, value in {
+        "CORRAL_STATE_DIR": str(tmp_path / "s"), "CORRAL_WORKER_GRACE_S": "1",
+        "CORRAL_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SANDBOX_EXECUTOR": "process",
+    }.items():  # fmt: skip
+        clean_env.setenv(name, value)
+    data = tmp_path / "redis"
+    data.mkdir()
+    with private_redis(data, port) as server:
+        worker = workers()
+        wait_for(lambda: "from the bullmq queue" in log_of(worker), "the worker")
+        family = psutil.Process(worker.pid).children(recursive=True)
+        server.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.5)  # its claim waits on Redis now
+            began = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(timeout=30)
+            took = time.monotonic() - began
+        finally:
+            server.send_signal(signal.SIGCONT)
+    assert code == 1, log_of(worker)
+    assert 11 <= took < 11 + 3 + 3, took  # the grace, 10 s, then 3 s for its clean-up
+    assert "still stopping 11 s after being asked" in log_of(worker)
+    wait_for(lambda: not any(p.is_running() for p in family), "the worker's children gone")
+
+
 def test_three_workers_share_the_load_and_survive_losing_one(env, service, workers):
     """Three workers, one run each at a time: three runs go to three workers; one worker
     killed mid-run, its run is finished by another, every run once."""

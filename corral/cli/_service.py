@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -38,7 +39,8 @@ def add_commands(commands: Any) -> None:
         "on CORRAL_REDIS_URL) and execute them through the runtime, "
         "CORRAL_WORKER_CONCURRENCY at a time, renewing each lease and publishing a heartbeat. "
         "SIGTERM or Ctrl-C: take no more runs, let running ones finish for "
-        "CORRAL_WORKER_GRACE_S, hand the rest back to the queue.",
+        "CORRAL_WORKER_GRACE_S, hand the rest back to the queue (a worker still stopping 10 s "
+        "later, its queue not answering, is cancelled and exits 1).",
     )
     worker.add_argument(
         "--metrics-port",
@@ -79,25 +81,54 @@ def add_commands(commands: Any) -> None:
     stack.set_defaults(handler=_stack)
 
 
-def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Run a service process on uvloop until SIGTERM or SIGINT asks it to stop."""
+# A service process asked to stop gets CORRAL_WORKER_GRACE_S plus STOP_AFTER_GRACE_S (the
+# API's uvicorn gives open requests the grace period plus 5 s); then it is cancelled, and
+# STOP_AFTER_CANCEL_S later it exits regardless. Its Redis calls have no time-out of their
+# own (runtime/store/_redis.py): a Redis that holds its connections but does not answer (a
+# stopped one) would otherwise hold a stop forever.
+STOP_AFTER_GRACE_S = 10.0
+STOP_AFTER_CANCEL_S = 3.0
+
+
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], grace_s: float) -> int:
+    """Run a service process on uvloop until SIGTERM or SIGINT asks it to stop, which it
+    does within `grace_s` (see STOP_AFTER_GRACE_S); 1 when it had to be cancelled."""
     import uvloop
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
+    stuck = False
 
     async def run() -> None:
+        nonlocal stuck
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await main(stop)
+        served = asyncio.ensure_future(main(stop))
+        asked = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({served, asked}, return_when=asyncio.FIRST_COMPLETED)
+        asked.cancel()
+        if not served.done():
+            await asyncio.wait({served}, timeout=grace_s + STOP_AFTER_GRACE_S)
+        if not served.done():
+            stuck = True
+            logging.getLogger("corral.service").error(
+                "corral: still stopping %.0f s after being asked (a store or queue that does "
+                "not answer?); cancelling what is left", grace_s + STOP_AFTER_GRACE_S,
+            )  # fmt: skip
+            served.cancel()
+            await asyncio.wait({served}, timeout=STOP_AFTER_CANCEL_S)
+            if not served.done():
+                os._exit(1)  # its clean-up waits on them too; the sandboxes die with it
+        if not served.cancelled():
+            served.result()  # a crash is raised
 
     # uvloop: the service's processes spend much of their time in the event loop, and
     # uvloop costs less than asyncio's own per request (bench/service.py).
     uvloop.run(run())
-    return 0
+    return 1 if stuck else 0
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -105,7 +136,10 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     metrics_at = _metrics_address(args, settings)
-    return _serve(lambda stop: run_worker(settings, stop, metrics_at=metrics_at))
+    return _serve(
+        lambda stop: run_worker(settings, stop, metrics_at=metrics_at),
+        settings.worker_grace_s,
+    )
 
 
 def _metrics_address(args: argparse.Namespace, settings: Any) -> tuple[str, int] | None:
@@ -121,18 +155,19 @@ def _api(args: argparse.Namespace) -> int:
     from corral.service.api import run_api
 
     settings = get_settings()
-    return _serve(lambda stop: run_api(settings, stop))
+    return _serve(lambda stop: run_api(settings, stop), settings.worker_grace_s)
 
 
 def _scheduler(args: argparse.Namespace) -> int:
     from corral.service._scheduler import run_scheduler
 
     settings = get_settings()
-    return _serve(lambda stop: run_scheduler(settings, stop))
+    return _serve(lambda stop: run_scheduler(settings, stop), settings.worker_grace_s)
 
 
 def _stack(args: argparse.Namespace) -> int:
     from corral.service._stack import run_stack
 
     settings = get_settings()
-    return _serve(lambda stop: run_stack(settings, stop))
+    # its children get the grace period and 10 s (_stack.py), then SIGKILL
+    return _serve(lambda stop: run_stack(settings, stop), settings.worker_grace_s + 10)

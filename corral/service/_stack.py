@@ -45,6 +45,7 @@ CHILDREN = ("api", "worker", "scheduler")
 BACKOFF_S = (0.5, 30.0)
 STABLE_AFTER_S = 60.0  # a child that ran this long starts its backoff over
 READY_POLL_S = 0.2
+READY_ASK_S = 10.0  # the API's /readyz answers within 5 s, its checks' time-out
 _LISTENING = re.compile(r"listening on (http://\S+)")
 
 
@@ -162,7 +163,7 @@ class Stack:
             if self.settings.api_token is not None:
                 headers["authorization"] = f"Bearer {self.settings.api_token.get_secret_value()}"
             try:
-                async with httpx.AsyncClient(timeout=5) as client:
+                async with httpx.AsyncClient(timeout=READY_ASK_S) as client:
                     answer = await client.get(f"{api.url}/readyz", headers=headers)
                 ready = answer.json()
                 if answer.status_code != 200:
@@ -203,7 +204,13 @@ class Stack:
                 sys.executable, "-m", "corral", "rotate-keys",
                 stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
-            status = await rotation.wait()
+            try:
+                status = await rotation.wait()
+            finally:  # the stack stops mid-rotation (which is safe to interrupt): so does it
+                if rotation.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(rotation.pid, signal.SIGKILL)
+                    await rotation.wait()
             logger.info("corral stack: key rotation exited with status %s", status)
 
     async def _stop_children(self) -> None:

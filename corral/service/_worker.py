@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("corral.worker")
 
-CLAIM_WAIT_S = 1.0  # a claim blocks this long at most, so a stop is noticed within it
+CLAIM_WAIT_S = 1.0  # a claim blocks this long at most (on a Redis that answers): a stop is seen
 CANCEL_POLL_S = 0.25  # how soon a requested cancel reaches a running run
 BACKOFF_MAX_S = 5.0  # a queue or records outage is retried up to this far apart
+KEEP_RETRY_S = 1.0  # a run's keeper, failing to look or renew, tries again this soon
 EVENTS_LINGER_S = 0.1  # events wait this long to share a write (the stream's delay)
 
 Connections = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -443,20 +444,26 @@ class RunWorker:
                         await cancels.wait()
                 cancels.clear()
                 wait_s = renew_every if changes.live else CANCEL_POLL_S
-                record = await self.records.get_run(lease.run_id)
+                try:
+                    record = await self.records.get_run(lease.run_id)
+                    due = time.monotonic() - renewed >= renew_every
+                    held = await self.queue.renew(lease) if due else True
+                except (RecordsError, QueueError) as exc:  # an outage: soon again, not never
+                    logger.warning("worker %s: run %s: %s", self.id, lease.run_id, exc)
+                    wait_s = min(wait_s, KEEP_RETRY_S)
+                    continue
                 if record is not None and record["cancel_requested"]:
                     self._stop_reasons[lease.run_id] = "cancel"
                     task.cancel()
                     return
-                if time.monotonic() - renewed >= renew_every:
-                    if not await self.queue.renew(lease):
-                        logger.warning(
-                            "worker %s: lost the lease of run %s; stopping it",
-                            self.id, lease.run_id,
-                        )  # fmt: skip
-                        self._stop_reasons[lease.run_id] = "lease_lost"
-                        task.cancel()
-                        return
+                if not held:
+                    logger.warning(
+                        "worker %s: lost the lease of run %s; stopping it", self.id, lease.run_id
+                    )
+                    self._stop_reasons[lease.run_id] = "lease_lost"
+                    task.cancel()
+                    return
+                if due:
                     renewed = time.monotonic()
         finally:
             changes.unsubscribe("cancels", cancels)

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -418,7 +419,7 @@ def redis_socket(url: str) -> dict[str, Any]:
         "socket_timeout": None,  # redis-py's default is 5 s
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
     }
-    if not url.startswith("unix:"):  # a local socket is closed by a server that dies
+    if urlsplit(url).scheme.lower() != "unix":  # a server that dies closes a local socket
         options.update(socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
     return options
 
