@@ -444,9 +444,11 @@ def test_a_bad_metrics_port_is_one_clear_error(env, workers):
     assert "Traceback" not in log_of(bad) + log_of(busy)
 
 
-def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, workers, clean_env):
-    """Redis goes away: the worker keeps retrying (it does not exit); a run queued before
-    the outage and one queued after it both finish once Redis is back."""
+def _on_a_private_redis(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, *, lease_s: str
+) -> tuple[Path, int]:
+    """The environment of workers on a Redis of the test's own (not started yet), with the
+    `probe` app: the Redis's data directory and port."""
     folder = tmp_path / "catalog" / "probe"
     folder.mkdir(parents=True)
     (folder / "connector.json").write_text(json.dumps(CONNECTOR))
@@ -454,12 +456,19 @@ def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, 
     port = free_port()
     for name, value in {
         "CORRAL_CONNECTORS_DIR": str(folder.parent), "CORRAL_STATE_DIR": str(tmp_path / "s"),
-        "CORRAL_EGRESS_ALLOW": "127.0.0.1", "CORRAL_LEASE_S": "3",
+        "CORRAL_EGRESS_ALLOW": "127.0.0.1", "CORRAL_LEASE_S": lease_s,
         "CORRAL_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SANDBOX_EXECUTOR": "process",
     }.items():  # fmt: skip
         clean_env.setenv(name, value)
     data = tmp_path / "redis"
     data.mkdir()
+    return data, port
+
+
+def test_workers_ride_out_a_redis_restart_and_no_run_is_lost(tmp_path, service, workers, clean_env):
+    """Redis goes away: the worker keeps retrying (it does not exit); a run queued before
+    the outage and one queued after it both finish once Redis is back."""
+    data, port = _on_a_private_redis(tmp_path, clean_env, lease_s="3")
     with private_redis(data, port):
         submit(workflow(service), "before")
     worker = workers()
@@ -478,19 +487,7 @@ def test_a_run_keeps_its_lease_through_a_redis_restart(tmp_path, service, worker
     """Redis restarts while a run runs: its keeper rides out the outage and renews the lease
     once Redis is back, rather than stopping and letting the lease lapse (the run would be
     taken back and run again): one attempt, its blocking node called once."""
-    folder = tmp_path / "catalog" / "probe"
-    folder.mkdir(parents=True)
-    (folder / "connector.json").write_text(json.dumps(CONNECTOR))
-    (folder / "handlers.py").write_text(HANDLERS)
-    port = free_port()
-    for name, value in {
-        "CORRAL_CONNECTORS_DIR": str(folder.parent), "CORRAL_STATE_DIR": str(tmp_path / "s"),
-        "CORRAL_EGRESS_ALLOW": "127.0.0.1", "CORRAL_LEASE_S": "6",
-        "CORRAL_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SANDBOX_EXECUTOR": "process",
-    }.items():  # fmt: skip
-        clean_env.setenv(name, value)
-    data = tmp_path / "redis"
-    data.mkdir()
+    data, port = _on_a_private_redis(tmp_path, clean_env, lease_s="6")
     with private_redis(data, port):
         worker = workers()
         submit(workflow(service, "kept"), "kept")
