@@ -104,7 +104,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(state.waiter.close)
         stack.callback(lambda: [box.close() for box in state.sandboxes.values()])
         app.state.api = state
-        stop = asyncio.Event()
+        # The process's stop when run_api gave it: the inline worker stops taking runs at
+        # once, its grace running alongside uvicorn's for the open requests.
+        stop = getattr(app.state, "stop", None) or asyncio.Event()
         worker_task: asyncio.Task[None] | None = None
         if inline_worker_enabled(settings):
             from corral.service._connections import connections_for

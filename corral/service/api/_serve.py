@@ -78,9 +78,11 @@ async def run_api(settings: Settings, stop: asyncio.Event) -> None:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
+    app = create_app(settings)
+    app.state.stop = stop  # the inline worker's too
     server = _Server(
         uvicorn.Config(
-            create_app(settings), log_level="warning", access_log=False, lifespan="on",
+            app, log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=int(settings.worker_grace_s) + 5,
         )
     )  # fmt: skip
