@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -39,7 +40,7 @@ def add_commands(commands: Any) -> None:
         "on CORRAL_REDIS_URL) and execute them through the runtime, "
         "CORRAL_WORKER_CONCURRENCY at a time, renewing each lease and publishing a heartbeat. "
         "SIGTERM or Ctrl-C: take no more runs, let running ones finish for "
-        "CORRAL_WORKER_GRACE_S, hand the rest back to the queue (a worker still stopping 10 s "
+        "CORRAL_WORKER_GRACE_S, hand the rest back to the queue (a worker still stopping 6 s "
         "later, its queue not answering, is cancelled and exits 1).",
     )
     worker.add_argument(
@@ -82,11 +83,12 @@ def add_commands(commands: Any) -> None:
 
 
 # A service process asked to stop gets CORRAL_WORKER_GRACE_S plus STOP_AFTER_GRACE_S (the
-# API's uvicorn gives open requests the grace period plus 5 s); then it is cancelled, and
-# STOP_AFTER_CANCEL_S later it exits regardless. Its Redis calls have no time-out of their
-# own (runtime/store/_redis.py): a Redis that holds its connections but does not answer (a
+# API's uvicorn gives open requests the grace period plus 3 s); then it is cancelled, and
+# STOP_AFTER_CANCEL_S later it exits regardless: before `corral stack` kills it, at the
+# grace period plus 10 s. Its Redis calls have no time-out of their own
+# (runtime/store/_redis.py): a Redis that holds its connections but does not answer (a
 # stopped one) would otherwise hold a stop forever.
-STOP_AFTER_GRACE_S = 10.0
+STOP_AFTER_GRACE_S = 6.0
 STOP_AFTER_CANCEL_S = 3.0
 
 
@@ -118,10 +120,14 @@ def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], grace_s: 
                 "corral: still stopping %.0f s after being asked (a store or queue that does "
                 "not answer?); cancelling what is left", grace_s + STOP_AFTER_GRACE_S,
             )  # fmt: skip
+            # From now on nothing may hold the exit: not the clean-up of what is cancelled,
+            # nor asyncio's of what is left, nor a thread pool's join at exit. The sandboxes
+            # die with the process.
+            deadline = threading.Timer(STOP_AFTER_CANCEL_S, os._exit, (1,))
+            deadline.daemon = True
+            deadline.start()
             served.cancel()
-            await asyncio.wait({served}, timeout=STOP_AFTER_CANCEL_S)
-            if not served.done():
-                os._exit(1)  # its clean-up waits on them too; the sandboxes die with it
+            await asyncio.wait({served})
         if not served.cancelled():
             served.result()  # a crash is raised
 

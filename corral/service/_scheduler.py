@@ -171,7 +171,7 @@ class Scheduler:
             while not stop.is_set():
                 try:
                     if await self._lead():
-                        await self.tick()
+                        await self.tick(stop)
                 except (StoreError, RecordsError, QueueError) as exc:
                     logger.warning("scheduler: %s; again in %.0f s", exc, TICK_S)
                 with contextlib.suppress(TimeoutError):
@@ -205,10 +205,13 @@ class Scheduler:
             await self.records.put_meta(LEADER_META, json.dumps(leader))
         return True
 
-    async def tick(self) -> None:
-        """One look at every stored workflow (the leader's)."""
+    async def tick(self, stop: asyncio.Event | None = None) -> None:
+        """One look at every stored workflow (the leader's); cut short once `stop` is set
+        (a trigger's poll may take a node's time-out: the process's stop is bounded)."""
         now = self.clock()
         for entry in await self.records.list_workflows():
+            if stop is not None and stop.is_set():
+                return
             definition = entry["definition"]
             if isinstance(definition.get("schedule"), dict):
                 await self._timer(definition, now)

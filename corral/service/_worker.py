@@ -223,29 +223,35 @@ class RunWorker:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         slots = asyncio.Semaphore(self.concurrency)
+        # A worker whose slots are all busy hears the stop too: it frees one more slot.
+        stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(lambda _: slots.release())
         failures = 0
-        while not stop.is_set():
-            await slots.acquire()
-            if stop.is_set():
-                slots.release()
-                break
-            try:
-                lease = await self.queue.claim(wait_s=CLAIM_WAIT_S)
-                failures = 0
-            except QueueError as exc:
-                slots.release()
-                failures += 1
-                delay = min(BACKOFF_MAX_S, 0.1 * 2**failures) * random.uniform(0.5, 1)
-                logger.warning("worker %s: queue: %s; again in %.1f s", self.id, exc, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                continue
-            if lease is None:
-                slots.release()
-                continue
-            task = asyncio.create_task(self._execute(lease))
-            self._running[task] = lease.run_id
-            task.add_done_callback(lambda t: (self._running.pop(t, None), slots.release()))
+        try:
+            while not stop.is_set():
+                await slots.acquire()
+                if stop.is_set():
+                    slots.release()
+                    break
+                try:
+                    lease = await self.queue.claim(wait_s=CLAIM_WAIT_S)
+                    failures = 0
+                except QueueError as exc:
+                    slots.release()
+                    failures += 1
+                    delay = min(BACKOFF_MAX_S, 0.1 * 2**failures) * random.uniform(0.5, 1)
+                    logger.warning("worker %s: queue: %s; again in %.1f s", self.id, exc, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    continue
+                if lease is None:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._execute(lease))
+                self._running[task] = lease.run_id
+                task.add_done_callback(lambda t: (self._running.pop(t, None), slots.release()))
+        finally:
+            stopping.cancel()
 
     async def _drain(self) -> None:
         """Let running runs finish for the grace period, then hand the rest back."""
@@ -437,6 +443,7 @@ class RunWorker:
         renew_every = self.queue.lease_s / 3
         renewed = time.monotonic()
         wait_s = CANCEL_POLL_S
+        failing = 0  # looks or renewals that failed in a row
         try:
             while not task.done():
                 with contextlib.suppress(TimeoutError):
@@ -449,9 +456,19 @@ class RunWorker:
                     due = time.monotonic() - renewed >= renew_every
                     held = await self.queue.renew(lease) if due else True
                 except (RecordsError, QueueError) as exc:  # an outage: soon again, not never
-                    logger.warning("worker %s: run %s: %s", self.id, lease.run_id, exc)
+                    if not failing:
+                        logger.warning("worker %s: run %s: %s; trying again every %.0f s",
+                                       self.id, lease.run_id, exc, KEEP_RETRY_S)  # fmt: skip
+                    failing += 1
                     wait_s = min(wait_s, KEEP_RETRY_S)
-                    continue
+                    if time.monotonic() - renewed <= self.queue.lease_s:
+                        continue
+                    record, held = None, False  # lapsed: another worker may hold the run now
+                else:
+                    if failing:
+                        logger.info("worker %s: run %s: answered again after %d failed tries",
+                                    self.id, lease.run_id, failing)  # fmt: skip
+                    failing = 0
                 if record is not None and record["cancel_requested"]:
                     self._stop_reasons[lease.run_id] = "cancel"
                     task.cancel()

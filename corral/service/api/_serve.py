@@ -83,7 +83,8 @@ async def run_api(settings: Settings, stop: asyncio.Event) -> None:
     server = _Server(
         uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="on",
-            timeout_graceful_shutdown=int(settings.worker_grace_s) + 5,
+            # open requests get the grace period and 3 s; the process, 6 s (cli/_service.py)
+            timeout_graceful_shutdown=int(settings.worker_grace_s) + 3,
         )
     )  # fmt: skip
 
