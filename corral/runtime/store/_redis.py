@@ -35,8 +35,9 @@ REDIS_CONNECT_TIMEOUT_S = 2.0
 # the client (bench/service.py's runs make a dozen each). The kernel watches the connection
 # instead: data Redis has not acknowledged within REDIS_TIMEOUT_S (TCP_USER_TIMEOUT), or an
 # idle connection whose keepalive probes go unanswered, ends it, and redis-py retries. A
-# Redis that acknowledges but does not answer (stopped, or busy with a long script) is
-# waited for; /readyz gives its checks a time-out of their own.
+# Redis that acknowledges but does not answer (stopped, or behind a proxy that hangs) is
+# waited for: /readyz gives its checks a time-out of their own, and a service process's stop
+# is bounded (cli/_service.py).
 _KEEPALIVE = {
     socket.TCP_KEEPIDLE: 10,
     socket.TCP_KEEPINTVL: 5,
