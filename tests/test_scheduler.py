@@ -3,6 +3,7 @@ worker processes over the embedded queue and store; two schedulers at once; rest
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import signal
@@ -18,8 +19,12 @@ import pytest
 from conftest import send_json, serving
 from test_worker import act, log_of, wait_for, workers  # noqa: F401 (`workers` is a fixture)
 
+from corral.config import load_settings
+from corral.runtime import WorkflowRuntime, open_store
+from corral.service._keys import load_key_ring
 from corral.service._scheduler import (
     ScheduleError,
+    Scheduler,
     check_schedule,
     item_run_id,
     occurrences,
@@ -202,6 +207,37 @@ def test_a_trigger_queues_one_run_per_new_item_across_restarts(env, feed, worker
 def _scheduler(workers: Any, **extra: str) -> Any:
     """A `corral scheduler` process, through test_worker's fixture (killed at the end)."""
     return workers(_command="scheduler", **extra)
+
+
+def test_a_tick_ends_between_workflows_once_the_stop_is_set(env):
+    """A stop set during a tick ends it before the next workflow (a trigger's poll may take
+    a node's time-out, and a stopping process has a bound): nothing more is looked at; the
+    next tick without a stop looks at every workflow (a schedule's first look keeps its
+    baseline in the store)."""
+    every = {"interval_s": 60}
+    for workflow_id in ("first", "second"):
+        nodes = [{"id": "n", "app": "feed", "function": "call", "params": {}}]
+        _store_workflow({"id": workflow_id, "nodes": nodes, "schedule": every})
+
+    async def ticks(records: Any, queue: Any) -> list[list[bool]]:
+        settings = load_settings()
+        store = open_store(settings)
+        async with WorkflowRuntime(settings, store=store) as runtime:
+            scheduler = Scheduler(records, queue, store, runtime, load_key_ring(settings),
+                                  lease_s=30, catchup_s=3600)  # fmt: skip
+
+            async def looked() -> list[bool]:
+                keys = ("schedule:first", "schedule:second")
+                return [await store.get_json(key) is not None for key in keys]
+
+            stop = asyncio.Event()
+            stop.set()
+            await scheduler.tick(stop)
+            stopped = await looked()
+            await scheduler.tick()
+            return [stopped, await looked()]
+
+    assert act(ticks) == [[False, False], [True, True]]
 
 
 def test_the_scheduler_removes_runs_finished_past_their_retention(env, workers):
