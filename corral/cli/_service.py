@@ -172,8 +172,9 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from corral.service._stack import run_stack
+    from corral.service._stack import KILL_AFTER_GRACE_S, run_stack
 
     settings = get_settings()
-    # its children get the grace period and 10 s (_stack.py), then SIGKILL
-    return _serve(lambda stop: run_stack(settings, stop), settings.worker_grace_s + 10)
+    # its own stop waits for its children's, which are killed KILL_AFTER_GRACE_S past theirs
+    grace_s = settings.worker_grace_s + KILL_AFTER_GRACE_S
+    return _serve(lambda stop: run_stack(settings, stop), grace_s)

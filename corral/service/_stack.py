@@ -46,6 +46,7 @@ BACKOFF_S = (0.5, 30.0)
 STABLE_AFTER_S = 60.0  # a child that ran this long starts its backoff over
 READY_POLL_S = 0.2
 READY_ASK_S = 10.0  # the API's /readyz answers within 5 s, its checks' time-out
+KILL_AFTER_GRACE_S = 10.0  # a child still running this long past the grace period is killed
 _LISTENING = re.compile(r"listening on (http://\S+)")
 
 
@@ -218,7 +219,7 @@ class Stack:
         running = [c for c in self.children.values() if c.pid is not None]
         for child in running:
             _signal_group(child, signal.SIGTERM)
-        grace = self.settings.worker_grace_s + 10
+        grace = self.settings.worker_grace_s + KILL_AFTER_GRACE_S
         waits = [asyncio.create_task(c.process.wait()) for c in running if c.process]
         if waits:
             _, late = await asyncio.wait(waits, timeout=grace)

@@ -477,17 +477,16 @@ async def readyz(request: Request, response: Response) -> dict[str, Any]:
     """Ready when the records take a write, the key ring decrypts the canary, the queue
     answers and a worker's heartbeat is fresh; the body names each check's outcome."""
     state = _state(request)
-    checks: dict[str, str] = {}
 
-    async def check(name: str, probe: Any) -> None:
+    async def check(probe: Any) -> str:
         try:
             async with asyncio.timeout(READY_CHECK_S):  # a Redis that stopped answering
                 await probe()
-            checks[name] = "ok"
+            return "ok"
         except TimeoutError:  # before OSError, which it is
-            checks[name] = f"no answer within {READY_CHECK_S:g} s"
+            return f"no answer within {READY_CHECK_S:g} s"
         except (RecordsError, QueueError, KeyRingError, OSError) as exc:
-            checks[name] = str(exc)
+            return str(exc)
 
     async def worker_fresh() -> None:
         if not any(w["fresh"] for w in await _workers(state)):
@@ -495,13 +494,14 @@ async def readyz(request: Request, response: Response) -> dict[str, Any]:
                 "no worker heartbeat is fresh: start `corral worker`, or ENABLE_INLINE_WORKER"
             )
 
-    await asyncio.gather(
-        check("store", state.records.ping),
-        check("keys", lambda: check_canary(state.records, state.ring)),
-        check("queue", state.queue.ping),
-        check("worker", worker_fresh),
-    )
-    checks = {name: checks[name] for name in ("store", "keys", "queue", "worker")}
+    probes = {
+        "store": state.records.ping,
+        "keys": lambda: check_canary(state.records, state.ring),
+        "queue": state.queue.ping,
+        "worker": worker_fresh,
+    }
+    outcomes = await asyncio.gather(*(check(probe) for probe in probes.values()))
+    checks = dict(zip(probes, outcomes, strict=True))
     ready = all(outcome == "ok" for outcome in checks.values())
     if not ready:
         response.status_code = 503
